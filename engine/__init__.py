@@ -1,0 +1,1 @@
+"""fastpo.engine: data, batching, forward passes, losses and the DeepSpeed trainer."""

@@ -1,0 +1,1 @@
+"""Drop-in integrations of fastpo's ops into existing trainers."""

@@ -1,0 +1,132 @@
+"""Masked per-token and per-sequence log-probabilities of the label tokens, from logits.
+
+    token_logps[n]    = log softmax(logits[n] / T)[labels[n]]      (0 where labels[n] == ignore)
+    sequence_logps[b] = Σ_t token_logps[b, t]         (reduction="sum")
+                      = Σ_t token_logps[b, t] / max(1, #scored tokens of b)   (reduction="mean")
+
+Labels are the shifted next tokens: ``labels[..., t]`` is the token that follows position ``t``;
+``ignore_index`` marks prompt and padding positions. The full-vocabulary log-softmax is never
+materialized: the forward streams each row once and keeps only its log-sum-exp, and the backward
+writes ``grad · (onehot − softmax) / T`` from it (see ``triton_logprobs.py`` for the derivation).
+Accumulation is fp32 for every input dtype; the outputs are float32 (float64 for float64 logits).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import checks
+from . import ops as _ops  # noqa: F401  (registers the fastpo:: ops)
+
+
+class SequenceLogps(NamedTuple):
+    """Per-sequence results: reduced log-probs, scored-token counts, optional logit sums."""
+
+    logps: Tensor
+    num_tokens: Tensor
+    logits_sum: Tensor | None = None
+
+
+def _check(logits: Tensor, labels: Tensor, ignore_index: int, temperature: float) -> None:
+    checks.check_logits_labels(logits, labels)
+    checks.check_temperature(temperature)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def token_logps(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    inplace_backward: bool = False,
+    with_logits_sum: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probability of each label token: [B, T, V] or [N, V] logits -> [B, T] or [N].
+
+    Args:
+        logits: float32, bfloat16, float16 or float64 logits; any strides.
+        labels: int64 or int32 labels of the leading shape; ``ignore_index`` where not scored.
+        temperature: the logits are divided by it before the softmax.
+        inplace_backward: the backward writes the gradient into the logits' own storage, so it
+            allocates no ``[N, V]`` buffer. **The logits are overwritten** during backward: do not
+            use them afterwards, and do not use this when another op saved them for its backward.
+        with_logits_sum: also return, per token, the sum over the vocabulary of the raw logits
+            (0 where ignored), computed in the same pass (for TRL's ``logits/*`` metrics).
+    """
+    _check(logits, labels, ignore_index, temperature)
+    logps, _lse, logits_sum = torch.ops.fastpo.logps_forward(
+        logits, labels, ignore_index, float(temperature), with_logits_sum, inplace_backward
+    )
+    return (logps, logits_sum) if with_logits_sum else logps
+
+
+def reduce_sequences(
+    token_values: Tensor,
+    scored: Tensor,
+    *,
+    sequence_ids: Tensor | None = None,
+    num_sequences: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sum per-token values and count scored tokens per sequence.
+
+    Rows of ``[B, T]`` inputs are sequences. For packed (padding-free) input, ``sequence_ids`` of
+    the same shape gives each token's sequence (``-1`` for none) and ``num_sequences`` their count.
+    """
+    if sequence_ids is None:
+        if token_values.dim() == 1:
+            token_values, scored = token_values.unsqueeze(0), scored.unsqueeze(0)
+        return token_values.sum(-1), scored.sum(-1)
+    if tuple(sequence_ids.shape) != tuple(token_values.shape):
+        raise ValueError(f"sequence_ids shape {tuple(sequence_ids.shape)} does not match labels "
+                         f"shape {tuple(token_values.shape)}")
+    if num_sequences is None:
+        num_sequences = int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0
+    ids = sequence_ids.reshape(-1).long()
+    keep = ids >= 0
+    ids = torch.where(keep, ids, torch.zeros_like(ids))
+    values = torch.where(keep, token_values.reshape(-1), torch.zeros_like(token_values.reshape(-1)))
+    counts = (scored.reshape(-1) & keep).long()
+    sums = values.new_zeros(num_sequences).index_add(0, ids, values)
+    totals = counts.new_zeros(num_sequences).index_add(0, ids, counts)
+    return sums, totals
+
+
+def sequence_logps(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    reduction: str = "sum",
+    inplace_backward: bool = False,
+    with_logits_sum: bool = False,
+    sequence_ids: Tensor | None = None,
+    num_sequences: int | None = None,
+) -> SequenceLogps:
+    """Per-sequence log-probs of the label tokens, their token counts and optional logit sums.
+
+    ``reduction="mean"`` divides by the number of scored tokens; a sequence with none gets 0
+    (never NaN). ``logits_sum`` (with ``with_logits_sum``) is, per sequence, the sum over scored
+    tokens of the sum over the vocabulary of the logits. For packed input pass ``sequence_ids``
+    (and ``num_sequences`` to avoid reading the ids on the host). Other arguments as in
+    :func:`token_logps`.
+    """
+    checks.check_reduction(reduction)
+    out = token_logps(logits, labels, ignore_index=ignore_index, temperature=temperature,
+                      inplace_backward=inplace_backward, with_logits_sum=with_logits_sum)
+    per_token, per_token_sum = out if with_logits_sum else (out, None)
+    scored = labels != ignore_index
+    totals, counts = reduce_sequences(per_token, scored, sequence_ids=sequence_ids,
+                                      num_sequences=num_sequences)
+    if reduction == "mean":
+        totals = totals / counts.clamp(min=1).to(totals.dtype)
+    logits_sum = None
+    if per_token_sum is not None:
+        logits_sum, _ = reduce_sequences(per_token_sum, scored, sequence_ids=sequence_ids,
+                                         num_sequences=num_sequences)
+    return SequenceLogps(totals, counts, logits_sum)
