@@ -1,0 +1,184 @@
+"""Reference-free pairwise losses with TRL's CPO and ORPO semantics (SimPO, AlphaPO included).
+
+Inputs are summed completion log-probs ``[B]`` and completion token counts ``[B]``; the
+per-token averages, the NLL term and the metrics are formed here. See ``pairwise_losses`` for
+the formulas.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import pairwise_losses as pl
+from .loss_inputs import (
+    PreferenceLossOutput,
+    cast,
+    check_logits_inputs,
+    check_logps,
+    check_num_tokens,
+    check_weight,
+    compute_dtype,
+)
+from .metrics import pairwise_metrics
+
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
+
+
+def cpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    *,
+    chosen_num_tokens: Tensor,
+    rejected_num_tokens: Tensor,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    cpo_alpha: float = 1.0,
+    simpo_gamma: float = 0.5,
+    alpha: float = 0.0,
+    chosen_logits_sum: Tensor | None = None,
+    rejected_logits_sum: Tensor | None = None,
+    vocab_size: int | None = None,
+) -> PreferenceLossOutput:
+    """Reference-free CPO family (TRL ``CPOTrainer`` semantics): mean_b ℓ[b] + cpo_alpha · NLL.
+
+    CPO (Xu et al., 2024, "Contrastive Preference Optimization", arXiv:2401.08417) uses
+    r = π (summed log-probs) in ``sigmoid`` (smoothed by ε) or ``hinge``; ``ipo`` and ``simpo``
+    use r = π/|y|. ``simpo`` is −log σ(β(r_c − r_r) − γ) (SimPO: set ``cpo_alpha=0``);
+    ``alphapo`` is ``simpo`` with ``cpo_alpha`` forced to 0, as in TRL. With ``alpha ≠ 0`` every
+    type first maps r to the AlphaPO reward (1 − e^(−α r))/α. NLL is per chosen token.
+    Rewards are β · r; ``logps/*`` report r before the AlphaPO map.
+    """
+    if loss_type not in CPO_LOSS_TYPES:
+        raise ValueError(
+            f"unknown loss_type {loss_type!r}; valid loss types are {list(CPO_LOSS_TYPES)}"
+        )
+    if loss_type == "alphapo":
+        loss_type, cpo_alpha = "simpo", 0.0
+    pl.check_beta(beta)
+    pl.check_label_smoothing(label_smoothing)
+    cpo_alpha = check_weight("cpo_alpha", cpo_alpha)
+    policy_chosen_logps = check_logps("policy_chosen_logps", policy_chosen_logps)
+    like = policy_chosen_logps
+    check_logps("policy_rejected_logps", policy_rejected_logps, like=like)
+    check_num_tokens("chosen_num_tokens", chosen_num_tokens, like=like)
+    check_num_tokens("rejected_num_tokens", rejected_num_tokens, like=like)
+    check_logits_inputs(like, chosen_logits_sum, rejected_logits_sum, vocab_size, True)
+
+    dtype = compute_dtype(policy_chosen_logps, policy_rejected_logps)
+    chosen_full, rejected_full = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    n_chosen, n_rejected = chosen_num_tokens.to(dtype), rejected_num_tokens.to(dtype)
+    if loss_type in ("ipo", "simpo"):
+        chosen, rejected = (
+            pl.per_token(chosen_full, n_chosen),
+            pl.per_token(rejected_full, n_rejected),
+        )
+    else:
+        chosen, rejected = chosen_full, rejected_full
+    chosen_r = pl.alphapo_rewards(chosen, alpha=alpha)
+    rejected_r = pl.alphapo_rewards(rejected, alpha=alpha)
+    if loss_type == "sigmoid":
+        losses = pl.sigmoid_loss(chosen_r, rejected_r, beta=beta, label_smoothing=label_smoothing)
+    elif loss_type == "hinge":
+        losses = pl.hinge_loss(chosen_r, rejected_r, beta=beta)
+    elif loss_type == "ipo":
+        losses = pl.ipo_loss(chosen_r, rejected_r, beta=beta)
+    else:
+        losses = pl.simpo_loss(
+            chosen_r, rejected_r, beta=beta, gamma=simpo_gamma, label_smoothing=label_smoothing
+        )
+    nll = pl.nll_loss(chosen_full, chosen_num_tokens=n_chosen)
+    if cpo_alpha:
+        losses = losses + cpo_alpha * nll
+    return _reference_free_output(
+        losses,
+        beta * chosen_r,
+        beta * rejected_r,
+        chosen,
+        rejected,
+        nll[0],
+        chosen_logits_sum,
+        rejected_logits_sum,
+        chosen_num_tokens,
+        rejected_num_tokens,
+        vocab_size,
+    )
+
+
+def orpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    *,
+    chosen_num_tokens: Tensor,
+    rejected_num_tokens: Tensor,
+    beta: float = 0.1,
+    chosen_logits_sum: Tensor | None = None,
+    rejected_logits_sum: Tensor | None = None,
+    vocab_size: int | None = None,
+) -> PreferenceLossOutput:
+    """ORPO (Hong et al., 2024, arXiv:2403.07691, Eq. 6): NLL − λ · mean_b log σ(L[b]), with L
+    the log odds ratio of the length-averaged log-probs (``pairwise_losses.odds_ratio_loss``)
+    and λ = ``beta`` (TRL's name). Rewards are β · π/|y|; metrics add ``log_odds_ratio``
+    (mean log σ(L)) and ``log_odds_chosen`` (mean L), as TRL names them.
+    """
+    pl.check_beta(beta)
+    policy_chosen_logps = check_logps("policy_chosen_logps", policy_chosen_logps)
+    like = policy_chosen_logps
+    check_logps("policy_rejected_logps", policy_rejected_logps, like=like)
+    check_num_tokens("chosen_num_tokens", chosen_num_tokens, like=like)
+    check_num_tokens("rejected_num_tokens", rejected_num_tokens, like=like)
+    check_logits_inputs(like, chosen_logits_sum, rejected_logits_sum, vocab_size, True)
+
+    dtype = compute_dtype(policy_chosen_logps, policy_rejected_logps)
+    chosen_full = policy_chosen_logps.to(dtype)
+    n_chosen = chosen_num_tokens.to(dtype)
+    chosen = pl.per_token(chosen_full, n_chosen)
+    rejected = pl.per_token(policy_rejected_logps.to(dtype), rejected_num_tokens.to(dtype))
+    ratio_loss, log_odds = pl.odds_ratio_loss(chosen, rejected)
+    nll = pl.nll_loss(chosen_full, chosen_num_tokens=n_chosen)
+    output = _reference_free_output(
+        nll + beta * ratio_loss,
+        beta * chosen,
+        beta * rejected,
+        chosen,
+        rejected,
+        nll[0],
+        chosen_logits_sum,
+        rejected_logits_sum,
+        chosen_num_tokens,
+        rejected_num_tokens,
+        vocab_size,
+    )
+    output.metrics["log_odds_ratio"] = (-ratio_loss).detach().mean()
+    output.metrics["log_odds_chosen"] = log_odds.detach().mean()
+    return output
+
+
+def _reference_free_output(
+    losses: Tensor,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    nll: Tensor,
+    chosen_logits_sum: Tensor | None,
+    rejected_logits_sum: Tensor | None,
+    chosen_num_tokens: Tensor,
+    rejected_num_tokens: Tensor,
+    vocab_size: int | None,
+) -> PreferenceLossOutput:
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    dtype = losses.dtype
+    metrics = pairwise_metrics(
+        chosen_rewards,
+        rejected_rewards,
+        chosen_logps,
+        rejected_logps,
+        chosen_logits_sum=cast(chosen_logits_sum, dtype),
+        rejected_logits_sum=cast(rejected_logits_sum, dtype),
+        chosen_num_tokens=chosen_num_tokens,
+        rejected_num_tokens=rejected_num_tokens,
+        vocab_size=vocab_size,
+        nll=nll,
+    )
+    return PreferenceLossOutput(losses.mean(), losses, chosen_rewards, rejected_rewards, metrics)
