@@ -56,7 +56,7 @@ def native_extensions() -> tuple[list, dict]:
     ext = CppExtension(
         name="fastpo.kernels._C",
         sources=sources,
-        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast"],
+        extra_compile_args=["-O3", "-g0", "-fopenmp", "-ffp-contract=fast"],
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}

@@ -209,6 +209,13 @@ def logps_backward(
 ) -> Tensor:
     """dlogits = grad · (onehot(label) − softmax(logits / T)) / T, in a new tensor."""
     logits = _unit_vocab_stride(logits)
+    views = _row_views(logits)
+    if (len(views) == 1 and logits.dtype != torch.float64
+            and resolve_backend(logits.device) == "native"):
+        # the native kernel allocates the gradient itself: no second [N, V] buffer, no copy
+        return torch.ops.fastpo_native.logps_backward(
+            grad_logps.reshape(-1), views[0], labels.reshape(-1).to(torch.int64).contiguous(),
+            lse.reshape(-1).float(), ignore_index, float(temperature), False).view(logits.shape)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     return _backward_into(grad_logps, logits, labels, lse, ignore_index, temperature, out)
 
