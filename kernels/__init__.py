@@ -2,15 +2,20 @@
 
     token_logps(logits, labels)        log softmax(logits / T)[label] per token, 0 where ignored
     sequence_logps(logits, labels)     the same reduced per sequence (sum or mean) + token counts
+    linear_token_logps(hidden, weight, labels)     the same from hidden states and the lm_head
+    linear_sequence_logps(hidden, weight, labels)  weight, logits never materialized whole
     backend_info()                     which implementation each device uses
 """
 
+from .linear_logprobs import linear_sequence_logps, linear_token_logps
 from .logprobs import SequenceLogps, reduce_sequences, sequence_logps, token_logps
 from .ops import backend_info, set_cpu_backend, use_cpu_backend
 
 __all__ = [
     "SequenceLogps",
     "backend_info",
+    "linear_sequence_logps",
+    "linear_token_logps",
     "reduce_sequences",
     "sequence_logps",
     "set_cpu_backend",

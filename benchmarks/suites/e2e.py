@@ -1,0 +1,222 @@
+"""End-to-end suite: one DPO training step (policy + reference, forward + backward + optimizer).
+
+Every implementation trains the same randomly initialised model on the same batch with the same
+loss (sigmoid DPO, β = 0.1) and the same optimizer (AdamW, lr 1e-6):
+
+    trl            TRL's ``DPOTrainer.compute_loss`` as shipped (its chunked fused lm_head)
+    trl+fastpo     the same trainer after ``fastpo.engine.integrations.trl.patch_trainer``
+    fastpo         fastpo's engine: ``forward_logps`` (fused linear op) for the policy, a
+                   ``FrozenReference``, ``preference_loss``; padded batch
+    fastpo_packed  the same on a padding-free (packed) batch
+
+TRL runs in fp32 without gradient checkpointing here (its defaults on CPU are bf16 autocast and
+checkpointing), so that all rows do the same arithmetic. TRL also computes per-token entropy and
+top-1 accuracy for its metrics every step (and so does ``trl+fastpo``, to keep TRL's metrics);
+the engine computes the metrics of ``fastpo.engine.losses`` (no entropy).
+
+Model: SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads / 3 KV heads, vocab 49152, tied
+embeddings) in full runs; fewer layers in ``--quick``; a tiny Llama in ``--smoke``. Batch:
+``P`` pairs, prompts of ``Lp`` tokens and completions of about ``Lc`` tokens (ragged).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import tempfile
+from typing import Any
+
+import torch
+
+from benchmarks.harness import CaseSpec, SkipCase, Workload
+
+IMPLS = ("trl", "trl+fastpo", "fastpo", "fastpo_packed")
+BETA = 0.1
+LR = 1e-6
+
+
+def cases(device: str, size: str) -> list[CaseSpec]:
+    """The DPO-step cases at ``size`` ("smoke", "quick" or "full") on ``device``."""
+    if size == "smoke":
+        grid = [{"model": "tiny", "V": 1024, "P": 2, "Lp": 16, "Lc": 16}]
+        reps, warmup = 2, 1
+    elif size == "quick":
+        grid = [{"model": "smollm2-135m", "layers": 2, "V": 49152, "P": 1, "Lp": 64, "Lc": 64}]
+        reps, warmup = 2, 1
+    elif device == "cuda":
+        grid = [{"model": "smollm2-135m", "layers": 30, "V": 49152, "P": 8, "Lp": 512,
+                 "Lc": 512}]
+        reps, warmup = 5, 2
+    else:
+        grid = [{"model": "smollm2-135m", "layers": 30, "V": 49152, "P": 2, "Lp": 128,
+                 "Lc": 128}]
+        reps, warmup = 2, 1
+    dtype = "bf16" if device == "cuda" else "fp32"
+    return [CaseSpec(suite="e2e", family="dpo_step", impl=impl,
+                     params={**params, "dtype": dtype}, device=device, warmup=warmup, reps=reps)
+            for params in grid for impl in IMPLS]
+
+
+# --------------------------------------------------------------------------- model and data
+
+
+def model_config(params: dict[str, Any]):
+    """A transformers LlamaConfig for the case."""
+    from transformers import LlamaConfig
+
+    if params["model"] == "tiny":
+        return LlamaConfig(vocab_size=params["V"], hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=4096, tie_word_embeddings=False,
+                           attn_implementation="sdpa")
+    if params["model"] == "smollm2-135m":
+        return LlamaConfig(vocab_size=params["V"], hidden_size=576, intermediate_size=1536,
+                           num_hidden_layers=params.get("layers", 30), num_attention_heads=9,
+                           num_key_value_heads=3, max_position_embeddings=8192,
+                           rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+                           attn_implementation="sdpa")
+    raise ValueError(f"unknown benchmark model {params['model']!r}")
+
+
+def make_models(params: dict[str, Any], device: str):
+    """(policy, reference): identical random initialisations."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if params.get("dtype") == "bf16" else torch.float32
+    policy = LlamaForCausalLM(model_config(params)).to(device=device, dtype=dtype)
+    return policy, copy.deepcopy(policy)
+
+
+def make_pairs(params: dict[str, Any], *, seed: int = 0) -> list[tuple[list, list, list]]:
+    """``P`` (prompt, chosen, rejected) id lists; completions of Lc ± Lc/4 tokens, EOS last."""
+    rng = random.Random(seed)
+    vocab, eos = params["V"], 1
+    pairs = []
+    spread = max(1, params["Lc"] // 4)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(2, vocab) for _ in range(n)]
+
+    for _ in range(params["P"]):
+        prompt = ids(params["Lp"])
+        chosen = [*ids(params["Lc"] + rng.randint(-spread, spread) - 1), eos]
+        rejected = [*ids(params["Lc"] + rng.randint(-spread, spread) - 1), eos]
+        pairs.append((prompt, chosen, rejected))
+    return pairs
+
+
+def word_tokenizer(vocab_size: int):
+    """An in-memory word-level tokenizer (``<pad>`` = 0, ``<eos>`` = 1) for TRL's constructor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+
+
+def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+
+def _tokens(pairs) -> int:
+    return sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
+
+
+# --------------------------------------------------------------------------- TRL
+
+
+def _trl_workload(spec: CaseSpec, *, patched: bool) -> Workload:
+    import datasets
+    import trl
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    params, device = spec.params, spec.device
+    policy, ref = make_models(params, device)
+    tokenizer = word_tokenizer(params["V"])
+    words = [{"prompt": "w2 w3", "chosen": " w4", "rejected": " w5"}] * 2
+    out_dir = tempfile.mkdtemp(prefix="fastpo-bench-trl-")
+    args = trl.DPOConfig(output_dir=out_dir, report_to="none", per_device_train_batch_size=2,
+                         max_length=None, beta=BETA, loss_type=["sigmoid"], learning_rate=LR,
+                         bf16=params.get("dtype") == "bf16", gradient_checkpointing=False,
+                         use_cpu=device == "cpu", disable_tqdm=True, save_strategy="no")
+    trainer = trl.DPOTrainer(model=policy, ref_model=ref, args=args,
+                             train_dataset=datasets.Dataset.from_list(words),
+                             processing_class=tokenizer)
+    if patched:
+        from fastpo.engine.integrations.trl import patch_trainer
+
+        patch_trainer(trainer)
+    collate = DataCollatorForPreference(pad_token_id=0)
+    pairs = make_pairs(params)
+    batch = collate([{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in pairs])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    model = trainer.model
+    optimizer = _optimizer(model)
+
+    def step() -> torch.Tensor:
+        model.train()
+        with trainer.compute_loss_context_manager():
+            loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        trainer._metrics["train"].clear()
+        return loss.detach()
+
+    note = "TRL DPOTrainer.compute_loss, fp32, no gradient checkpointing"
+    return Workload(step, tokens=_tokens(pairs), notes=note + (", patched" if patched else ""))
+
+
+# --------------------------------------------------------------------------- fastpo engine
+
+
+def _fastpo_workload(spec: CaseSpec, *, packed: bool) -> Workload:
+    from fastpo.engine.batch import collate_pairs
+    from fastpo.engine.data import TokenizedPair
+    from fastpo.engine.forward import forward_logps, split_pairs
+    from fastpo.engine.losses import preference_loss
+    from fastpo.engine.reference import FrozenReference
+
+    params, device = spec.params, spec.device
+    policy, ref_model = make_models(params, device)
+    reference = FrozenReference(ref_model)
+    pairs = make_pairs(params)
+    batch = collate_pairs([TokenizedPair(p, c, r) for p, c, r in pairs], pad_token_id=0,
+                          padding_free=packed).to(device)
+    optimizer = _optimizer(policy)
+    vocab = params["V"]
+
+    def step() -> torch.Tensor:
+        policy.train()
+        out = forward_logps(policy, batch, with_logits_sum=True).sequence
+        ref = reference.sequence_logps(batch)
+        chosen, rejected = split_pairs(out, batch.num_pairs)
+        ref_chosen, ref_rejected = split_pairs(ref, batch.num_pairs)
+        result = preference_loss(
+            chosen.logps, rejected.logps, ref_chosen.logps, ref_rejected.logps,
+            loss_type="sigmoid", beta=BETA, chosen_num_tokens=chosen.num_tokens,
+            rejected_num_tokens=rejected.num_tokens, chosen_logits_sum=chosen.logits_sum,
+            rejected_logits_sum=rejected.logits_sum, vocab_size=vocab)
+        result.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return result.loss.detach()
+
+    return Workload(step, tokens=_tokens(pairs),
+                    notes="fastpo engine, " + ("packed batch" if packed else "padded batch"))
+
+
+def build(spec: CaseSpec) -> Workload:
+    """The workload of one case (called in the measuring process)."""
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SkipCase("no CUDA device")
+    if spec.impl == "trl":
+        return _trl_workload(spec, patched=False)
+    if spec.impl == "trl+fastpo":
+        return _trl_workload(spec, patched=True)
+    if spec.impl in ("fastpo", "fastpo_packed"):
+        return _fastpo_workload(spec, packed=spec.impl == "fastpo_packed")
+    raise SkipCase(f"unknown implementation {spec.impl!r}")

@@ -1,0 +1,269 @@
+"""Atomic training checkpoints: a checkpoint is either complete or never taken.
+
+Layout under the checkpoint root::
+
+    step-00000040/          one checkpoint (model, optimizer, scheduler, trainer state, RNG)
+        manifest.json       written last inside the folder: every file with its size
+    step-00000050/
+    latest                  "step-00000050", replaced atomically after the folder is in place
+    .tmp-step-00000060/     a checkpoint being written (never read)
+
+Writing (:meth:`CheckpointManager.begin` / :meth:`commit`): every rank writes its files into a
+temporary folder; after a barrier rank 0 fsyncs them, writes the manifest, renames the folder
+into place with ``os.replace`` (atomic on one filesystem), fsyncs the root and only then points
+``latest`` at it (temporary file + ``os.replace``), and prunes to the last ``keep_last``.
+Reading (:meth:`latest_valid`): ``latest`` is followed only when its target's manifest matches
+the files on disk (a truncated or half-copied checkpoint fails this); otherwise the newest valid
+checkpoint wins, with a warning. Multi-node runs need the root on a filesystem shared by all
+ranks (rank 0 renames what every rank wrote).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+FORMAT = "fastpo-checkpoint-v1"
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a fsynced temporary file and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def validate_checkpoint(folder: Path) -> str | None:
+    """None when ``folder`` is a complete checkpoint, else the reason it is not."""
+    manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        return "not a folder"
+    if not manifest_path.is_file():
+        return f"no {MANIFEST} (never completed)"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"unreadable {MANIFEST}: {exc}"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return f"{MANIFEST} is not a {FORMAT} manifest"
+    for rel, size in manifest.get("files", {}).items():
+        path = folder / rel
+        if not path.is_file():
+            return f"missing file {rel}"
+        if path.stat().st_size != size:
+            return f"file {rel} has {path.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+class CheckpointManager:
+    """Checkpoints of one run under ``root`` (see the module docstring).
+
+    ``barrier`` synchronizes the ranks (a no-op in a single process); every rank calls
+    :meth:`begin` and :meth:`commit` in the same order.
+    """
+
+    def __init__(self, root: str | Path, *, keep_last: int = 2, rank: int = 0,
+                 barrier: Callable[[], None] = lambda: None) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.barrier = barrier
+
+    # ---------------------------------------------------------------------------- reading
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """Every completed-looking ``step-*`` folder, oldest first (not validated)."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            match = _NAME.match(path.name)
+            if match and path.is_dir():
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def latest_valid(self) -> Path | None:
+        """The checkpoint to resume from: ``latest`` if valid, else the newest valid one."""
+        pointer = self.root / LATEST
+        if pointer.is_file():
+            target = self.root / pointer.read_text(encoding="utf-8").strip()
+            reason = validate_checkpoint(target)
+            if reason is None:
+                return target
+            logger.warning("checkpoint %s named by %s is not usable (%s); looking for an older "
+                           "one", target, pointer, reason)
+        for _, path in reversed(self.checkpoints()):
+            reason = validate_checkpoint(path)
+            if reason is None:
+                return path
+            logger.warning("skipping checkpoint %s: %s", path, reason)
+        return None
+
+    # ---------------------------------------------------------------------------- writing
+    def begin(self, step: int) -> Path:
+        """Create (rank 0) the temporary folder of the checkpoint of ``step``; all ranks wait."""
+        tmp = self.root / f".tmp-{checkpoint_name(step)}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a run killed while writing
+            tmp.mkdir()
+        self.barrier()
+        return tmp
+
+    def commit(self, tmp: Path, step: int, *, meta: dict[str, Any] | None = None) -> Path:
+        """Seal the checkpoint written into ``tmp`` and make it the latest (see module doc)."""
+        final = self.root / checkpoint_name(step)
+        self.barrier()  # every rank has written its files
+        if self.rank == 0:
+            files = {}
+            for path in _files(tmp):
+                _fsync_path(path)
+                files[str(path.relative_to(tmp))] = path.stat().st_size
+            manifest = {"format": FORMAT, "step": step, "time": time.time(), "files": files,
+                        **(meta or {})}
+            write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            for folder in {p.parent for p in _files(tmp)}:
+                _fsync_path(folder)
+            if final.exists():  # the same step saved again (e.g. after a resume)
+                trash = self.root / f".old-{final.name}-{os.getpid()}"
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_path(self.root)
+            write_text_atomic(self.root / LATEST, final.name + "\n")
+            self._prune(keep=final)
+        self.barrier()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        existing = [p for _, p in self.checkpoints()]
+        stale = [p for p in existing if p != keep][: max(0, len(existing) - self.keep_last)]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        for path in self.root.glob(".old-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU + every CUDA device) generator states."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rng(folder: Path, rank: int) -> None:
+    (folder / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), folder / "rng" / f"rank{rank:05d}.pt")
+
+
+def load_rng(folder: Path, rank: int) -> None:
+    path = folder / "rng" / f"rank{rank:05d}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {folder} has no RNG state for rank {rank} ({path}); "
+                                "was it written with another number of ranks?")
+    # our own file, holding Python and NumPy generator states (not tensors only)
+    set_rng_state(torch.load(path, weights_only=False))
+
+
+# ------------------------------------------------------------------ module state (ZeRO-3 safe)
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter], *, modifier_rank: int | None = None):
+    """DeepSpeed ZeRO-3 partitioned parameters gathered whole inside the block (else no-op)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
+
+
+def full_state_dict(module: nn.Module, *, only_trainable: bool = False) -> dict[str, torch.Tensor]:
+    """CPU copies of a module's parameters (gathered one by one under ZeRO-3) and persistent
+    buffers, under their ``state_dict`` names."""
+    out: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        if only_trainable and not param.requires_grad:
+            continue
+        with gathered([param]):
+            out[name] = param.detach().to("cpu", copy=True)
+    if not only_trainable:
+        persistent = set(module.state_dict(keep_vars=True))
+        for name, buf in module.named_buffers():
+            if name in persistent:
+                out[name] = buf.detach().to("cpu", copy=True)
+    return out
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor], *,
+                         source: str = "checkpoint") -> None:
+    """Copy ``state`` into ``module``'s parameters (ZeRO-3: gathered, rank 0 broadcasts)."""
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    unknown = sorted(set(state) - set(params) - set(buffers))
+    if unknown:
+        raise KeyError(f"{source} holds tensors the model does not have: {unknown[:5]}")
+    for name, value in state.items():
+        if name in buffers:
+            buffers[name].data.copy_(value)
+            continue
+        param = params[name]
+        with gathered([param], modifier_rank=0), torch.no_grad():
+            if tuple(param.shape) != tuple(value.shape):
+                raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the model "
+                                 f"{tuple(param.shape)}")
+            param.data.copy_(value)

@@ -1,0 +1,115 @@
+"""``fastpo-train``: the training job from the command line.
+
+    fastpo-train                                   # the embedded default job (SmolLM2 + LoRA)
+    fastpo-train --config job.yaml --loss.beta 0.2 --optimization.max_steps 100
+    fastpo-train --config job.yaml --resume        # continue from the latest valid checkpoint
+    fastpo-train --print-config                    # the resolved config as YAML, then exit
+    deepspeed --num_gpus 8 $(which fastpo-train) --config job.yaml --deepspeed.zero_stage 3
+    deepspeed --num_gpus 8 --module fastpo.engine.cli --config job.yaml
+    deepspeed --hostfile hostfile --num_nodes 2 --num_gpus 8 $(which fastpo-train) --config job.yaml
+
+Any config key can be overridden with ``--section.key value`` (or ``--section.key=value``);
+values are read as YAML scalars. The ``--local_rank`` argument the deepspeed launcher adds is
+accepted (the rank comes from the environment). Exit status: 0 done, 1 stopped on a non-finite
+loss or gradient, 2 bad configuration or input (``FASTPO_TRACEBACK=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+USAGE = __doc__.split("\n\n", 1)[1]
+
+
+def _split_args(argv: Sequence[str]) -> tuple[dict[str, object], list[str]]:
+    """(our own flags, config overrides)."""
+    flags: dict[str, object] = {"config": None, "resume": None, "print_config": False}
+    overrides: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if arg in ("-h", "--help"):
+            flags["help"] = True
+        elif name == "--config":
+            if not eq:
+                if i + 1 >= len(args):
+                    raise SystemExit("fastpo-train: --config needs a file")
+                i += 1
+                value = args[i]
+            flags["config"] = value
+        elif name == "--resume":
+            if eq:
+                flags["resume"] = value
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                i += 1
+                flags["resume"] = args[i]
+            else:
+                flags["resume"] = True
+        elif name == "--print-config":
+            flags["print_config"] = True
+        elif name in ("--local_rank", "--local-rank"):  # added by the deepspeed launcher
+            if not eq and i + 1 < len(args):
+                i += 1
+                value = args[i]
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fastpo-train``; returns the exit status."""
+    from .config import ConfigError, load_config, to_yaml
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        flags, overrides = _split_args(argv)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if flags.get("help"):
+        print(USAGE)
+        return 0
+    if flags["resume"] is not None:
+        overrides += [f"--checkpoint.resume={flags['resume']}" if flags["resume"] is not True
+                      else "--checkpoint.resume=true"]
+    try:
+        cfg = load_config(flags["config"], overrides=overrides)
+    except ConfigError as exc:
+        print(f"fastpo-train: {exc}", file=sys.stderr)
+        return 2
+    if flags["print_config"]:
+        print(to_yaml(cfg), end="")
+        return 0
+
+    from .train import NonFiniteError, train
+
+    try:
+        result = train(cfg)
+    except NonFiniteError as exc:
+        print(f"fastpo-train: stopped: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as exc:  # bad config, data or paths: the message says
+        if os.environ.get("FASTPO_TRACEBACK") == "1":
+            raise
+        print(f"fastpo-train: error: {exc}", file=sys.stderr)
+        return 2
+    before, after = result.eval_before or {}, result.eval_after or {}
+    if int(os.environ.get("RANK", "0")) == 0:
+        acc = "rewards/accuracies"
+        line = f"fastpo-train: {result.steps} steps ({result.stopped}) in {result.seconds:.0f} s"
+        if acc in before and acc in after:
+            line += f"; held-out reward accuracy {before[acc]:.3f} → {after[acc]:.3f}"
+        if result.export_dir:
+            line += f"; model in {result.export_dir}"
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

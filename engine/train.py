@@ -1,0 +1,518 @@
+"""The training job: data → batches → policy/reference log-probs → loss → (DeepSpeed) step.
+
+    from fastpo.engine.config import load_config
+    from fastpo.engine.train import train
+    result = train(load_config("job.yaml", overrides=["--loss.beta", "0.2"]))
+
+One code path for a plain process and for N ranks under the ``deepspeed`` launcher: each rank
+takes its shard of every global batch (``plan_batches(num_shards=world)``), so the run sees
+``micro_batch_size × gradient_accumulation_steps × world_size`` items per step whatever the
+layout. Every ``log_every`` steps the loss, TRL's metrics, the policy/reference KL estimate,
+tokens/s and peak memory go to the progress bar, ``metrics.jsonl`` and TensorBoard; evaluation
+on the held-out split reports reward accuracy and margins; checkpoints are atomic
+(``checkpoint.py``) and ``checkpoint.resume`` continues a killed run exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .batch import PreferenceBatch, collate_batch, plan_batches
+from .checkpoint import (
+    CheckpointManager,
+    full_state_dict,
+    load_full_state_dict,
+    load_rng,
+    save_rng,
+    write_text_atomic,
+)
+from .config import TrainConfig, to_yaml
+from .forward import forward_logps
+from .logging_utils import RunLogger, peak_memory_mb, reduce_metrics, setup_logging
+from .model_io import export_model, load_dtype, load_policy, load_tokenizer, model_path, vocab_size
+from .objective import Objective, summarize_eval
+from .reference_setup import build_reference, load_datasets
+from .reference_sync import soft_update_lora, soft_update_separate
+from .runtime import DeepSpeedBackend, TorchBackend, init_runtime
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.json"
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients became NaN/inf and ``on_nonfinite`` is ``stop``."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    stopped: str  # "completed" | "early_stopping"
+    eval_before: dict[str, float] | None
+    eval_after: dict[str, float] | None
+    output_dir: Path
+    export_dir: Path | None
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Position:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+class Callback:
+    """Hooks into the loop (all no-ops); e.g. tests kill the process at a chosen point."""
+
+    def on_before_optimizer_step(self, trainer: Trainer) -> None:
+        """After the step's backward passes, before the optimizer (gradients in place)."""
+
+    def on_step_end(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None: ...
+
+    def on_checkpoint(self, trainer: Trainer, step: int, path: Path) -> None: ...
+
+    def on_eval(self, trainer: Trainer, step: int, result: dict[str, float]) -> None: ...
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callback] = ()) -> None:
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.rt = init_runtime(cfg)
+        setup_logging(self.rt.rank)
+        seed_everything(cfg.seed)
+        self.output_dir = Path(cfg.logging.output_dir)
+        self.pos = _Position()
+        self.eval_before: dict[str, float] | None = None
+        self.best_eval: float | None = None
+        self.bad_evals = 0
+        self.ref_version = 0
+        self.history: list[dict[str, Any]] = []
+        self._eval_ref_cache: dict[int, Any] = {}
+        self._setup()
+
+    # ------------------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        self.base_path = model_path(cfg)
+        self.tokenizer = load_tokenizer(cfg, self.base_path)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer)
+        self.epoch_batches: dict[int, list[list[int]]] = {}
+        opt = cfg.optimization
+        per_epoch = len(self._batches(0)) // opt.gradient_accumulation_steps
+        if per_epoch == 0:
+            raise ValueError(
+                f"the training split ({len(self.train_set)} items) makes no full step of "
+                f"{opt.gradient_accumulation_steps} micro-batches × {rt.world_size} ranks; "
+                "lower the batch size or accumulation, or add data")
+        self.total_steps = opt.max_steps or sum(
+            len(self._batches(e)) // opt.gradient_accumulation_steps
+            for e in range(opt.num_epochs))
+        dtype = load_dtype(cfg)
+        self.ds_config = None
+        self._zero_init = None
+        if rt.deepspeed:
+            from .deepspeed_config import build_deepspeed_config, zero_stage
+
+            self.ds_config = build_deepspeed_config(cfg, world_size=rt.world_size)
+            if zero_stage(self.ds_config) == 3:
+                # transformers loads straight into ZeRO-3 shards (zero.Init) while this lives:
+                # no rank ever holds a whole copy of the policy or the reference
+                from transformers.integrations import HfDeepSpeedConfig
+
+                self._zero_init = HfDeepSpeedConfig(self.ds_config)
+        policy = load_policy(cfg, self.base_path, dtype)
+        self.vocab_size = vocab_size(policy)
+        # the reference is built before DeepSpeed wraps the policy: a precomputed cache runs it
+        # once over the data, and a separate ZeRO-3 reference gets its own inference engine
+        self.reference, self.ref_module = build_reference(
+            cfg, policy=policy, base_path=self.base_path, dtype=dtype, runtime=rt,
+            ds_config=self.ds_config, datasets=(self.train_set, self.eval_set),
+            pad_token_id=self.pad_id)
+        if rt.deepspeed:
+            self.backend: TorchBackend | DeepSpeedBackend = DeepSpeedBackend(
+                policy, cfg, self.ds_config, total_steps=self.total_steps)
+        else:
+            self.backend = TorchBackend(policy, cfg, total_steps=self.total_steps,
+                                        device=rt.device)
+        if self.reference is not None and hasattr(self.reference, "model") \
+                and cfg.reference_mode() == "adapter_disabled":
+            self.reference.model = self.backend.module  # the (possibly DeepSpeed-cast) policy
+        if self._zero_init is not None:  # later loads (the merged export) are plain again
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._zero_init = None
+        self.objective = Objective(cfg.loss, vocab_size=self.vocab_size,
+                                   all_reduce_mean=self._all_reduce_mean)
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.output_dir / "checkpoints",
+                                      keep_last=cfg.checkpoint.keep_last, rank=rt.rank,
+                                      barrier=rt.barrier)
+        self._resume()
+        self.log = RunLogger(self.output_dir, enabled=rt.is_main, progress=cfg.logging.progress,
+                             tensorboard=cfg.logging.tensorboard, total_steps=self.total_steps,
+                             initial_step=self.pos.step)
+        if rt.is_main:
+            write_text_atomic(self.output_dir / "config.yaml", to_yaml(cfg))
+
+    def _all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.rt.world_size == 1:
+            return t
+        t = t.detach().clone()
+        return self.rt.all_reduce_(t) / self.rt.world_size
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches (dataset indices) of ``epoch``."""
+        if epoch not in self.epoch_batches:
+            opt, data = self.cfg.optimization, self.cfg.data
+            self.epoch_batches = {epoch: plan_batches(
+                self.train_set, pairs_per_batch=opt.pairs_per_batch(),
+                max_tokens_per_batch=opt.max_tokens_per_batch,
+                shuffle=True, seed=self.cfg.seed, epoch=epoch, padding_free=data.padding_free,
+                with_kl=self.objective_with_kl(), num_shards=self.rt.world_size,
+                shard_index=self.rt.rank)}
+        return self.epoch_batches[epoch]
+
+    def objective_with_kl(self) -> bool:
+        return self.cfg.loss.method == "kto" and "kto" in self.cfg.loss.resolved_loss_types()
+
+    def _collate(self, dataset: Any, indices: list[int]) -> PreferenceBatch:
+        batch = collate_batch(dataset, indices, pad_token_id=self.pad_id,
+                              padding_free=self.cfg.data.padding_free,
+                              with_kl=self.objective_with_kl())
+        return batch.to(self.rt.device)
+
+    # ------------------------------------------------------------------------------ resume
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.pos.step, "epoch": self.pos.epoch,
+                "step_in_epoch": self.pos.step_in_epoch, "eval_before": self.eval_before,
+                "best_eval": self.best_eval, "bad_evals": self.bad_evals,
+                "ref_version": self.ref_version, "world_size": self.rt.world_size,
+                "total_steps": self.total_steps}
+
+    def _reference_follows(self) -> bool:
+        return self.cfg.reference.sync_steps > 0 or self.cfg.reference.rounds > 1
+
+    def _resume(self) -> None:
+        import json
+
+        resume = self.cfg.checkpoint.resume
+        if resume is False:
+            return
+        if resume is True:
+            folder = self.ckpt.latest_valid()
+            if folder is None:
+                logger.info("checkpoint.resume: no checkpoint under %s yet; starting fresh",
+                            self.ckpt.root)
+                return
+        else:
+            from .checkpoint import validate_checkpoint
+
+            folder = Path(resume)
+            reason = validate_checkpoint(folder)
+            if reason is not None:
+                raise ValueError(f"checkpoint.resume {folder}: not a usable checkpoint ({reason})")
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        if state["world_size"] != self.rt.world_size:
+            raise ValueError(f"checkpoint {folder} was written by {state['world_size']} ranks; "
+                             f"this run has {self.rt.world_size} (the data order would change)")
+        self.backend.load(folder)
+        if self.ref_module is not None and (folder / "reference.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            load_full_state_dict(self.ref_module, load_file(str(folder / "reference.safetensors")),
+                                 source=str(folder / "reference.safetensors"))
+        self.pos = _Position(state["step"], state["epoch"], state["step_in_epoch"])
+        self.eval_before = state.get("eval_before")
+        self.best_eval = state.get("best_eval")
+        self.bad_evals = state.get("bad_evals", 0)
+        self.ref_version = state.get("ref_version", 0)
+        load_rng(folder, self.rt.rank)
+        logger.info("resumed from %s at step %d (epoch %d)", folder, self.pos.step, self.pos.epoch)
+
+    def save_checkpoint(self) -> Path:
+        import json
+
+        step = self.pos.step
+        tmp = self.ckpt.begin(step)
+        follows = self._reference_follows()
+        self.backend.save(tmp, rank=self.rt.rank,
+                          include_frozen=follows and self.cfg.model.lora.enabled)
+        if follows and self.ref_module is not None:
+            state = full_state_dict(self.ref_module)
+            if self.rt.is_main:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in state.items()},
+                          str(tmp / "reference.safetensors"))
+        save_rng(tmp, self.rt.rank)
+        if self.rt.is_main:
+            (tmp / STATE_FILE).write_text(json.dumps(self._state(), indent=1), encoding="utf-8")
+        path = self.ckpt.commit(tmp, step)
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, step, path)
+        return path
+
+    # ------------------------------------------------------------------------------ steps
+    def _micro_batches(self) -> Iterator[list[int]]:
+        """The micro-batches of the next optimizer step (advancing epochs as needed)."""
+        ga = self.cfg.optimization.gradient_accumulation_steps
+        while (self.pos.step_in_epoch + 1) * ga > len(self._batches(self.pos.epoch)):
+            self.pos.epoch += 1
+            self.pos.step_in_epoch = 0
+        batches = self._batches(self.pos.epoch)
+        start = self.pos.step_in_epoch * ga
+        yield from batches[start:start + ga]
+
+    def _forward(self, batch: PreferenceBatch):
+        obj = self.objective
+        with self.backend.autocast():
+            policy = forward_logps(self.backend.model, batch,
+                                   use_fused_linear=self.cfg.model.use_fused_linear,
+                                   with_logits_sum=True, with_tail_logps=obj.with_tails,
+                                   with_log_sum_sq_probs=obj.with_sum_sq)
+            reference = self.reference.reference_logps(batch, with_tail_logps=obj.with_tails)
+            return obj(policy, reference, batch)
+
+    def _check_finite(self, loss: torch.Tensor, what: str) -> bool:
+        """Whether the loss is finite on every rank (one host sync per micro-batch)."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.rt.world_size > 1:
+            self.rt.all_reduce_(bad, op="max")
+        if bad.item() == 0:
+            return True
+        message = f"non-finite loss at step {self.pos.step + 1} ({what})"
+        if self.cfg.optimization.on_nonfinite == "stop":
+            raise NonFiniteError(message + "; set optimization.on_nonfinite: skip to skip such "
+                                 "steps, or lower the learning rate")
+        logger.warning("%s: the step's update will be skipped", message)
+        return False
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over gradient_accumulation_steps micro-batches."""
+        t0 = time.perf_counter()
+        self.backend.module.train()
+        metrics, losses, tokens, finite = [], [], 0, True
+        for k, indices in enumerate(self._micro_batches()):
+            batch = self._collate(self.train_set, indices)
+            out = self._forward(batch)
+            finite &= self._check_finite(out.loss, f"micro-batch {k}")
+            self.backend.backward(out.loss)
+            metrics.append(out.metrics)
+            losses.append(out.loss.detach())
+            tokens += batch.num_tokens
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self)
+        lr = self.backend.lr()  # the rate this step's update uses
+        outcome = self.backend.step()
+        if not outcome.applied and self.cfg.optimization.on_nonfinite == "stop":
+            raise NonFiniteError(f"{outcome.reason} at step {self.pos.step + 1} (grad norm "
+                                 f"{outcome.grad_norm}); set optimization.on_nonfinite: skip to "
+                                 "skip such steps")
+        if not outcome.applied:
+            logger.warning("step %d skipped: %s", self.pos.step + 1, outcome.reason or
+                           "non-finite loss")
+        self.pos.step += 1
+        self.pos.step_in_epoch += 1
+        for cb_metrics, loss in zip(metrics, losses):
+            cb_metrics["loss"] = loss
+        reduced = reduce_metrics(metrics, self.rt.all_reduce_)
+        counts = self.rt.all_reduce_(torch.tensor([float(tokens)]))
+        peak = self.rt.all_reduce_(torch.tensor([peak_memory_mb(self.rt.device)]), op="max")
+        seconds = time.perf_counter() - t0
+        record = {"step": self.pos.step, "epoch": self.pos.epoch, **reduced,
+                  "lr": lr, "grad_norm": outcome.grad_norm,
+                  "skipped": not (outcome.applied and finite),
+                  "tokens": int(counts.item()), "tokens_per_s": float(counts.item()) / seconds,
+                  "step_seconds": seconds, "peak_memory_mb": float(peak.item())}
+        return record
+
+    # ------------------------------------------------------------------------------- eval
+    def _eval_batches(self) -> list[tuple[list[int], bool]]:
+        """This rank's eval batches; ranks with fewer repeat one with weight 0, so every rank
+        runs the same number of forwards (ZeRO-3 gathers are collective)."""
+        opt, data = self.cfg.optimization, self.cfg.data
+        batches = plan_batches(self.eval_set, pairs_per_batch=opt.pairs_per_batch(),
+                               max_tokens_per_batch=opt.max_tokens_per_batch, shuffle=False,
+                               padding_free=data.padding_free, with_kl=self.objective_with_kl())
+        world = self.rt.world_size
+        per_rank = math.ceil(len(batches) / world)
+        mine = [(b, True) for b in batches[self.rt.rank::world]]
+        while len(mine) < per_rank:
+            mine.append((batches[0], False))
+        return mine
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        """Held-out loss, reward accuracy, margins and rewards (summed over every rank)."""
+        if len(self.eval_set) == 0:
+            return None
+        module = self.backend.module
+        was_training = module.training
+        module.eval()
+        obj = self.objective
+        total = torch.zeros(8, dtype=torch.float64, device=self.rt.device)
+        if hasattr(self.reference, "use"):
+            self.reference.use("eval")
+        try:
+            for i, (indices, counts) in enumerate(self._eval_batches()):
+                batch = self._collate(self.eval_set, indices)
+                with self.backend.autocast():
+                    policy = forward_logps(self.backend.model, batch,
+                                           use_fused_linear=self.cfg.model.use_fused_linear,
+                                           with_logits_sum=True, with_tail_logps=obj.with_tails,
+                                           with_log_sum_sq_probs=obj.with_sum_sq)
+                    reference = self._eval_reference(i, batch)
+                    out = obj(policy, reference, batch)
+                if counts:
+                    total += out.eval_sums.to(total.device)
+        finally:
+            module.train(was_training)
+            if hasattr(self.reference, "use"):
+                self.reference.use("train")
+        self.rt.all_reduce_(total)
+        return summarize_eval(total, paired=obj.paired)
+
+    def _eval_reference(self, i: int, batch: PreferenceBatch):
+        """Reference log-probs of eval batch ``i``, cached until the reference changes."""
+        key = (self.ref_version, i)
+        if key not in self._eval_ref_cache:
+            self._eval_ref_cache = {k: v for k, v in self._eval_ref_cache.items()
+                                    if k[0] == self.ref_version}
+            self._eval_ref_cache[key] = self.reference.reference_logps(
+                batch, with_tail_logps=self.objective.with_tails)
+        return self._eval_ref_cache[key]
+
+    def _after_eval(self, result: dict[str, float]) -> bool:
+        """Track the best accuracy; True when early stopping says stop."""
+        log = self.cfg.logging
+        acc = result["rewards/accuracies"]
+        if self.best_eval is None or acc > self.best_eval + log.early_stopping_min_delta:
+            self.best_eval, self.bad_evals = acc, 0
+            return False
+        self.bad_evals += 1
+        return bool(log.early_stopping_patience and self.bad_evals >= log.early_stopping_patience)
+
+    # ------------------------------------------------------------------------ reference sync
+    def _sync_reference(self, alpha: float) -> None:
+        if self.cfg.reference_mode() == "adapter_disabled":
+            soft_update_lora(self.backend.module, alpha)
+        else:
+            soft_update_separate(self.ref_module, self.backend.module, alpha)
+        self.ref_version += 1
+        logger.info("step %d: reference ← %.3g·policy + %.3g·reference", self.pos.step, alpha,
+                    1 - alpha)
+
+    def _maybe_sync(self) -> None:
+        ref, step = self.cfg.reference, self.pos.step
+        if step >= self.total_steps:
+            return
+        round_len = self.total_steps // ref.rounds if ref.rounds > 1 else 0
+        if round_len and step % round_len == 0:
+            self._sync_reference(1.0)
+        elif ref.sync_steps and step % ref.sync_steps == 0:
+            self._sync_reference(ref.sync_alpha)
+
+    # -------------------------------------------------------------------------------- run
+    def run(self) -> TrainResult:
+        cfg, t_start = self.cfg, time.perf_counter()
+        log = cfg.logging
+        stopped = "completed"
+        try:
+            if self.pos.step == 0 and log.eval_before:
+                self.eval_before = self.evaluate()
+                self._report_eval("before", self.eval_before)
+                if self.eval_before is not None:
+                    self._after_eval(self.eval_before)
+            while self.pos.step < self.total_steps:
+                record = self.train_step()
+                self.history.append(record)
+                if self.pos.step % log.log_every == 0 or self.pos.step == self.total_steps:
+                    self.log.log(record)
+                    self.log.update_progress(self.pos.step, _progress_text(record))
+                for cb in self.callbacks:
+                    cb.on_step_end(self, self.pos.step, record)
+                self._maybe_sync()
+                stop = False
+                if log.eval_every and self.pos.step % log.eval_every == 0 \
+                        and self.pos.step < self.total_steps:
+                    result = self.evaluate()
+                    self._report_eval("eval", result)
+                    stop = result is not None and self._after_eval(result)
+                every = cfg.checkpoint.every_steps
+                if every and self.pos.step % every == 0:
+                    self.save_checkpoint()
+                if stop:
+                    stopped = "early_stopping"
+                    self.log.message(f"early stopping at step {self.pos.step}: no reward-accuracy "
+                                     f"gain in {self.bad_evals} evaluations")
+                    break
+            eval_after = self.evaluate()
+            self._report_eval("after", eval_after)
+            export_dir = export_model(
+                cfg, self.backend.module, self.tokenizer,
+                Path(cfg.checkpoint.export_dir or self.output_dir / "final"),
+                base_path=self.base_path, rank=self.rt.rank, barrier=self.rt.barrier)
+            result = TrainResult(self.pos.step, stopped, self.eval_before, eval_after,
+                                 self.output_dir, export_dir, time.perf_counter() - t_start,
+                                 self.history)
+            self._report_summary(result)
+            return result
+        finally:
+            self.log.close()
+
+    def _report_eval(self, when: str, result: dict[str, float] | None) -> None:
+        if result is None:
+            return
+        self.log.log({"step": self.pos.step, "when": when, **result}, kind="eval")
+        self.log.message(f"[{when} step {self.pos.step}] held-out ({result['items']} items): "
+                         f"reward accuracy {result['rewards/accuracies']:.3f}, margin "
+                         f"{result['rewards/margins']:.4f}, loss {result['loss']:.4f}")
+        for cb in self.callbacks:
+            cb.on_eval(self, self.pos.step, result)
+
+    def _report_summary(self, result: TrainResult) -> None:
+        before = result.eval_before or {}
+        after = result.eval_after or {}
+        summary = {"steps": result.steps, "stopped": result.stopped,
+                   "seconds": round(result.seconds, 1),
+                   "accuracy_before": before.get("rewards/accuracies"),
+                   "accuracy_after": after.get("rewards/accuracies"),
+                   "export_dir": str(result.export_dir) if result.export_dir else None}
+        self.log.log(summary, kind="summary")
+        if before and after:
+            self.log.message(f"held-out reward accuracy: {before['rewards/accuracies']:.3f} "
+                             f"before → {after['rewards/accuracies']:.3f} after "
+                             f"({result.steps} steps, {result.seconds:.0f} s)")
+
+
+def _progress_text(record: dict[str, Any]) -> str:
+    parts = [f"loss {record.get('loss', float('nan')):.4f}"]
+    if "rewards/accuracies" in record:
+        parts.append(f"acc {record['rewards/accuracies']:.2f}")
+    parts.append(f"lr {record['lr']:.2e}")
+    parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+    return " ".join(parts)
+
+
+def train(cfg: TrainConfig, *, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Run the job described by ``cfg``; see :class:`Trainer`."""
+    return Trainer(cfg, callbacks=callbacks).run()

@@ -1,0 +1,130 @@
+"""The benchmark suite runs end to end at its smallest sizes and writes well-formed results.
+
+Only structure is asserted (rows, fields, files), never timings or memory figures. The one
+numeric check is that implementations of the same workload compute the same loss, which is what
+makes their timings comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from benchmarks import harness, plot, report
+from benchmarks.suites import e2e, kernels
+
+REPO = Path(__file__).resolve().parent.parent
+RESULT_FIELDS = {"suite", "family", "impl", "params", "device", "status", "reason", "times_s",
+                 "median_s", "min_s", "max_s", "iqr_s", "peak_mem_bytes", "mem_method",
+                 "tokens", "tokens_per_s", "bandwidth_gb_s", "check", "threads", "notes",
+                 "profile_trace"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--suite", "all", "--device", "cpu",
+         "--quick", "--smoke", "--in-process", "--profile", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    return proc, out
+
+
+def test_smoke_run_writes_results(smoke_run):
+    proc, out = smoke_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    machine = data["machine"]
+    for key in ("cpu", "cpu_cores_available", "torch_threads", "memory_gib", "version_torch",
+                "version_trl", "fastpo_backends"):
+        assert key in machine, key
+    rows = data["rows"]
+    expected = [(s.suite, s.family, s.impl, json.dumps(s.params, sort_keys=True))
+                for s in kernels.cases("cpu", "smoke") + e2e.cases("cpu", "smoke")]
+    got = [(r["suite"], r["family"], r["impl"], json.dumps(r["params"], sort_keys=True))
+           for r in rows]
+    assert got == expected
+    for row in rows:
+        assert set(row) == RESULT_FIELDS
+        assert row["status"] in ("ok", "skipped"), (row["impl"], row["reason"])
+        if row["status"] == "skipped":
+            assert row["reason"], row
+            continue
+        assert len(row["times_s"]) >= 2 and row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert isinstance(row["peak_mem_bytes"], int) and row["peak_mem_bytes"] >= 0
+        assert row["mem_method"] in ("rss-hwm", "rss-sampled-1ms")
+        assert row["tokens"] and row["tokens_per_s"] > 0
+        assert row["profile_trace"] and Path(row["profile_trace"]).is_file()
+    # GPU-only implementations are recorded as skipped with their reason, never silently dropped
+    skipped = {r["impl"]: r["reason"] for r in rows if r["status"] == "skipped"}
+    assert "CUDA" in skipped["liger_ce"] and "CUDA" in skipped["cce"]
+    # every fastpo implementation really ran
+    for row in rows:
+        if row["impl"].startswith(("fastpo", "trl+fastpo")):
+            assert row["status"] == "ok", (row["impl"], row["reason"])
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == len(rows) + 1
+    assert "ratios vs `torch`" in proc.stdout and "ratios vs `trl`" in proc.stdout
+
+
+def test_smoke_implementations_agree(smoke_run):
+    _proc, out = smoke_run
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    checks = defaultdict(list)
+    for key, group in report.group_rows(rows).items():
+        for row in group:
+            if row["status"] == "ok":
+                checks[key].append((row["impl"], row["check"]))
+    assert checks
+    for key, values in checks.items():
+        assert len(values) >= 2, key
+        first = values[0][1]
+        for impl, value in values:
+            assert value == pytest.approx(first, rel=1e-3, abs=1e-4), (key, impl, values)
+
+
+def test_fresh_process_case_sees_the_gradient_buffer():
+    """A case in its own process; its peak memory includes the [N, V] logits gradient."""
+    params = {"B": 2, "T": 64, "V": 30000, "dtype": "fp32", "mode": "fwd+bwd"}
+    spec = harness.CaseSpec(suite="kernels", family="logits", impl="fastpo", params=params,
+                            reps=2)
+    result = harness.run_case_subprocess(spec)
+    assert result.status == "ok", result.reason
+    assert result.mem_method in ("rss-hwm", "rss-sampled-1ms"), result
+    assert len(result.times_s) == 2, result
+    grad_bytes = 2 * 64 * 30000 * 4
+    assert result.peak_mem_bytes >= 0.9 * grad_bytes, (result.peak_mem_bytes, grad_bytes)
+
+
+def test_summarize_and_errors():
+    stats = harness.summarize([3.0, 1.0, 2.0, 10.0])
+    assert stats["median_s"] == 2.5 and stats["min_s"] == 1.0 and stats["max_s"] == 10.0
+    with pytest.raises(ValueError, match="at least one"):
+        harness.summarize([])
+    bad = harness.CaseSpec(suite="kernels", family="nope", impl="fastpo", params={})
+    result = harness.run_case(bad)
+    assert result.status == "error" and "unknown kernels family" in result.reason
+
+
+def test_plots_from_a_sweep(tmp_path):
+    rows = []
+    for v in (1000, 2000, 4000):
+        for impl, t in (("torch", 2.0), ("fastpo", 1.0)):
+            rows.append(harness.Result(
+                suite="kernels", family="logits", impl=impl, device="cpu", status="ok",
+                params={"B": 2, "T": 8, "V": v, "dtype": "fp32", "mode": "fwd+bwd"},
+                times_s=[t], median_s=t * v / 1000, min_s=t, max_s=t, iqr_s=0.0,
+                peak_mem_bytes=v * 1000).to_row())
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"machine": {"cpu": "test"}, "rows": rows}))
+    pngs = plot.plot_results(path, tmp_path / "plots")
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 1000 and "vs_V" in pngs[0].name
+    text = report.markdown(json.loads(path.read_text()))
+    assert text.count("| fastpo |") == 3 and "0.50" in text
