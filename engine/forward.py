@@ -40,7 +40,9 @@ def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     """The output-embedding weight ``[V, H]`` and bias (or None) of a causal LM."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
+    # a ZeRO-3 partitioned weight holds an empty local shard; its full shape is ``ds_shape``
+    shape = tuple(getattr(weight, "ds_shape", ())) or tuple(getattr(weight, "shape", ()))
+    if not isinstance(weight, Tensor) or len(shape) != 2:
         raise TypeError(f"{type(model).__name__} exposes no output embeddings with a 2-D weight "
                         "(get_output_embeddings()); pass the causal-LM model (with its lm_head), "
                         "not its decoder body")

@@ -105,7 +105,7 @@ class Trainer:
         self.bad_evals = 0
         self.ref_version = 0
         self.history: list[dict[str, Any]] = []
-        self._eval_ref_cache: dict[int, Any] = {}
+        self._eval_ref_cache: dict[tuple[int, int], Any] = {}
         self._setup()
 
     # ------------------------------------------------------------------------------ set-up
@@ -128,7 +128,7 @@ class Trainer:
             for e in range(opt.num_epochs))
         dtype = load_dtype(cfg)
         self.ds_config = None
-        self._zero_init = None
+        zero_init = None
         if rt.deepspeed:
             from .deepspeed_config import build_deepspeed_config, zero_stage
 
@@ -138,29 +138,30 @@ class Trainer:
                 # no rank ever holds a whole copy of the policy or the reference
                 from transformers.integrations import HfDeepSpeedConfig
 
-                self._zero_init = HfDeepSpeedConfig(self.ds_config)
-        policy = load_policy(cfg, self.base_path, dtype)
-        self.vocab_size = vocab_size(policy)
-        # the reference is built before DeepSpeed wraps the policy: a precomputed cache runs it
-        # once over the data, and a separate ZeRO-3 reference gets its own inference engine
-        self.reference, self.ref_module = build_reference(
-            cfg, policy=policy, base_path=self.base_path, dtype=dtype, runtime=rt,
-            ds_config=self.ds_config, datasets=(self.train_set, self.eval_set),
-            pad_token_id=self.pad_id)
-        if rt.deepspeed:
-            self.backend: TorchBackend | DeepSpeedBackend = DeepSpeedBackend(
-                policy, cfg, self.ds_config, total_steps=self.total_steps)
-        else:
-            self.backend = TorchBackend(policy, cfg, total_steps=self.total_steps,
-                                        device=rt.device)
-        if self.reference is not None and hasattr(self.reference, "model") \
-                and cfg.reference_mode() == "adapter_disabled":
-            self.reference.model = self.backend.module  # the (possibly DeepSpeed-cast) policy
-        if self._zero_init is not None:  # later loads (the merged export) are plain again
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+                zero_init = HfDeepSpeedConfig(self.ds_config)
+        try:
+            policy = load_policy(cfg, self.base_path, dtype)
+            self.vocab_size = vocab_size(policy)
+            # the reference is built before DeepSpeed wraps the policy: a precomputed cache runs
+            # it once over the data, and a separate ZeRO-3 reference gets its own engine
+            self.reference, self.ref_module = build_reference(
+                cfg, policy=policy, base_path=self.base_path, dtype=dtype, runtime=rt,
+                ds_config=self.ds_config, datasets=(self.train_set, self.eval_set),
+                pad_token_id=self.pad_id)
+            if rt.deepspeed:
+                self.backend: TorchBackend | DeepSpeedBackend = DeepSpeedBackend(
+                    policy, cfg, self.ds_config, total_steps=self.total_steps)
+            else:
+                self.backend = TorchBackend(policy, cfg, total_steps=self.total_steps,
+                                            device=rt.device)
+            if self.reference is not None and hasattr(self.reference, "model") \
+                    and cfg.reference_mode() == "adapter_disabled":
+                self.reference.model = self.backend.module  # the (possibly DeepSpeed-cast) policy
+        finally:
+            if zero_init is not None:  # later loads (the merged export) are plain again
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-            unset_hf_deepspeed_config()
-            self._zero_init = None
+                unset_hf_deepspeed_config()
         self.objective = Objective(cfg.loss, vocab_size=self.vocab_size,
                                    all_reduce_mean=self._all_reduce_mean)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.output_dir / "checkpoints",

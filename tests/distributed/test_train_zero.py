@@ -32,14 +32,6 @@ from fastpo.engine.config import config_from_dict
 from fastpo.engine.train import train
 sys.path.insert(0, sys.argv[-3])
 from test_train_zero import FirstGradients
-import fastpo.engine.forward as F
-_orig = F.output_head
-def _patched(model):
-    head = model.get_output_embeddings()
-    if hasattr(head.weight, "ds_shape"):
-        return head.weight, getattr(head, "bias", None)
-    return _orig(model)
-F.output_head = _patched
 
 jobs = json.loads(open(sys.argv[-2]).read())
 results = {}
