@@ -61,6 +61,23 @@ class PreferenceBatch:
     indices: Tensor | None = None  # [items] int64, dataset indices (for cached reference logps)
     kl_from_dataset: bool = False  # KL partners chosen at dataset level (cacheable)
     ignore_index: int = -100
+    # shared-prompt pairs (fastpo.engine.shared_prompt): the label of each scored target, and
+    # the pair (segment) and branch (0 prompt, 1 chosen, 2 rejected) of each token, -1 = padding
+    target_labels: Tensor | None = None  # [N] int64
+    shared_prompt_tokens: int = 0  # prompt tokens that run once for both sequences of a pair
+    segment_ids: Tensor | None = None  # [R, L] int64
+    branch_ids: Tensor | None = None  # [R, L] int64
+
+    @property
+    def num_sequence_tokens(self) -> int:
+        """Σ over the sequences of prompt + completion tokens: what a concatenated batch holds
+        (equal to ``num_tokens`` unless the prompts are shared); throughput is counted in these."""
+        return self.num_tokens + self.shared_prompt_tokens
+
+    @property
+    def prompt_shared(self) -> bool:
+        """Whether each pair is one ``[prompt | chosen | rejected]`` segment."""
+        return self.segment_ids is not None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PreferenceBatch:
         """A copy with every tensor on ``device``."""
@@ -167,11 +184,24 @@ def collate_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Se
 
 def collate_pairs(pairs: Sequence[TokenizedPair], *, pad_token_id: int,
                   padding_free: bool = False, pad_to_multiple_of: int | None = None,
-                  indices: Sequence[int] | None = None, ignore_index: int = -100
-                  ) -> PreferenceBatch:
-    """One batch of 2B sequences: the B chosen (``0..B−1``), then the B rejected."""
+                  indices: Sequence[int] | None = None, ignore_index: int = -100,
+                  share_prompt: bool = False) -> PreferenceBatch:
+    """One batch of 2B sequences: the B chosen (``0..B−1``), then the B rejected.
+
+    ``share_prompt``: each pair as one ``[prompt | chosen | rejected]`` segment, so the prompt
+    runs once (see :mod:`fastpo.engine.shared_prompt`).
+    """
     if not pairs or not all(isinstance(p, TokenizedPair) for p in pairs):
         raise TypeError("collate_pairs needs a non-empty list of TokenizedPair")
+    if share_prompt:
+        from .shared_prompt import collate_shared_prompt_pairs
+
+        batch = collate_shared_prompt_pairs(pairs, pad_token_id=pad_token_id,
+                                            padding_free=padding_free,
+                                            pad_to_multiple_of=pad_to_multiple_of,
+                                            ignore_index=ignore_index)
+        batch.indices = _indices(indices, len(pairs))
+        return batch
     prompts = [p.prompt_ids for p in pairs] * 2
     completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     batch = collate_sequences(prompts, completions, pad_token_id=pad_token_id,
@@ -231,8 +261,12 @@ def kl_partner(index: int, size: int) -> int:
 
 def collate_batch(dataset: TokenizedDataset, indices: Sequence[int], *, pad_token_id: int,
                   padding_free: bool = False, pad_to_multiple_of: int | None = None,
-                  with_kl: bool = True, ignore_index: int = -100) -> PreferenceBatch:
-    """Collate dataset items by index (pairs, or KTO examples with dataset-level KL partners)."""
+                  with_kl: bool = True, ignore_index: int = -100,
+                  share_prompt: bool = False) -> PreferenceBatch:
+    """Collate dataset items by index (pairs, or KTO examples with dataset-level KL partners).
+
+    ``share_prompt`` applies to pairs (see :func:`collate_pairs`); unpaired data ignores it.
+    """
     if not indices:
         raise ValueError("cannot collate an empty batch")
     n = len(dataset)
@@ -243,7 +277,7 @@ def collate_batch(dataset: TokenizedDataset, indices: Sequence[int], *, pad_toke
     if dataset.paired:
         return collate_pairs(items, pad_token_id=pad_token_id, padding_free=padding_free,
                              pad_to_multiple_of=pad_to_multiple_of, indices=indices,
-                             ignore_index=ignore_index)
+                             ignore_index=ignore_index, share_prompt=share_prompt)
     kl = [dataset.examples[kl_partner(i, n)].completion_ids for i in indices] if with_kl else None
     batch = collate_unpaired(items, pad_token_id=pad_token_id, padding_free=padding_free,
                              pad_to_multiple_of=pad_to_multiple_of, with_kl=with_kl,
@@ -253,11 +287,16 @@ def collate_batch(dataset: TokenizedDataset, indices: Sequence[int], *, pad_toke
 
 
 # ------------------------------------------------------------------------------ batching
-def _item_shapes(dataset: TokenizedDataset, with_kl: bool) -> list[tuple[int, int, int]]:
-    """(real tokens, longest sequence, sequences) of each item as it will be collated."""
+def _item_shapes(dataset: TokenizedDataset, with_kl: bool, share_prompt: bool = False
+                 ) -> list[tuple[int, int, int]]:
+    """(real tokens, longest row segment, rows) of each item as it will be collated."""
     shapes = []
     if dataset.paired:
         for p in dataset.pairs:
+            if share_prompt:
+                n = len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                shapes.append((n, n, 1))
+                continue
             n_c = len(p.prompt_ids) + len(p.chosen_ids)
             n_r = len(p.prompt_ids) + len(p.rejected_ids)
             shapes.append((n_c + n_r, max(n_c, n_r), 2))
@@ -276,8 +315,8 @@ def _item_shapes(dataset: TokenizedDataset, with_kl: bool) -> list[tuple[int, in
 def plan_batches(dataset: TokenizedDataset, *, pairs_per_batch: int | None = None,
                  max_tokens_per_batch: int | None = None, shuffle: bool = True, seed: int = 0,
                  epoch: int = 0, padding_free: bool = False, with_kl: bool = True,
-                 drop_last: bool = False, num_shards: int = 1, shard_index: int = 0
-                 ) -> list[list[int]]:
+                 drop_last: bool = False, num_shards: int = 1, shard_index: int = 0,
+                 share_prompt: bool = False) -> list[list[int]]:
     """All batches of one epoch, as lists of dataset indices (deterministic in seed and epoch).
 
     Items (pairs or examples) are taken in a seeded random order (or in order) and grouped while
@@ -286,6 +325,7 @@ def plan_batches(dataset: TokenizedDataset, *, pairs_per_batch: int | None = Non
     An item larger than the token budget forms a batch alone. ``drop_last`` drops a final batch
     with fewer than ``pairs_per_batch`` items. With ``num_shards`` > 1 (data-parallel ranks) the
     batch list is cut to a multiple of ``num_shards`` and shard ``k`` gets batches ``k, k + n, …``.
+    ``share_prompt`` counts a pair as one ``[prompt | chosen | rejected]`` row.
     """
     for name, value in (("pairs_per_batch", pairs_per_batch),
                         ("max_tokens_per_batch", max_tokens_per_batch)):
@@ -299,7 +339,7 @@ def plan_batches(dataset: TokenizedDataset, *, pairs_per_batch: int | None = Non
     order = list(range(len(dataset)))
     if shuffle:
         random.Random(f"fastpo-batches:{seed}:{epoch}").shuffle(order)
-    shapes = _item_shapes(dataset, with_kl)
+    shapes = _item_shapes(dataset, with_kl, share_prompt)
 
     batches: list[list[int]] = []
     current: list[int] = []
@@ -335,12 +375,13 @@ def iterate_batches(dataset: TokenizedDataset, *, pairs_per_batch: int | None = 
                     max_tokens_per_batch: int | None = None, shuffle: bool = True, seed: int = 0,
                     epoch: int = 0, start_index: int = 0, padding_free: bool = False,
                     with_kl: bool = True, drop_last: bool = False, num_shards: int = 1,
-                    shard_index: int = 0) -> Iterator[list[int]]:
+                    shard_index: int = 0, share_prompt: bool = False) -> Iterator[list[int]]:
     """Batches of one epoch from batch ``start_index`` on (resume: store epoch + batch index)."""
     if not isinstance(start_index, int) or start_index < 0:
         raise ValueError(f"start_index must be a non-negative int, got {start_index!r}")
     batches = plan_batches(dataset, pairs_per_batch=pairs_per_batch,
                            max_tokens_per_batch=max_tokens_per_batch, shuffle=shuffle, seed=seed,
                            epoch=epoch, padding_free=padding_free, with_kl=with_kl,
-                           drop_last=drop_last, num_shards=num_shards, shard_index=shard_index)
+                           drop_last=drop_last, num_shards=num_shards, shard_index=shard_index,
+                           share_prompt=share_prompt)
     yield from batches[start_index:]

@@ -97,6 +97,7 @@ class DataConfig(_Section):
     max_prompt_length: int | None = Field(512, gt=0)
     truncation_mode: Literal["keep_end", "keep_start", "drop"] = "keep_end"
     padding_free: bool = False
+    share_prompt: bool = False  # pair = one [prompt | chosen | rejected] row: the prompt runs once
 
 
 # ------------------------------------------------------------------------------------- loss
@@ -325,6 +326,12 @@ def combination_problems(cfg: TrainConfig) -> list[str]:
         problems.append("reference.mode 'precomputed' with deepspeed.zero_stage 3: precomputing "
                         "hashes and runs the whole (gathered) reference model before training; "
                         "use zero_stage <= 2, or a 'separate' reference (sharded under ZeRO-3)")
+    if cfg.data.share_prompt and cfg.loss.method == "kto":
+        problems.append("data.share_prompt applies to paired losses; loss.method 'kto' trains on "
+                        "unpaired examples")
+    if cfg.data.share_prompt and cfg.model.attn_implementation not in ("sdpa", "eager"):
+        problems.append(f"data.share_prompt needs model.attn_implementation 'sdpa' or 'eager' (a "
+                        f"custom attention mask), not {cfg.model.attn_implementation!r}")
     if ds.offload_param != "none" and ds.zero_stage != 3:
         problems.append("deepspeed.offload_param needs deepspeed.zero_stage 3")
     if ds.offload_optimizer != "none" and ds.zero_stage == 0:

@@ -24,6 +24,7 @@ from fastpo.kernels.linear_logprobs import linear_token_logps
 from fastpo.kernels.zero3 import gathered_lm_head
 
 from .batch import PreferenceBatch
+from .shared_prompt import shared_prompt_attention_mask
 
 SequenceLogps = kernels.SequenceLogps
 
@@ -60,6 +61,16 @@ def _check_head_config(model: nn.Module, use_fused_linear: bool) -> float | None
     return cap
 
 
+def _compute_dtype(model: nn.Module, device_type: str) -> torch.dtype:
+    """The dtype of the model's activations (autocast's, else its input embedding's)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embed, "weight", None)
+    return weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() \
+        else torch.float32
+
+
 def uses_varlen_attention(attn_implementation: str | None) -> bool:
     """Whether the attention takes packed sequences as ``cu_seqlens`` (flash-attention 2/3 and
     hub flash kernels); SDPA, eager and flex read them from the position ids instead."""
@@ -77,7 +88,11 @@ def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> Tensor:
         "position_ids": batch.position_ids,
         "use_cache": False,  # a cache would switch off the packed-sequence detection
     }
-    if batch.packed and batch.cu_seqlens is not None:
+    if batch.prompt_shared:
+        dtype = _compute_dtype(model, batch.input_ids.device.type)
+        kwargs["attention_mask"] = shared_prompt_attention_mask(
+            batch, getattr(model, "config", None), dtype=dtype)
+    elif batch.packed and batch.cu_seqlens is not None:
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if uses_varlen_attention(impl):
             # transformers' flash path takes these kwargs (FlashAttentionKwargs) and runs the
@@ -145,7 +160,10 @@ def forward_logps(model: nn.Module, batch: PreferenceBatch, *, use_fused_linear:
     output_head(model)  # a clear error for a model without output embeddings
     hidden = final_hidden_states(model, batch)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
-    labels = batch.labels.reshape(-1).index_select(0, batch.target_index)
+    if batch.target_labels is not None:  # shared prompt: a position can be scored twice
+        labels = batch.target_labels
+    else:
+        labels = batch.labels.reshape(-1).index_select(0, batch.target_index)
     logits_sum_tokens = sum_sq = None
     # ZeRO-3: the head is gathered for the op and its gradient still reaches the shards
     with gathered_lm_head(model) as (weight, bias):

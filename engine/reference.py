@@ -269,8 +269,8 @@ def precompute_reference_logps(reference: FrozenReference, dataset: TokenizedDat
                                path: str | Path, *, pad_token_id: int, key: str | None = None,
                                pairs_per_batch: int | None = 8,
                                max_tokens_per_batch: int | None = None,
-                               padding_free: bool = False, overwrite: bool = False
-                               ) -> CachedReference:
+                               padding_free: bool = False, share_prompt: bool = False,
+                               overwrite: bool = False) -> CachedReference:
     """Run ``reference`` once over ``dataset`` and store its logps at ``path`` (safetensors).
 
     An existing cache with the same key is reused as is (later epochs, restarts); one with a
@@ -302,10 +302,10 @@ def precompute_reference_logps(reference: FrozenReference, dataset: TokenizedDat
         tokens = {name: torch.zeros(n, dtype=torch.long) for name in names}
         batches = plan_batches(dataset, pairs_per_batch=pairs_per_batch,
                                max_tokens_per_batch=max_tokens_per_batch, shuffle=False,
-                               padding_free=padding_free)
+                               padding_free=padding_free, share_prompt=share_prompt)
         for step, indices in enumerate(batches):
             batch = collate_batch(dataset, indices, pad_token_id=pad_token_id,
-                                  padding_free=padding_free)
+                                  padding_free=padding_free, share_prompt=share_prompt)
             out = reference.reference_logps(batch, with_tail_logps=dataset.paired)
             values, counts = out.sequence.logps.float().cpu(), out.sequence.num_tokens.cpu()
             idx = torch.tensor(indices)

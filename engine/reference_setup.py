@@ -125,6 +125,7 @@ def build_reference(cfg: TrainConfig, *, policy: nn.Module, base_path: str, dtyp
     root = Path(cfg.reference.cache_dir or Path(cfg.logging.output_dir) / "reference_cache")
     opt, data = cfg.optimization, cfg.data
     settings = dict(pad_token_id=pad_token_id, padding_free=data.padding_free,
+                    share_prompt=data.share_prompt,
                     pairs_per_batch=opt.pairs_per_batch(),
                     max_tokens_per_batch=opt.max_tokens_per_batch)
     caches = []

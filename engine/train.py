@@ -188,6 +188,7 @@ class Trainer:
                 self.train_set, pairs_per_batch=opt.pairs_per_batch(),
                 max_tokens_per_batch=opt.max_tokens_per_batch,
                 shuffle=True, seed=self.cfg.seed, epoch=epoch, padding_free=data.padding_free,
+                share_prompt=data.share_prompt,
                 with_kl=self.objective_with_kl(), num_shards=self.rt.world_size,
                 shard_index=self.rt.rank)}
         return self.epoch_batches[epoch]
@@ -198,6 +199,7 @@ class Trainer:
     def _collate(self, dataset: Any, indices: list[int]) -> PreferenceBatch:
         batch = collate_batch(dataset, indices, pad_token_id=self.pad_id,
                               padding_free=self.cfg.data.padding_free,
+                              share_prompt=self.cfg.data.share_prompt,
                               with_kl=self.objective_with_kl())
         return batch.to(self.rt.device)
 
@@ -319,7 +321,7 @@ class Trainer:
             self.backend.backward(out.loss)
             metrics.append(out.metrics)
             losses.append(out.loss.detach())
-            tokens += batch.num_tokens
+            tokens += batch.num_sequence_tokens
         for cb in self.callbacks:
             cb.on_before_optimizer_step(self)
         lr = self.backend.lr()  # the rate this step's update uses
@@ -353,7 +355,8 @@ class Trainer:
         opt, data = self.cfg.optimization, self.cfg.data
         batches = plan_batches(self.eval_set, pairs_per_batch=opt.pairs_per_batch(),
                                max_tokens_per_batch=opt.max_tokens_per_batch, shuffle=False,
-                               padding_free=data.padding_free, with_kl=self.objective_with_kl())
+                               padding_free=data.padding_free, with_kl=self.objective_with_kl(),
+                               share_prompt=data.share_prompt)
         world = self.rt.world_size
         per_rank = math.ceil(len(batches) / world)
         mine = [(b, True) for b in batches[self.rt.rank::world]]

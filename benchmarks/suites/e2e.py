@@ -8,6 +8,8 @@ loss (sigmoid DPO, β = 0.1) and the same optimizer (AdamW, lr 1e-6):
     fastpo         fastpo's engine: ``forward_logps`` (fused linear op) for the policy, a
                    ``FrozenReference``, ``preference_loss``; padded batch
     fastpo_packed  the same on a padding-free (packed) batch
+    fastpo_shared  the same with each pair as one [prompt | chosen | rejected] row, so the prompt
+                   runs once per pair (``collate_pairs(..., share_prompt=True)``)
 
 TRL runs in fp32 without gradient checkpointing here (its defaults on CPU are bf16 autocast and
 checkpointing), so that all rows do the same arithmetic. TRL also computes per-token entropy and
@@ -30,7 +32,9 @@ import torch
 
 from benchmarks.harness import CaseSpec, SkipCase, Workload
 
-IMPLS = ("trl", "trl+fastpo", "fastpo", "fastpo_packed")
+IMPLS = ("trl", "trl+fastpo", "fastpo", "fastpo_packed", "fastpo_shared")
+LAYOUTS = {"padded": "padded batch", "packed": "packed batch",
+           "shared": "shared-prompt rows (prompt once per pair)"}
 BETA = 0.1
 LR = 1e-6
 
@@ -173,7 +177,7 @@ def _trl_workload(spec: CaseSpec, *, patched: bool) -> Workload:
 # --------------------------------------------------------------------------- fastpo engine
 
 
-def _fastpo_workload(spec: CaseSpec, *, packed: bool) -> Workload:
+def _fastpo_workload(spec: CaseSpec, *, layout: str) -> Workload:
     from fastpo.engine.batch import collate_pairs
     from fastpo.engine.data import TokenizedPair
     from fastpo.engine.forward import forward_logps, split_pairs
@@ -185,7 +189,8 @@ def _fastpo_workload(spec: CaseSpec, *, packed: bool) -> Workload:
     reference = FrozenReference(ref_model)
     pairs = make_pairs(params)
     batch = collate_pairs([TokenizedPair(p, c, r) for p, c, r in pairs], pad_token_id=0,
-                          padding_free=packed).to(device)
+                          padding_free=layout == "packed",
+                          share_prompt=layout == "shared").to(device)
     optimizer = _optimizer(policy)
     vocab = params["V"]
 
@@ -206,7 +211,7 @@ def _fastpo_workload(spec: CaseSpec, *, packed: bool) -> Workload:
         return result.loss.detach()
 
     return Workload(step, tokens=_tokens(pairs),
-                    notes="fastpo engine, " + ("packed batch" if packed else "padded batch"))
+                    notes=f"fastpo engine, {LAYOUTS[layout]}")
 
 
 def build(spec: CaseSpec) -> Workload:
@@ -217,6 +222,6 @@ def build(spec: CaseSpec) -> Workload:
         return _trl_workload(spec, patched=False)
     if spec.impl == "trl+fastpo":
         return _trl_workload(spec, patched=True)
-    if spec.impl in ("fastpo", "fastpo_packed"):
-        return _fastpo_workload(spec, packed=spec.impl == "fastpo_packed")
+    if spec.impl in ("fastpo", "fastpo_packed", "fastpo_shared"):
+        return _fastpo_workload(spec, layout=spec.impl.partition("_")[2] or "padded")
     raise SkipCase(f"unknown implementation {spec.impl!r}")

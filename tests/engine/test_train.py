@@ -441,6 +441,17 @@ def test_packing_and_checkpointing_train_like_padded(tiny_dir, pairs_file, tmp_p
     assert packed.history[0]["tokens"] == padded.history[0]["tokens"]
 
 
+def test_shared_prompt_trains_like_concatenated_pairs(tiny_dir, pairs_file, tmp_path):
+    padded = run(job(tiny_dir, pairs_file, tmp_path / "a", optimization={"max_steps": 3}))
+    shared = run(job(tiny_dir, pairs_file, tmp_path / "b", data={"share_prompt": True},
+                     optimization={"max_steps": 3}))
+    assert losses(shared.history) == pytest.approx(losses(padded.history), rel=2e-5, abs=2e-6)
+    assert shared.history[0]["tokens"] == padded.history[0]["tokens"]  # same pairs, same count
+    with pytest.raises(ValueError, match="share_prompt"):
+        config_from_dict(job(tiny_dir, pairs_file, tmp_path / "c", data={"share_prompt": True},
+                             loss={"method": "kto"}))
+
+
 def test_token_budget_batches_and_bf16_autocast(tiny_dir, pairs_file, tmp_path):
     data = job(tiny_dir, pairs_file, tmp_path / "a", data={"padding_free": True},
                optimization={"max_tokens_per_batch": 160, "max_steps": 3})
