@@ -33,6 +33,7 @@ import sys
 import torch
 
 from benchmarks import harness
+from benchmarks.suites.kernels import logits_forward_backward
 
 SHAPE = (8, 512, 49152)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,21 +109,8 @@ def build(impl: str, dtype: str) -> harness.Workload:
     gen = torch.Generator().manual_seed(1)
     logits = (torch.randn(batch, seq, vocab, generator=gen) * 2.0).to(DTYPES[dtype])
     labels = make_labels(batch, seq, vocab)
-    leaf = logits.requires_grad_(True)
-    fn = _impl_fn(impl, labels)
-    setup = None
-    if impl == "fastpo_inplace":  # the backward overwrites the logits: restore them untimed
-        pristine = logits.detach().clone()
-
-        def setup() -> None:
-            with torch.no_grad():
-                leaf.copy_(pristine)
-
-    def forward_backward() -> torch.Tensor:
-        total = fn(leaf).float().sum()
-        (grad,) = torch.autograd.grad(total, leaf)
-        del grad
-        return total.detach()
+    forward_backward, setup = logits_forward_backward(logits, _impl_fn(impl, labels),
+                                                      restore=impl == "fastpo_inplace")
 
     size = logits.numel() * logits.element_size()
     return harness.Workload(forward_backward, tokens=batch * seq, bytes_moved=3 * size,

@@ -104,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         acc = "rewards/accuracies"
         line = f"fastpo-train: {result.steps} steps ({result.stopped}) in {result.seconds:.0f} s"
         if acc in before and acc in after:
-            line += f"; held-out reward accuracy {before[acc]:.3f} → {after[acc]:.3f}"
+            line += (f"; held-out reward accuracy {before[acc]:.3f} → {after[acc]:.3f}, "
+                     f"loss {before['loss']:.4f} → {after['loss']:.4f}")
         if result.export_dir:
             line += f"; model in {result.export_dir}"
         print(line, flush=True)

@@ -500,11 +500,18 @@ class Trainer:
                    "seconds": round(result.seconds, 1),
                    "accuracy_before": before.get("rewards/accuracies"),
                    "accuracy_after": after.get("rewards/accuracies"),
+                   "margin_before": before.get("rewards/margins"),
+                   "margin_after": after.get("rewards/margins"),
+                   "loss_before": before.get("loss"), "loss_after": after.get("loss"),
                    "export_dir": str(result.export_dir) if result.export_dir else None}
         self.log.log(summary, kind="summary")
         if before and after:
+            # before any step the policy is the reference: every reward is 0, and a tie is not
+            # counted as correct (as in TRL), so the accuracy starts at 0 and the loss at log 2
             self.log.message(f"held-out reward accuracy: {before['rewards/accuracies']:.3f} "
-                             f"before → {after['rewards/accuracies']:.3f} after "
+                             f"before → {after['rewards/accuracies']:.3f} after; margin "
+                             f"{before['rewards/margins']:.4f} → {after['rewards/margins']:.4f}; "
+                             f"loss {before['loss']:.4f} → {after['loss']:.4f} "
                              f"({result.steps} steps, {result.seconds:.0f} s)")
 
 

@@ -63,8 +63,8 @@ def _grid(size: str, device: str) -> list[tuple[str, dict[str, Any], tuple[str, 
         grid += [("logits", {"B": b, "T": 1024, "V": 128256, "dtype": "bf16"}, ("fwd+bwd",))
                  for b in (4, 16)]
         return grid
-    if size == "quick":
-        return [("logits", {"B": 2, "T": 512, "V": 49152, "dtype": "fp32"}, ("fwd+bwd", "fwd")),
+    if size == "quick":  # fwd+bwd only: the forward-only rows are in the full run
+        return [("logits", {"B": 2, "T": 512, "V": 49152, "dtype": "fp32"}, ("fwd+bwd",)),
                 ("hidden", {"B": 2, "T": 256, "H": 576, "V": 49152, "dtype": "fp32"},
                  ("fwd+bwd",))]
     # full CPU: the headline shape B8×T512×V49152 (fp32 and bf16), a vocab sweep and a token sweep
@@ -178,9 +178,20 @@ def _build_logits(spec: CaseSpec) -> Workload:
 
         return Workload(forward, tokens=tokens, bytes_moved=n_elem)
 
+    forward_backward, setup = logits_forward_backward(logits, fn,
+                                                      restore=spec.impl == "fastpo_inplace")
+    # read logits (forward), read them again and write the gradient (backward)
+    return Workload(forward_backward, tokens=tokens, bytes_moved=3 * n_elem, setup_each=setup,
+                    notes="inputs restored untimed before each call" if setup else "")
+
+
+def logits_forward_backward(logits: torch.Tensor, fn, *, restore: bool):
+    """``(call, setup)``: forward + backward of ``fn`` (logits → per-sequence logps) on
+    ``logits`` as a leaf; with ``restore``, ``setup`` puts back the logits that an in-place
+    backward overwrote (run untimed before each call), else it is None."""
     leaf = logits.requires_grad_(True)
     setup = None
-    if spec.impl == "fastpo_inplace":  # the backward overwrites the logits: restore them untimed
+    if restore:
         pristine = logits.detach().clone()
 
         def setup() -> None:
@@ -195,9 +206,7 @@ def _build_logits(spec: CaseSpec) -> Workload:
         del grad
         return total.detach()
 
-    # read logits (forward), read them again and write the gradient (backward)
-    return Workload(forward_backward, tokens=tokens, bytes_moved=3 * n_elem, setup_each=setup,
-                    notes="inputs restored untimed before each call" if setup else "")
+    return forward_backward, setup
 
 
 # --------------------------------------------------------------------------- from hidden states

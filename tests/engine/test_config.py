@@ -38,7 +38,9 @@ def test_default_job_is_smollm2_lora_dpo():
     assert cfg.loss.method == "dpo" and cfg.loss.resolved_loss_types() == ["sigmoid"]
     assert cfg.reference_mode() == "adapter_disabled"
     assert cfg.data.train is None and cfg.optimization.max_steps
-    assert not cfg.uses_deepspeed(world_size=1) and cfg.uses_deepspeed(world_size=2)
+    # the main job is the DeepSpeed entrypoint, on one process as on many
+    assert cfg.uses_deepspeed(world_size=1) and cfg.uses_deepspeed(world_size=2)
+    assert cfg.data.share_prompt and cfg.model.attn_implementation == "sdpa"
 
 
 def test_yaml_and_overrides_are_typed(tmp_path):

@@ -476,4 +476,7 @@ def test_default_job_smoke(tmp_path, capsys):
     assert "held-out reward accuracy 0.000 →" in capsys.readouterr().out
     summary = read_jsonl(out / "metrics.jsonl", "summary")[0]
     assert summary["steps"] == 2 and summary["accuracy_before"] == 0.0
+    # before the first step the policy is the reference: every margin 0, the loss log 2
+    assert summary["loss_before"] == pytest.approx(math.log(2), abs=1e-5)
+    assert summary["margin_before"] == 0.0
     assert (out / "final" / "adapter_config.json").is_file()
