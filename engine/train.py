@@ -140,6 +140,9 @@ class Trainer:
 
                 zero_init = HfDeepSpeedConfig(self.ds_config)
         try:
+            # seed again: a first run converts the default assets above, and that draws random
+            # numbers; the adapter's initialisation must not depend on whether the cache was warm
+            seed_everything(cfg.seed)
             policy = load_policy(cfg, self.base_path, dtype)
             self.vocab_size = vocab_size(policy)
             # the reference is built before DeepSpeed wraps the policy: a precomputed cache runs

@@ -452,6 +452,26 @@ def test_shared_prompt_trains_like_concatenated_pairs(tiny_dir, pairs_file, tmp_
                              loss={"method": "kto"}))
 
 
+def test_rng_used_while_resolving_assets_does_not_change_the_run(tiny_dir, pairs_file, tmp_path,
+                                                                  monkeypatch):
+    """A first run converts the default model (random numbers drawn); a later run finds it
+    cached. The LoRA initialisation, and so the losses, must be the same in both."""
+    lora = {"lora": {"enabled": True, "r": 4, "alpha": 8}}
+    warm = run(job(tiny_dir, pairs_file, tmp_path / "a", model=lora))
+    from fastpo.engine import train as train_module
+
+    resolve = train_module.model_path
+
+    def converting_model_path(cfg):
+        torch.rand(1000)  # what a conversion's model construction does to the global RNG
+        return resolve(cfg)
+
+    monkeypatch.setattr(train_module, "model_path", converting_model_path)
+    cold = run(job(tiny_dir, pairs_file, tmp_path / "b", model=lora))
+    assert losses(cold.history) == losses(warm.history)
+    assert losses(cold.history)[1] != losses(cold.history)[0]  # the adapter did train
+
+
 def test_token_budget_batches_and_bf16_autocast(tiny_dir, pairs_file, tmp_path):
     data = job(tiny_dir, pairs_file, tmp_path / "a", data={"padding_free": True},
                optimization={"max_tokens_per_batch": 160, "max_steps": 3})
