@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 VOCAB, HIDDEN, SEQ, BATCH, WORLD = 67, 24, 9, 2, 2
-MARKER = "ZERO3_RESULT "
+REPORT_DIR_ENV = "FASTPO_TEST_REPORT_DIR"
 # (tied embeddings, op inside a module forward, that module passed as fwd_module)
 CASES = ((False, False, False), (True, True, True), (True, True, False))
 
@@ -146,8 +146,11 @@ def worker() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     results = {f"tied={tied},inside={inside},fwd_module={register}":
                run_case(tied, inside, register) for tied, inside, register in CASES}
-    print(MARKER + json.dumps({"rank": int(os.environ.get("RANK", -1)), "results": results}),
-          flush=True)
+    # one file per rank: the launcher merges the ranks' stdout, and two reports printed at the
+    # same moment can land on one line
+    rank = int(os.environ.get("RANK", -1))
+    out = Path(os.environ[REPORT_DIR_ENV]) / f"rank{rank}.json"
+    out.write_text(json.dumps({"rank": rank, "results": results}))
 
 
 def test_gathered_lm_head_without_zero3_yields_the_parameters():
@@ -172,7 +175,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.distributed
-def test_zero3_gathered_lm_head_gradients_match_single_process():
+def test_zero3_gathered_lm_head_gradients_match_single_process(tmp_path):
     pytest.importorskip("deepspeed")
     launcher = Path(sys.executable).with_name("deepspeed")
     if not launcher.exists():
@@ -180,6 +183,7 @@ def test_zero3_gathered_lm_head_gradients_match_single_process():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["OMP_NUM_THREADS"] = "1"
+    env[REPORT_DIR_ENV] = str(tmp_path)
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
         [str(launcher), "--num_gpus", str(WORLD), "--master_port", str(_free_port()),
@@ -188,8 +192,7 @@ def test_zero3_gathered_lm_head_gradients_match_single_process():
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    reports = [json.loads(line.split(MARKER, 1)[1]) for line in proc.stdout.splitlines()
-               if MARKER in line]
+    reports = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in reports) == list(range(WORLD)), output[-4000:]
     for report in reports:
         for case, result in report["results"].items():
