@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LATEST = "latest"
 FORMAT = "fastpo-checkpoint-v1"
+STATE_FILE = "trainer_state.json"  # the loop position and counters, written by the trainer
 _NAME = re.compile(r"^step-(\d{8,})$")
 
 
@@ -182,6 +183,35 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
         for path in self.root.glob(".old-*"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------- resume
+def resume_point(manager: CheckpointManager, resume: bool | str | Path, *,
+                 world_size: int) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from and its trainer state (None: start fresh).
+
+    ``resume`` True takes the newest valid checkpoint under the manager's root (none yet: start
+    fresh); a path must be a valid checkpoint. Either must have been written by ``world_size``
+    ranks, since the data order depends on it.
+    """
+    if resume is False:
+        return None
+    if resume is True:
+        folder = manager.latest_valid()
+        if folder is None:
+            logger.info("checkpoint.resume: no checkpoint under %s yet; starting fresh",
+                        manager.root)
+            return None
+    else:
+        folder = Path(resume)
+        reason = validate_checkpoint(folder)
+        if reason is not None:
+            raise ValueError(f"checkpoint.resume {folder}: not a usable checkpoint ({reason})")
+    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    if state["world_size"] != world_size:
+        raise ValueError(f"checkpoint {folder} was written by {state['world_size']} ranks; "
+                         f"this run has {world_size} (the data order would change)")
+    return folder, state
 
 
 # ---------------------------------------------------------------------------------- RNG

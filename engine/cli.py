@@ -64,7 +64,8 @@ def _split_args(argv: Sequence[str]) -> tuple[dict[str, object], list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fastpo-train``; returns the exit status."""
-    from .config import ConfigError, load_config, to_yaml
+    from .config import ConfigError
+    from .config_loading import load_config, to_yaml
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:

@@ -1,12 +1,9 @@
-"""The typed configuration of a training job: one pydantic tree, YAML in, CLI overrides on top.
-
-    cfg = load_config("job.yaml", overrides=["--loss.beta", "0.2", "--optimization.max_steps=50"])
+"""The typed configuration of a training job: one pydantic tree (loaded by ``config_loading``).
 
 Sections: ``model`` (policy, LoRA), ``reference`` (how the reference log-probs are obtained and
 whether the reference follows the policy), ``data``, ``loss``, ``optimization``, ``deepspeed``,
 ``logging`` (progress, JSONL, TensorBoard, evaluation, early stopping) and ``checkpoint``.
-Every model forbids unknown keys. Errors name the offending key path (and the YAML line when the
-value came from a file) and, for an unknown key, list the valid ones. Cross-field rules that no
+Every model forbids unknown keys. Cross-field rules that no
 single field can check (ZeRO-3 with a precomputed reference, LoRA with a separate reference ...)
 live in :meth:`TrainConfig._check_combinations`.
 
@@ -16,15 +13,10 @@ base: SmolLM2-135M-Instruct + LoRA on the 300 demo pairs.
 
 from __future__ import annotations
 
-import difflib
-import types
-import typing
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 LOSS_METHODS = ("dpo", "cpo", "simpo", "orpo", "kto")
@@ -354,189 +346,3 @@ def combination_problems(cfg: TrainConfig) -> list[str]:
     if export in ("adapter", "merged") and not lora.enabled:
         problems.append(f"checkpoint.export {export!r} needs model.lora.enabled (use 'full')")
     return problems
-
-
-# ------------------------------------------------------------------------------ loading
-def _annotation_model(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model class inside a field annotation (``X``, ``X | None``), if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        for arg in typing.get_args(annotation):
-            found = _annotation_model(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _section_at(path: Sequence[str]) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = TrainConfig
-    for key in path:
-        if model is None or key not in model.model_fields:
-            return None
-        model = _annotation_model(model.model_fields[key].annotation)
-    return model
-
-
-def _unknown_key_message(path: Sequence[str], key: str) -> str:
-    section = _section_at(path)
-    where = ".".join(path) or "the top level"
-    if section is None:
-        return f"unknown config key {'.'.join([*path, key])!r}"
-    valid = list(section.model_fields)
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return (f"unknown config key {'.'.join([*path, key])!r}{hint}; valid keys under {where}: "
-            f"{', '.join(valid)}")
-
-
-def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
-    """1-based line of every mapping key path in a YAML document."""
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                sub = (*path, str(key.value))
-                lines[sub] = key.start_mark.line + 1
-                walk(value, sub)
-
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def format_validation_error(exc: ValidationError, *, source: str | None = None,
-                            lines: dict[tuple[str, ...], int] | None = None) -> str:
-    """One line per problem: the key path (+ file:line), what is wrong, the valid keys."""
-    out = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
-        where = ""
-        if source and lines:
-            line = next((lines[tuple(loc[:i])] for i in range(len(loc), 0, -1)
-                         if tuple(loc[:i]) in lines), None)
-            where = f" ({source}:{line})" if line else f" ({source})"
-        if err["type"] == "extra_forbidden":
-            out.append(_unknown_key_message(loc[:-1], loc[-1]) + where)
-            continue
-        msg = err["msg"].removeprefix("Value error, ")
-        key = ".".join(str(p) for p in err["loc"]) or "config"
-        value = err.get("input")
-        shown = "" if isinstance(value, dict) or err["type"] == "value_error" else \
-            f" (got {value!r})"
-        out.append(f"{key}: {msg}{shown}{where}")
-    return "invalid configuration:\n  " + "\n  ".join(out)
-
-
-def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
-    """``--section.key value`` / ``--section.key=value`` pairs; values are YAML scalars
-    (``0.2`` a float, ``true`` a bool, ``null`` None, ``[a, b]`` a list)."""
-    out: list[tuple[str, Any]] = []
-    i = 0
-    args = list(args)
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"expected a --key value override, got {arg!r}")
-        key, eq, text = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args) or (args[i + 1].startswith("--") and len(args[i + 1]) > 2
-                                       and not _is_number(args[i + 1])):
-                raise ConfigError(f"override --{key} has no value")
-            text = args[i + 1]
-            i += 1
-        i += 1
-        try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override --{key}: cannot parse {text!r} ({exc})") from None
-        out.append((key.replace("-", "_"), value))
-    return out
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``data[a][b][c] = value`` for ``key`` "a.b.c", checking the path against the schema."""
-    parts = key.split(".")
-    if any(not p for p in parts):
-        raise ConfigError(f"override --{key}: empty key segment")
-    model: type[BaseModel] | None = TrainConfig
-    node = data
-    for depth, part in enumerate(parts):
-        if model is None:
-            raise ConfigError(f"override --{key}: {'.'.join(parts[:depth])!r} is a value, not a "
-                              "section")
-        if part not in model.model_fields:
-            raise ConfigError(f"override --{key}: " + _unknown_key_message(parts[:depth], part))
-        if depth == len(parts) - 1:
-            node[part] = value
-            return
-        model = _annotation_model(model.model_fields[part].annotation)
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {} if child is None else child
-            node[part] = child
-        node = child
-
-
-def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    """A YAML config file as a dict, with the line of every key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got "
-                          f"{type(data).__name__}")
-    return data, _yaml_lines(text)
-
-
-def load_config(path: str | Path | None = None, *,
-                overrides: Sequence[str] | Sequence[tuple[str, Any]] = ()) -> TrainConfig:
-    """The job config: ``path`` (default: the embedded default job) + overrides.
-
-    ``overrides`` are CLI-style strings (``["--loss.beta", "0.2"]``) or ``(key, value)`` pairs.
-    Raises :class:`ConfigError` naming every problem.
-    """
-    source = Path(path) if path is not None else DEFAULT_CONFIG
-    data, lines = read_yaml(source)
-    pairs = (parse_overrides(overrides) if overrides and isinstance(overrides[0], str)
-             else list(overrides))
-    overridden = set()
-    for key, value in pairs:
-        apply_override(data, key, value)
-        overridden.add(tuple(key.split(".")))
-    for key in overridden:  # a line from the file would point at the overridden value
-        lines.pop(key, None)
-    return config_from_dict(data, source=str(source), lines=lines)
-
-
-def config_from_dict(data: dict[str, Any], *, source: str | None = None,
-                     lines: dict[tuple[str, ...], int] | None = None) -> TrainConfig:
-    """Validate a plain dict into a :class:`TrainConfig` (ConfigError on failure)."""
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source=source, lines=lines)) from None
-
-
-def to_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(cfg.dump(), sort_keys=False)

@@ -32,7 +32,7 @@ from .loss_inputs import (
     check_weight,
     compute_dtype,
 )
-from .metrics import pairwise_metrics
+from .metrics import preference_output
 from .reference_free_losses import CPO_LOSS_TYPES, cpo_loss, orpo_loss
 from .unpaired_losses import KTO_LOSS_TYPES, KTOLossOutput, kto_loss
 
@@ -385,21 +385,19 @@ def preference_loss(
             chosen_num_tokens=pair.chosen_num_tokens,
             rejected_num_tokens=pair.rejected_num_tokens,
         )
-    chosen_rewards = (beta * chosen_logratios).detach()
-    rejected_rewards = (beta * rejected_logratios).detach()
     nll = None
     if have_counts:
         nll = pl.nll_loss(chosen_full.detach(), chosen_num_tokens=pair.chosen_num_tokens)[0]
-    metrics = pairwise_metrics(
-        chosen_rewards,
-        rejected_rewards,
-        policy_chosen,
-        policy_rejected,
-        chosen_logits_sum=cast(chosen_logits_sum, dtype),
-        rejected_logits_sum=cast(rejected_logits_sum, dtype),
+    return preference_output(
+        losses,
+        chosen_rewards=beta * chosen_logratios,
+        rejected_rewards=beta * rejected_logratios,
+        chosen_logps=policy_chosen,
+        rejected_logps=policy_rejected,
+        chosen_logits_sum=chosen_logits_sum,
+        rejected_logits_sum=rejected_logits_sum,
         chosen_num_tokens=chosen_num_tokens,
         rejected_num_tokens=rejected_num_tokens,
         vocab_size=vocab_size,
         nll=nll,
     )
-    return PreferenceLossOutput(losses.mean(), losses, chosen_rewards, rejected_rewards, metrics)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .loss_inputs import PreferenceLossOutput, cast
+
 
 def mean_logit(logits_sum: Tensor, num_tokens: Tensor, *, vocab_size: int) -> Tensor:
     """Σ_b logits_sum[b] / (V · Σ_b num_tokens[b]): the mean over every scored token of the batch
@@ -65,6 +67,41 @@ def pairwise_metrics(
     if nll is not None:
         metrics["nll_loss"] = nll.detach()
     return metrics
+
+
+def preference_output(
+    losses: Tensor,
+    *,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    chosen_logits_sum: Tensor | None,
+    rejected_logits_sum: Tensor | None,
+    chosen_num_tokens: Tensor | None,
+    rejected_num_tokens: Tensor | None,
+    vocab_size: int | None,
+    nll: Tensor | None,
+) -> PreferenceLossOutput:
+    """The output of a pairwise loss: mean loss, per-pair losses, detached rewards, metrics.
+
+    The logit sums are cast to the losses' dtype; the rest as in :func:`pairwise_metrics`.
+    """
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    dtype = losses.dtype
+    metrics = pairwise_metrics(
+        chosen_rewards,
+        rejected_rewards,
+        chosen_logps,
+        rejected_logps,
+        chosen_logits_sum=cast(chosen_logits_sum, dtype),
+        rejected_logits_sum=cast(rejected_logits_sum, dtype),
+        chosen_num_tokens=chosen_num_tokens,
+        rejected_num_tokens=rejected_num_tokens,
+        vocab_size=vocab_size,
+        nll=nll,
+    )
+    return PreferenceLossOutput(losses.mean(), losses, chosen_rewards, rejected_rewards, metrics)
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:

@@ -7,21 +7,39 @@ the formulas.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import pairwise_losses as pl
 from .loss_inputs import (
     PreferenceLossOutput,
-    cast,
     check_logits_inputs,
     check_logps,
     check_num_tokens,
     check_weight,
     compute_dtype,
 )
-from .metrics import pairwise_metrics
+from .metrics import preference_output
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
+
+
+def _check_inputs(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_num_tokens: Tensor,
+    rejected_num_tokens: Tensor,
+    chosen_logits_sum: Tensor | None,
+    rejected_logits_sum: Tensor | None,
+    vocab_size: int | None,
+) -> torch.dtype:
+    """Check the shared inputs of CPO and ORPO; returns the dtype the loss is computed in."""
+    like = check_logps("policy_chosen_logps", policy_chosen_logps)
+    check_logps("policy_rejected_logps", policy_rejected_logps, like=like)
+    check_num_tokens("chosen_num_tokens", chosen_num_tokens, like=like)
+    check_num_tokens("rejected_num_tokens", rejected_num_tokens, like=like)
+    check_logits_inputs(like, chosen_logits_sum, rejected_logits_sum, vocab_size, True)
+    return compute_dtype(policy_chosen_logps, policy_rejected_logps)
 
 
 def cpo_loss(
@@ -58,14 +76,8 @@ def cpo_loss(
     pl.check_beta(beta)
     pl.check_label_smoothing(label_smoothing)
     cpo_alpha = check_weight("cpo_alpha", cpo_alpha)
-    policy_chosen_logps = check_logps("policy_chosen_logps", policy_chosen_logps)
-    like = policy_chosen_logps
-    check_logps("policy_rejected_logps", policy_rejected_logps, like=like)
-    check_num_tokens("chosen_num_tokens", chosen_num_tokens, like=like)
-    check_num_tokens("rejected_num_tokens", rejected_num_tokens, like=like)
-    check_logits_inputs(like, chosen_logits_sum, rejected_logits_sum, vocab_size, True)
-
-    dtype = compute_dtype(policy_chosen_logps, policy_rejected_logps)
+    dtype = _check_inputs(policy_chosen_logps, policy_rejected_logps, chosen_num_tokens,
+                          rejected_num_tokens, chosen_logits_sum, rejected_logits_sum, vocab_size)
     chosen_full, rejected_full = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
     n_chosen, n_rejected = chosen_num_tokens.to(dtype), rejected_num_tokens.to(dtype)
     if loss_type in ("ipo", "simpo"):
@@ -90,18 +102,18 @@ def cpo_loss(
     nll = pl.nll_loss(chosen_full, chosen_num_tokens=n_chosen)
     if cpo_alpha:
         losses = losses + cpo_alpha * nll
-    return _reference_free_output(
+    return preference_output(
         losses,
-        beta * chosen_r,
-        beta * rejected_r,
-        chosen,
-        rejected,
-        nll[0],
-        chosen_logits_sum,
-        rejected_logits_sum,
-        chosen_num_tokens,
-        rejected_num_tokens,
-        vocab_size,
+        chosen_rewards=beta * chosen_r,
+        rejected_rewards=beta * rejected_r,
+        chosen_logps=chosen,
+        rejected_logps=rejected,
+        chosen_logits_sum=chosen_logits_sum,
+        rejected_logits_sum=rejected_logits_sum,
+        chosen_num_tokens=chosen_num_tokens,
+        rejected_num_tokens=rejected_num_tokens,
+        vocab_size=vocab_size,
+        nll=nll[0],
     )
 
 
@@ -122,63 +134,27 @@ def orpo_loss(
     (mean log σ(L)) and ``log_odds_chosen`` (mean L), as TRL names them.
     """
     pl.check_beta(beta)
-    policy_chosen_logps = check_logps("policy_chosen_logps", policy_chosen_logps)
-    like = policy_chosen_logps
-    check_logps("policy_rejected_logps", policy_rejected_logps, like=like)
-    check_num_tokens("chosen_num_tokens", chosen_num_tokens, like=like)
-    check_num_tokens("rejected_num_tokens", rejected_num_tokens, like=like)
-    check_logits_inputs(like, chosen_logits_sum, rejected_logits_sum, vocab_size, True)
-
-    dtype = compute_dtype(policy_chosen_logps, policy_rejected_logps)
+    dtype = _check_inputs(policy_chosen_logps, policy_rejected_logps, chosen_num_tokens,
+                          rejected_num_tokens, chosen_logits_sum, rejected_logits_sum, vocab_size)
     chosen_full = policy_chosen_logps.to(dtype)
     n_chosen = chosen_num_tokens.to(dtype)
     chosen = pl.per_token(chosen_full, n_chosen)
     rejected = pl.per_token(policy_rejected_logps.to(dtype), rejected_num_tokens.to(dtype))
     ratio_loss, log_odds = pl.odds_ratio_loss(chosen, rejected)
     nll = pl.nll_loss(chosen_full, chosen_num_tokens=n_chosen)
-    output = _reference_free_output(
+    output = preference_output(
         nll + beta * ratio_loss,
-        beta * chosen,
-        beta * rejected,
-        chosen,
-        rejected,
-        nll[0],
-        chosen_logits_sum,
-        rejected_logits_sum,
-        chosen_num_tokens,
-        rejected_num_tokens,
-        vocab_size,
+        chosen_rewards=beta * chosen,
+        rejected_rewards=beta * rejected,
+        chosen_logps=chosen,
+        rejected_logps=rejected,
+        chosen_logits_sum=chosen_logits_sum,
+        rejected_logits_sum=rejected_logits_sum,
+        chosen_num_tokens=chosen_num_tokens,
+        rejected_num_tokens=rejected_num_tokens,
+        vocab_size=vocab_size,
+        nll=nll[0],
     )
     output.metrics["log_odds_ratio"] = (-ratio_loss).detach().mean()
     output.metrics["log_odds_chosen"] = log_odds.detach().mean()
     return output
-
-
-def _reference_free_output(
-    losses: Tensor,
-    chosen_rewards: Tensor,
-    rejected_rewards: Tensor,
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    nll: Tensor,
-    chosen_logits_sum: Tensor | None,
-    rejected_logits_sum: Tensor | None,
-    chosen_num_tokens: Tensor,
-    rejected_num_tokens: Tensor,
-    vocab_size: int | None,
-) -> PreferenceLossOutput:
-    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-    dtype = losses.dtype
-    metrics = pairwise_metrics(
-        chosen_rewards,
-        rejected_rewards,
-        chosen_logps,
-        rejected_logps,
-        chosen_logits_sum=cast(chosen_logits_sum, dtype),
-        rejected_logits_sum=cast(rejected_logits_sum, dtype),
-        chosen_num_tokens=chosen_num_tokens,
-        rejected_num_tokens=rejected_num_tokens,
-        vocab_size=vocab_size,
-        nll=nll,
-    )
-    return PreferenceLossOutput(losses.mean(), losses, chosen_rewards, rejected_rewards, metrics)

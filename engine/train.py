@@ -1,6 +1,6 @@
 """The training job: data → batches → policy/reference log-probs → loss → (DeepSpeed) step.
 
-    from fastpo.engine.config import load_config
+    from fastpo.engine.config_loading import load_config
     from fastpo.engine.train import train
     result = train(load_config("job.yaml", overrides=["--loss.beta", "0.2"]))
 
@@ -15,6 +15,7 @@ on the held-out split reports reward accuracy and margins; checkpoints are atomi
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -29,24 +30,27 @@ import torch
 
 from .batch import PreferenceBatch, collate_batch, plan_batches
 from .checkpoint import (
+    STATE_FILE,
     CheckpointManager,
     full_state_dict,
     load_full_state_dict,
     load_rng,
+    resume_point,
     save_rng,
     write_text_atomic,
 )
-from .config import TrainConfig, to_yaml
+from .config import TrainConfig
+from .config_loading import to_yaml
 from .forward import forward_logps
 from .logging_utils import RunLogger, peak_memory_mb, reduce_metrics, setup_logging
 from .model_io import export_model, load_dtype, load_policy, load_tokenizer, model_path, vocab_size
 from .objective import Objective, summarize_eval
 from .reference_setup import build_reference, load_datasets
 from .reference_sync import soft_update_lora, soft_update_separate
+from .reports import eval_text, progress_text, run_summary, summary_text
 from .runtime import DeepSpeedBackend, TorchBackend, init_runtime
 
 logger = logging.getLogger(__name__)
-STATE_FILE = "trainer_state.json"
 
 
 class NonFiniteError(RuntimeError):
@@ -218,28 +222,10 @@ class Trainer:
         return self.cfg.reference.sync_steps > 0 or self.cfg.reference.rounds > 1
 
     def _resume(self) -> None:
-        import json
-
-        resume = self.cfg.checkpoint.resume
-        if resume is False:
+        found = resume_point(self.ckpt, self.cfg.checkpoint.resume, world_size=self.rt.world_size)
+        if found is None:
             return
-        if resume is True:
-            folder = self.ckpt.latest_valid()
-            if folder is None:
-                logger.info("checkpoint.resume: no checkpoint under %s yet; starting fresh",
-                            self.ckpt.root)
-                return
-        else:
-            from .checkpoint import validate_checkpoint
-
-            folder = Path(resume)
-            reason = validate_checkpoint(folder)
-            if reason is not None:
-                raise ValueError(f"checkpoint.resume {folder}: not a usable checkpoint ({reason})")
-        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-        if state["world_size"] != self.rt.world_size:
-            raise ValueError(f"checkpoint {folder} was written by {state['world_size']} ranks; "
-                             f"this run has {self.rt.world_size} (the data order would change)")
+        folder, state = found
         self.backend.load(folder)
         if self.ref_module is not None and (folder / "reference.safetensors").is_file():
             from safetensors.torch import load_file
@@ -255,8 +241,6 @@ class Trainer:
         logger.info("resumed from %s at step %d (epoch %d)", folder, self.pos.step, self.pos.epoch)
 
     def save_checkpoint(self) -> Path:
-        import json
-
         step = self.pos.step
         tmp = self.ckpt.begin(step)
         follows = self._reference_follows()
@@ -454,7 +438,7 @@ class Trainer:
                 self.history.append(record)
                 if self.pos.step % log.log_every == 0 or self.pos.step == self.total_steps:
                     self.log.log(record)
-                    self.log.update_progress(self.pos.step, _progress_text(record))
+                    self.log.update_progress(self.pos.step, progress_text(record))
                 for cb in self.callbacks:
                     cb.on_step_end(self, self.pos.step, record)
                 self._maybe_sync()
@@ -490,41 +474,18 @@ class Trainer:
         if result is None:
             return
         self.log.log({"step": self.pos.step, "when": when, **result}, kind="eval")
-        self.log.message(f"[{when} step {self.pos.step}] held-out ({result['items']} items): "
-                         f"reward accuracy {result['rewards/accuracies']:.3f}, margin "
-                         f"{result['rewards/margins']:.4f}, loss {result['loss']:.4f}")
+        self.log.message(eval_text(when, self.pos.step, result))
         for cb in self.callbacks:
             cb.on_eval(self, self.pos.step, result)
 
     def _report_summary(self, result: TrainResult) -> None:
-        before = result.eval_before or {}
-        after = result.eval_after or {}
-        summary = {"steps": result.steps, "stopped": result.stopped,
-                   "seconds": round(result.seconds, 1),
-                   "accuracy_before": before.get("rewards/accuracies"),
-                   "accuracy_after": after.get("rewards/accuracies"),
-                   "margin_before": before.get("rewards/margins"),
-                   "margin_after": after.get("rewards/margins"),
-                   "loss_before": before.get("loss"), "loss_after": after.get("loss"),
-                   "export_dir": str(result.export_dir) if result.export_dir else None}
+        summary = run_summary(steps=result.steps, stopped=result.stopped, seconds=result.seconds,
+                              eval_before=result.eval_before, eval_after=result.eval_after,
+                              export_dir=result.export_dir)
         self.log.log(summary, kind="summary")
-        if before and after:
-            # before any step the policy is the reference: every reward is 0, and a tie is not
-            # counted as correct (as in TRL), so the accuracy starts at 0 and the loss at log 2
-            self.log.message(f"held-out reward accuracy: {before['rewards/accuracies']:.3f} "
-                             f"before → {after['rewards/accuracies']:.3f} after; margin "
-                             f"{before['rewards/margins']:.4f} → {after['rewards/margins']:.4f}; "
-                             f"loss {before['loss']:.4f} → {after['loss']:.4f} "
-                             f"({result.steps} steps, {result.seconds:.0f} s)")
-
-
-def _progress_text(record: dict[str, Any]) -> str:
-    parts = [f"loss {record.get('loss', float('nan')):.4f}"]
-    if "rewards/accuracies" in record:
-        parts.append(f"acc {record['rewards/accuracies']:.2f}")
-    parts.append(f"lr {record['lr']:.2e}")
-    parts.append(f"{record['tokens_per_s']:.0f} tok/s")
-    return " ".join(parts)
+        text = summary_text(summary)
+        if text is not None:
+            self.log.message(text)
 
 
 def train(cfg: TrainConfig, *, callbacks: Sequence[Callback] = ()) -> TrainResult:

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from . import checks
 from . import ops as _ops
-from .logprobs import SequenceLogps, reduce_sequences
+from .logprobs import SequenceLogps, reduce_sequences, sequence_totals
 
 # Bytes of one fp32 logits tile of the CPU path, and the most tokens in one chunk.
 TILE_BYTES = 8 * 2**20
@@ -415,10 +415,8 @@ def linear_sequence_logps(
                                    temperature=temperature, chunk_tokens=chunk_tokens,
                                    chunk_vocab=chunk_vocab)
     scored = labels != ignore_index
-    totals, counts = reduce_sequences(per_token, scored, sequence_ids=sequence_ids,
-                                      num_sequences=num_sequences)
-    if reduction == "mean":
-        totals = totals / counts.clamp(min=1).to(totals.dtype)
+    totals, counts = sequence_totals(per_token, scored, reduction=reduction,
+                                     sequence_ids=sequence_ids, num_sequences=num_sequences)
     logits_sum = None
     if with_logits_sum:
         with torch.no_grad():

@@ -74,6 +74,16 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, hidden, stride_
 
 
 @triton.jit
+def _token_tile(order_ptr, labels_ptr, count, pid_n, BLOCK_N: tl.constexpr):
+    """(rows, row_ok, labels) of token tile ``pid_n``: its scored token indices, in ``order``."""
+    pos = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = pos < count
+    rows = tl.load(order_ptr + pos, mask=row_ok, other=0)
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    return rows, row_ok, labels
+
+
+@triton.jit
 def _linear_logps_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr,
     part_max_ptr, part_sum_ptr, part_label_ptr,
@@ -85,10 +95,7 @@ def _linear_logps_fwd_kernel(
     split = tl.program_id(1)
     count = tl.load(count_ptr)
     if pid_n * BLOCK_N < count:
-        pos = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = pos < count
-        rows = tl.load(order_ptr + pos, mask=row_ok, other=0)
-        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        rows, row_ok, labels = _token_tile(order_ptr, labels_ptr, count, pid_n, BLOCK_N)
         run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         run_sum = tl.zeros((BLOCK_N,), tl.float32)
         label_logit = tl.zeros((BLOCK_N,), tl.float32)
@@ -129,10 +136,7 @@ def _linear_logps_bwd_kernel(
     pid_v = tl.program_id(1)
     count = tl.load(count_ptr)
     if pid_n * BLOCK_N < count:
-        pos = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = pos < count
-        rows = tl.load(order_ptr + pos, mask=row_ok, other=0)
-        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        rows, row_ok, labels = _token_tile(order_ptr, labels_ptr, count, pid_n, BLOCK_N)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         # g / T per token, 0 on the padding rows of the tile so that they add nothing.
         scale = tl.load(grad_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_temperature

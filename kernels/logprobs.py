@@ -96,6 +96,23 @@ def reduce_sequences(
     return sums, totals
 
 
+def sequence_totals(
+    per_token: Tensor,
+    scored: Tensor,
+    *,
+    reduction: str,
+    sequence_ids: Tensor | None,
+    num_sequences: int | None,
+) -> tuple[Tensor, Tensor]:
+    """(per-sequence sum of ``per_token``, scored-token counts); ``reduction="mean"`` divides the
+    sums by the counts (0 for a sequence with no scored token, never NaN)."""
+    totals, counts = reduce_sequences(per_token, scored, sequence_ids=sequence_ids,
+                                      num_sequences=num_sequences)
+    if reduction == "mean":
+        totals = totals / counts.clamp(min=1).to(totals.dtype)
+    return totals, counts
+
+
 def sequence_logps(
     logits: Tensor,
     labels: Tensor,
@@ -121,10 +138,8 @@ def sequence_logps(
                       inplace_backward=inplace_backward, with_logits_sum=with_logits_sum)
     per_token, per_token_sum = out if with_logits_sum else (out, None)
     scored = labels != ignore_index
-    totals, counts = reduce_sequences(per_token, scored, sequence_ids=sequence_ids,
-                                      num_sequences=num_sequences)
-    if reduction == "mean":
-        totals = totals / counts.clamp(min=1).to(totals.dtype)
+    totals, counts = sequence_totals(per_token, scored, reduction=reduction,
+                                     sequence_ids=sequence_ids, num_sequences=num_sequences)
     logits_sum = None
     if per_token_sum is not None:
         logits_sum, _ = reduce_sequences(per_token_sum, scored, sequence_ids=sequence_ids,

@@ -9,7 +9,6 @@ All 2-rank jobs run in one launcher invocation (the process start-up dominates t
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import socket
@@ -19,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import merge, save_tiny_llama
 
-from fastpo.engine.config import config_from_dict
+from fastpo.engine.config_loading import config_from_dict
 from fastpo.engine.train import Callback, train
 
 pytestmark = pytest.mark.distributed
@@ -28,9 +28,9 @@ pytestmark = pytest.mark.distributed
 SCRIPT = """
 import json, sys
 import torch
-from fastpo.engine.config import config_from_dict
+from fastpo.engine.config_loading import config_from_dict
 from fastpo.engine.train import train
-sys.path.insert(0, sys.argv[-3])
+sys.path[:0] = [sys.argv[-3], sys.argv[-3] + '/..']  # this file's folder and tests/
 from test_train_zero import FirstGradients
 
 jobs = json.loads(open(sys.argv[-2]).read())
@@ -73,30 +73,10 @@ class FirstGradients(Callback):
             torch.save(grads, self.path)
 
 
-def merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tokenizer, demo_pairs_path):
-    from transformers import LlamaForCausalLM
-
-    from fastpo.engine.assets import tiny_llama_config
-
     root = tmp_path_factory.mktemp("zero")
-    config = tiny_llama_config(len(tokenizer), initializer_range=0.1,
-                               pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id,
-                               bos_token_id=tokenizer.bos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(root / "model"))
-    tokenizer.save_pretrained(str(root / "model"))
+    save_tiny_llama(root / "model", tokenizer)
     (root / "pairs.json").write_text(json.dumps(json.loads(demo_pairs_path.read_text())[:20]))
     return root
 

@@ -5,25 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from trainer_helpers import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama saved with the SmolLM2 tokenizer, as a model folder."""
-    from transformers import LlamaForCausalLM
-
-    from fastpo.engine.assets import tiny_llama_config
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    config = tiny_llama_config(len(tokenizer), initializer_range=0.1,
-                               pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id,
-                               bos_token_id=tokenizer.bos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,8 @@ import pytest
 import yaml
 
 from fastpo.engine import cli
-from fastpo.engine.config import (
-    ConfigError,
-    TrainConfig,
-    config_from_dict,
-    load_config,
-    parse_overrides,
-    to_yaml,
-)
+from fastpo.engine.config import ConfigError, TrainConfig
+from fastpo.engine.config_loading import config_from_dict, load_config, parse_overrides, to_yaml
 from fastpo.engine.deepspeed_config import (
     build_deepspeed_config,
     reconcile_user_config,

@@ -5,7 +5,6 @@ and a few steps of the embedded default job."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -16,23 +15,14 @@ import textwrap
 
 import pytest
 import torch
+from trainer_helpers import merge
 
 from fastpo.engine import cli
 from fastpo.engine.checkpoint import LATEST, MANIFEST, CheckpointManager, validate_checkpoint
-from fastpo.engine.config import config_from_dict
+from fastpo.engine.config_loading import config_from_dict
 from fastpo.engine.logging_utils import read_jsonl
 from fastpo.engine.losses import CPO_LOSS_TYPES, KTO_LOSS_TYPES, LOSS_TYPES
 from fastpo.engine.train import Callback, NonFiniteError, train
-
-
-def merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def job(tiny_dir, pairs_file, out, **sections) -> dict:
@@ -133,7 +123,7 @@ def test_jsonl_eval_and_summary(tiny_dir, pairs_file, tmp_path):
 # ------------------------------------------------------------------------- kill and resume
 CHILD = textwrap.dedent("""
     import json, os, signal, sys
-    from fastpo.engine.config import config_from_dict
+    from fastpo.engine.config_loading import config_from_dict
     from fastpo.engine.train import Callback, train
 
     data, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])

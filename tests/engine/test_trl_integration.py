@@ -18,6 +18,10 @@ datasets = pytest.importorskip("datasets")
 
 from fastpo.engine.assets import tiny_llama_config  # noqa: E402
 from fastpo.engine.integrations import trl as fastpo_trl  # noqa: E402
+from fastpo.engine.integrations.head_statistics import (  # noqa: E402
+    STATISTICS,
+    head_statistics,
+)
 
 STEPS = 3
 METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
@@ -261,9 +265,8 @@ def test_head_statistics_against_float64():
     labels = torch.randint(0, 1003, (37,))
     labels[3] = 20
     labels[4] = int(z[4].argmax())
-    stats = fastpo_trl.head_statistics(lambda s, e: z[s:e], labels, vocab_size=1003,
-                                       which=set(fastpo_trl.STATISTICS),
-                                       transform=lambda t: t / 0.7, chunk_elements=5000)
+    stats = head_statistics(lambda s, e: z[s:e], labels, vocab_size=1003, which=set(STATISTICS),
+                            transform=lambda t: t / 0.7, chunk_elements=5000)
     x = z.double() / 0.7
     logp = x.log_softmax(-1)
     torch.testing.assert_close(stats["entropy"].double(), -(logp.exp() * logp).sum(-1),
