@@ -9,7 +9,9 @@
 The workload is the policy side of a DPO step on the output layer: per-sequence log-probs of the
 label tokens from final hidden states ``[B, T, H]`` and the lm_head weight ``[V, H]``, the sigmoid
 DPO loss (β = 0.1, reference log-probs 0, rows = chosen ‖ rejected), and the gradients of hidden
-states and weight (allocated by each call, so they count in its memory). Implementations:
+states and weight (allocated by each call, so they count in its memory; the "working" column
+subtracts their size, ``(B·T + V)·H`` elements, to show what each implementation adds on top of
+the gradients it must return). Implementations:
 
     naive           ``hidden @ W.T`` → ``log_softmax`` → ``gather`` → masked sum
     liger           Liger's ``LigerFusedLinearDPOLoss`` (chunked PyTorch), eager
@@ -160,19 +162,33 @@ def merge_rounds(done: list[dict[str, Any]]) -> dict[str, Any]:
             "rounds": len(good)}
 
 
+def gradient_bytes(cfg: dict[str, Any]) -> int:
+    """Bytes of the gradients every implementation returns: hidden states and weight."""
+    elements = (cfg["batch"] * cfg["seq"] + cfg["vocab"]) * cfg["hidden"]
+    return elements * DTYPES[cfg["dtype"]].itemsize
+
+
 def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table; "working" is the peak extra memory less the returned gradients."""
     base = next((r for r in rows if r["impl"] == "naive" and "error" not in r), None)
-    lines = ["| impl | median s | min s | peak extra MB | time / naive | memory / naive | loss |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| impl | median s | min s | peak extra MB | working MB | time / naive | "
+             "memory / naive | working / naive | loss |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def working(r: dict[str, Any]) -> int:
+        return max(r["peak_mem_bytes"] - gradient_bytes(r), 0)
+
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['impl']} | error: {r['error']} |||||||")
+            lines.append(f"| {r['impl']} | error: {r['error']} |||||||||")
             continue
         mb = r["peak_mem_bytes"] / 2**20
         t_ratio = f"{r['median_s'] / base['median_s']:.2f}" if base else "-"
         m_ratio = f"{r['peak_mem_bytes'] / max(base['peak_mem_bytes'], 1):.3f}" if base else "-"
+        w_ratio = f"{working(r) / max(working(base), 1):.4f}" if base else "-"
         lines.append(f"| {r['impl']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {mb:.0f} | "
-                     f"{t_ratio} | {m_ratio} | {r['check']:.6f} |")
+                     f"{working(r) / 2**20:.0f} | {t_ratio} | {m_ratio} | {w_ratio} | "
+                     f"{r['check']:.6f} |")
     return "\n".join(lines)
 
 

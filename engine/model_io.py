@@ -86,7 +86,11 @@ def load_policy(cfg: TrainConfig, path: str, dtype: torch.dtype) -> nn.Module:
     model = load_causal_lm(cfg, path, dtype)
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if cfg.model.lora.enabled:
             model.enable_input_require_grads()
     if cfg.model.lora.enabled:

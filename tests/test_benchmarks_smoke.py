@@ -128,3 +128,26 @@ def test_plots_from_a_sweep(tmp_path):
     assert len(pngs) == 1 and pngs[0].stat().st_size > 1000 and "vs_V" in pngs[0].name
     text = report.markdown(json.loads(path.read_text()))
     assert text.count("| fastpo |") == 3 and "0.50" in text
+
+
+def test_fused_linear_benchmark_runs_and_agrees(tmp_path):
+    """``benchmarks.linear_logprobs`` at a toy shape: every row, the same loss, the columns."""
+    from benchmarks import linear_logprobs
+
+    out = tmp_path / "linear.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.linear_logprobs", "--batch", "2", "--seq", "24",
+         "--hidden", "16", "--vocab", "301", "--impls", "naive,liger,fastpo", "--reps", "1",
+         "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["naive", "liger", "fastpo"]
+    assert all("error" not in r for r in rows), rows
+    losses = [r["check"] for r in rows]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and \
+        losses[2] == pytest.approx(losses[0], rel=1e-5)
+    assert "| working MB |" in proc.stdout and "| fastpo |" in proc.stdout
+    # gradients: hidden [2·24, 16] + weight [301, 16], fp32
+    assert linear_logprobs.gradient_bytes(rows[0]) == (2 * 24 + 301) * 16 * 4

@@ -463,3 +463,17 @@ def test_default_job_smoke(tmp_path, capsys):
     assert summary["loss_before"] == pytest.approx(math.log(2), abs=1e-5)
     assert summary["margin_before"] == 0.0
     assert (out / "final" / "adapter_config.json").is_file()
+
+
+def test_gradient_checkpointing_is_switched_on(tiny_dir, pairs_file, tmp_path, recwarn):
+    from fastpo.engine.model_io import load_policy
+
+    cfg = config_from_dict(job(tiny_dir, pairs_file, tmp_path, model={
+        "gradient_checkpointing": True}))
+    model = load_policy(cfg, str(tiny_dir), torch.float32)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    flag = (base.is_activation_checkpointing if hasattr(base, "is_activation_checkpointing")
+            else base.is_gradient_checkpointing)
+    assert flag
+    assert not [w for w in recwarn if "checkpointing" in str(w.message)
+                and "deprecated" in str(w.message)]

@@ -133,7 +133,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (leaf(hidden), leaf(weight), leaf(bias)))
 
 
-@pytest.mark.parametrize("tiles", CPU_TILES)
+@pytest.mark.parametrize("tiles", [*CPU_TILES, pytest.param("triton", marks=needs_interpreter)])
 def test_minus_inf_logits_and_nan_propagation(tiles):
     hidden, weight, bias, labels = make_case(b=2, t=9, h=16, v=77)
     scored_labels = set(labels[labels != IGNORE].tolist())
@@ -247,7 +247,8 @@ def test_frozen_weight_or_frozen_hidden():
     torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-5, atol=2e-6)
 
 
-def test_tied_embedding_gradients_add_up():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
+def test_tied_embedding_gradients_add_up(backend):
     gen = torch.Generator().manual_seed(3)
     vocab, dim = 53, 16
     ids = torch.randint(0, vocab, (3, 10), generator=gen)
@@ -262,8 +263,9 @@ def test_tied_embedding_gradients_add_up():
         return -torch.nn.functional.logsigmoid(logps[0] - logps[1]) + logps[2] ** 2 / 100
 
     embed, mix = torch.nn.Parameter(embed0.clone()), torch.nn.Parameter(mix0.clone())
-    loss_of(embed, mix, lambda h, w: linear_sequence_logps(
-        h, w, labels, chunk_tokens=4, chunk_vocab=16).logps).backward()
+    with use_cpu_backend(backend):
+        loss_of(embed, mix, lambda h, w: linear_sequence_logps(
+            h, w, labels, chunk_tokens=4, chunk_vocab=16).logps).backward()
     embed_d, mix_d = leaf(embed0.double()), leaf(mix0.double())
     loss_of(embed_d, mix_d, lambda h, w: reference(h, w, labels).sum(-1)).backward()
     # The model part (gather, matmul, tanh) runs in fp32 here and in fp64 in the reference.
