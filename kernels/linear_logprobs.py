@@ -271,7 +271,7 @@ def linear_logps_backward(
 
         grads = triton_linear_logps_backward(grad_logps, hidden, weight, bias, labels, lse,
                                              ignore_index, temperature, need_hidden,
-                                             need_weight, need_bias)
+                                             need_weight, need_bias, vocab_chunk=chunk_vocab)
     else:
         grads = chunked_linear_logps_backward(grad_logps, hidden, weight, bias, labels, lse,
                                               ignore_index, temperature, chunk_tokens,
@@ -374,7 +374,9 @@ def linear_token_logps(
         labels: int64/int32 shifted labels of the leading shape; ``ignore_index`` where not scored.
         bias: optional lm_head bias ``[V]``.
         temperature: the logits are divided by it before the softmax.
-        chunk_tokens, chunk_vocab: tile of the CPU path (0: chosen from the shapes).
+        chunk_tokens, chunk_vocab: tile of the CPU path (0: chosen from the shapes);
+            on the GPU ``chunk_vocab`` is the vocab rows per backward launch (0: an fp32
+            weight-gradient accumulator of at most 256 MiB).
 
     Returns float32 (float64 for float64 inputs) logps of the leading shape, exactly 0 where
     ignored. Differentiable w.r.t. hidden, weight and bias.

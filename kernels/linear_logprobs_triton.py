@@ -39,9 +39,15 @@ share per vocab tile and every element of grad_W one share per token tile, so th
 added with fp32 atomics into fp32 buffers (cast once to the parameter dtype by the launcher).
 Neither a grad_h program looping over the vocabulary nor a grad_W program looping over tokens can
 hold its ``BLOCK × H`` accumulator in registers for H in the thousands without recomputing each
-logit tile H/BLOCK_H times; the atomics avoid that recompute. Consequences: the order of the fp32
-additions (and so the last bits of grad_h and grad_W) is not deterministic on a GPU, and the fp32
-grad_W buffer holds V·H·4 bytes during the backward.
+logit tile H/BLOCK_H times; the atomics avoid that recompute. Consequence: the order of the fp32
+additions (and so the last bits of grad_h and grad_W) is not deterministic on a GPU.
+
+Memory of the backward beyond its outputs. The launcher walks the vocabulary in chunks, one launch
+each; a chunk's grad_W rows are complete when its launch ends, so a bf16/fp16 weight needs an fp32
+accumulator for one chunk only (≤ 256 MiB by default), cast into the output before the next
+chunk; an fp32 weight accumulates in its output. grad_h stays an fp32 ``[N, H]`` buffer across
+the chunks. At the Llama-3-8B head (H 4096, V 128256) with 32k tokens in bf16 that is
+256 MiB + 512 MiB, where a whole-vocabulary fp32 grad_W would hold 2 GiB.
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ import triton
 import triton.language as tl
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# fp32 weight-gradient accumulator of one backward launch (half-precision weights): 256 MiB,
+# e.g. 16384 vocab rows at H = 4096
+WEIGHT_GRAD_CHUNK_BYTES = 256 * 2**20
 
 
 @triton.jit
@@ -127,7 +136,7 @@ def _linear_logps_fwd_kernel(
 def _linear_logps_bwd_kernel(
     grad_ptr, h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, order_ptr, count_ptr,
     grad_h_ptr, grad_w_ptr, grad_b_ptr,
-    vocab, hidden, stride_h, stride_w, inv_temperature,
+    vocab, col0, hidden, stride_h, stride_w, inv_temperature,
     HAS_BIAS: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -145,7 +154,8 @@ def _linear_logps_bwd_kernel(
         z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, hidden, stride_h,
                         stride_w, inv_temperature, HAS_BIAS, DOT, PRECISION,
                         BLOCK_N, BLOCK_V, BLOCK_H)
-        onehot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+        # w_ptr, b_ptr and the gradient pointers start at vocab entry col0 (a vocab chunk)
+        onehot = tl.where(cols[None, :] + col0 == labels[:, None], 1.0, 0.0)
         dlogits = scale[:, None] * (onehot - tl.exp(z - lse[:, None]))
         dlogits = tl.where(row_ok[:, None] & col_ok[None, :], dlogits, 0.0)
         if NEED_B:
@@ -272,6 +282,15 @@ def triton_linear_logps_forward(
     return logps, lse
 
 
+def weight_grad_chunk(vocab: int, hidden: int, requested: int = 0,
+                      budget_bytes: int = WEIGHT_GRAD_CHUNK_BYTES) -> int:
+    """Vocab rows per backward launch: ``requested`` if > 0, else as many as fit an fp32
+    ``[rows, hidden]`` accumulator in ``budget_bytes`` (at least one row, at most ``vocab``)."""
+    if requested > 0:
+        return min(requested, vocab)
+    return max(1, min(vocab, budget_bytes // (4 * hidden)))
+
+
 def triton_linear_logps_backward(
     grad_logps: torch.Tensor,
     hidden: torch.Tensor,
@@ -284,8 +303,16 @@ def triton_linear_logps_backward(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    vocab_chunk: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes; None where not needed."""
+    """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes; None where not needed.
+
+    The vocabulary is walked in chunks of ``vocab_chunk`` rows (0: ``weight_grad_chunk``), one
+    launch each. grad_W of a chunk is complete after its launch (every token tile has added its
+    share), so a half-precision weight needs an fp32 accumulator of one chunk only, cast into
+    the output before the next; an fp32 weight's gradient is accumulated in the output itself.
+    grad_h (fp32 ``[N, H]``) and grad_b (fp32 ``[V]``) accumulate across the chunks.
+    """
     hidden, weight, bias = _operands(hidden, weight, bias)
     n, h_dim = hidden.shape
     vocab = weight.shape[0]
@@ -293,26 +320,42 @@ def triton_linear_logps_backward(
     need_bias = need_bias and bias is not None
     f32 = {"dtype": torch.float32, "device": device}
     grad_h = torch.zeros((n, h_dim), **f32) if need_hidden else None
-    grad_w = torch.zeros((vocab, h_dim), **f32) if need_weight else None
+    grad_w = torch.zeros((vocab, h_dim), dtype=weight.dtype, device=device) \
+        if need_weight else None
     grad_b = torch.zeros((vocab,), **f32) if need_bias else None
     if n and vocab and (need_hidden or need_weight or need_bias):
         dot = _dot_dtype(hidden, weight)
         block_n, block_v, block_h, warps, stages = _blocks(device, dot)
-        order, count = _scored_order(labels.contiguous(), ignore_index)
+        labels = labels.contiguous()
+        order, count = _scored_order(labels, ignore_index)
+        grad_logps, lse = grad_logps.contiguous(), lse.contiguous()
+        if vocab_chunk <= 0 and weight.dtype == torch.float32:
+            vocab_chunk = vocab  # accumulated in the output: no buffer to bound
+        width = weight_grad_chunk(vocab, h_dim, vocab_chunk)
+        w_acc = torch.empty((width, h_dim), **f32) \
+            if need_weight and weight.dtype != torch.float32 else None
         dummy = lse
-        _linear_logps_bwd_kernel[(triton.cdiv(n, block_n), triton.cdiv(vocab, block_v))](
-            grad_logps.contiguous(), hidden, weight, bias if bias is not None else hidden,
-            labels.contiguous(), lse.contiguous(), order, count,
-            grad_h if grad_h is not None else dummy, grad_w if grad_w is not None else dummy,
-            grad_b if grad_b is not None else dummy,
-            vocab, h_dim, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-            HAS_BIAS=bias is not None, NEED_H=need_hidden, NEED_W=need_weight,
-            NEED_B=need_bias, DOT=_TL_DTYPES[dot], PRECISION=_precision(dot),
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps,
-            num_stages=stages,
-        )
+        for v0 in range(0, vocab, width):
+            v1 = min(vocab, v0 + width)
+            chunk_w = None
+            if grad_w is not None:
+                chunk_w = grad_w[v0:v1] if w_acc is None else w_acc[:v1 - v0].zero_()
+            _linear_logps_bwd_kernel[(triton.cdiv(n, block_n), triton.cdiv(v1 - v0, block_v))](
+                grad_logps, hidden, weight[v0:v1],
+                bias[v0:v1] if bias is not None else hidden, labels, lse, order, count,
+                grad_h if grad_h is not None else dummy,
+                chunk_w if chunk_w is not None else dummy,
+                grad_b[v0:v1] if grad_b is not None else dummy,
+                v1 - v0, v0, h_dim, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+                HAS_BIAS=bias is not None, NEED_H=need_hidden, NEED_W=need_weight,
+                NEED_B=need_bias, DOT=_TL_DTYPES[dot], PRECISION=_precision(dot),
+                BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps,
+                num_stages=stages,
+            )
+            if w_acc is not None:
+                grad_w[v0:v1].copy_(w_acc[:v1 - v0])  # the chunk's fp32 sums, cast once
     return (
         grad_h.to(hidden.dtype) if grad_h is not None else None,
-        grad_w.to(weight.dtype) if grad_w is not None else None,
+        grad_w,
         grad_b.to(bias.dtype) if grad_b is not None else None,
     )

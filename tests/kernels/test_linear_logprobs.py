@@ -201,6 +201,27 @@ def test_triton_forward_vocab_splits(splits):
     torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=2e-5)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_in_vocab_chunks(dtype):
+    """The backward in launches of 40 vocab rows (tiles of 32: chunks end inside a tile, the last
+    chunk is short); a bf16 weight goes through the per-chunk fp32 accumulator."""
+    hidden, weight, bias, labels = make_case(b=2, t=9, h=24, v=100, dtype=dtype)
+    labels[0, 5], labels[1, 6] = 39, 40  # labels on both sides of a chunk boundary
+    result = run_both(hidden, weight, bias, labels, backend="triton", chunk_vocab=40)
+    assert_matches(*result, dtype)
+
+
+def test_weight_grad_chunk():
+    from fastpo.kernels.linear_logprobs_triton import weight_grad_chunk
+
+    assert weight_grad_chunk(128256, 4096) == 16384  # 256 MiB of fp32 rows
+    assert weight_grad_chunk(1000, 4096) == 1000
+    assert weight_grad_chunk(128256, 4096, requested=500) == 500
+    assert weight_grad_chunk(300, 16, requested=500) == 300
+    assert weight_grad_chunk(10, 2**30) == 1
+
+
 # --------------------------------------------------------------------------- autograd behaviour
 
 
