@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -310,6 +311,20 @@ def _item_shapes(dataset: TokenizedDataset, with_kl: bool, share_prompt: bool = 
         else:
             shapes.append((length, length, 1))
     return shapes
+
+
+def rank_share(batches: Sequence[list[int]], *, rank: int,
+               world_size: int) -> list[tuple[list[int], bool]]:
+    """Rank ``rank``'s share of ``batches`` (every ``world_size``-th), as (batch, counts) pairs.
+
+    Ranks with fewer batches repeat the first one with ``counts`` False (its results are not
+    added), so that every rank runs the same number of forwards: ZeRO-3 gathers are collective.
+    """
+    per_rank = math.ceil(len(batches) / world_size)
+    mine = [(list(b), True) for b in batches[rank::world_size]]
+    while len(mine) < per_rank:
+        mine.append((list(batches[0]), False))
+    return mine
 
 
 def plan_batches(dataset: TokenizedDataset, *, pairs_per_batch: int | None = None,

@@ -215,6 +215,13 @@ def resume_point(manager: CheckpointManager, resume: bool | str | Path, *,
 
 
 # ---------------------------------------------------------------------------------- RNG
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch (CPU + every CUDA device) generator states."""
     state: dict[str, Any] = {

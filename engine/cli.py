@@ -11,7 +11,9 @@
 Any config key can be overridden with ``--section.key value`` (or ``--section.key=value``);
 values are read as YAML scalars. The ``--local_rank`` argument the deepspeed launcher adds is
 accepted (the rank comes from the environment). Exit status: 0 done, 1 stopped on a non-finite
-loss or gradient, 2 bad configuration or input (``FASTPO_TRACEBACK=1`` shows the traceback).
+loss or gradient, 2 bad configuration or input (``FASTPO_TRACEBACK=1`` shows the traceback),
+128 + N stopped by signal N (SIGTERM: 143, SIGINT: 130) after finishing the step and writing a
+checkpoint that ``--resume`` continues from.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .train import TrainResult
 
 USAGE = __doc__.split("\n\n", 1)[1]
 
@@ -110,7 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if result.export_dir:
             line += f"; model in {result.export_dir}"
         print(line, flush=True)
-    return 0
+    return exit_status(result)
+
+
+def exit_status(result: TrainResult) -> int:
+    """0 for a finished run; 128 + the signal for a run stopped by SIGTERM/SIGINT (checkpointed,
+    resumable), as a shell reports a process killed by that signal."""
+    return 128 + result.stop_signal if result.stop_signal else 0
 
 
 if __name__ == "__main__":

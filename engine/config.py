@@ -231,7 +231,9 @@ class LoggingConfig(_Section):
 class CheckpointConfig(_Section):
     """Atomic checkpoints every N steps under ``dir`` (default ``<output_dir>/checkpoints``),
     the last ``keep_last`` kept. ``resume``: true = the latest valid one, or a checkpoint path.
-    ``export``: final ``save_pretrained`` (auto: the adapter with LoRA, else the full model)."""
+    ``export``: final ``save_pretrained`` (auto: the adapter with LoRA, else the full model).
+    ``on_signal``: SIGTERM/SIGINT finish the step, write a checkpoint and stop (exit status
+    128 + the signal); false leaves the signals alone."""
 
     every_steps: int = Field(0, ge=0)
     keep_last: int = Field(2, gt=0)
@@ -239,6 +241,7 @@ class CheckpointConfig(_Section):
     resume: bool | str = False
     export: Literal["auto", "adapter", "merged", "full", "none"] = "auto"
     export_dir: str | None = None  # default <output_dir>/final
+    on_signal: bool = True
 
 
 # ------------------------------------------------------------------------------------- root

@@ -23,6 +23,7 @@ import math
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,29 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
                 deepspeed.init_distributed()
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     return Runtime(rank, world_size, local_rank, device, use_ds)
+
+
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict[str, Any] | None) -> Iterator[None]:
+    """Under a ZeRO-3 DeepSpeed config, transformers loads models straight into ZeRO-3 shards
+    (``zero.Init``) inside this block, so no rank ever holds a whole copy of the policy or the
+    reference; loads after it (the merged export) are plain again, also after an error."""
+    if ds_config is None:
+        yield
+        return
+    from .deepspeed_config import zero_stage
+
+    if zero_stage(ds_config) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers holds a weak reference)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
 
 
 # --------------------------------------------------------------------------- optimization

@@ -15,20 +15,20 @@ on the held-out split reports reward accuracy and margins; checkpoints are atomi
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
-import math
-import random
+import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from .batch import PreferenceBatch, collate_batch, plan_batches
+from .batch import PreferenceBatch, collate_batch, plan_batches, rank_share
 from .checkpoint import (
     STATE_FILE,
     CheckpointManager,
@@ -37,18 +37,20 @@ from .checkpoint import (
     load_rng,
     resume_point,
     save_rng,
+    seed_everything,
     write_text_atomic,
 )
 from .config import TrainConfig
 from .config_loading import to_yaml
 from .forward import forward_logps
+from .interrupts import StopSignals
 from .logging_utils import RunLogger, peak_memory_mb, reduce_metrics, setup_logging
 from .model_io import export_model, load_dtype, load_policy, load_tokenizer, model_path, vocab_size
 from .objective import Objective, summarize_eval
 from .reference_setup import build_reference, load_datasets
 from .reference_sync import soft_update_lora, soft_update_separate
 from .reports import eval_text, progress_text, run_summary, summary_text
-from .runtime import DeepSpeedBackend, TorchBackend, init_runtime
+from .runtime import DeepSpeedBackend, TorchBackend, init_runtime, zero3_loading
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +62,14 @@ class NonFiniteError(RuntimeError):
 @dataclass
 class TrainResult:
     steps: int
-    stopped: str  # "completed" | "early_stopping"
+    stopped: str  # "completed" | "early_stopping" | "signal"
     eval_before: dict[str, float] | None
     eval_after: dict[str, float] | None
     output_dir: Path
     export_dir: Path | None
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    stop_signal: int | None = None  # the signal that stopped the run (stopped == "signal")
 
 
 @dataclass
@@ -87,12 +90,6 @@ class Callback:
     def on_checkpoint(self, trainer: Trainer, step: int, path: Path) -> None: ...
 
     def on_eval(self, trainer: Trainer, step: int, result: dict[str, float]) -> None: ...
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -132,18 +129,11 @@ class Trainer:
             for e in range(opt.num_epochs))
         dtype = load_dtype(cfg)
         self.ds_config = None
-        zero_init = None
         if rt.deepspeed:
-            from .deepspeed_config import build_deepspeed_config, zero_stage
+            from .deepspeed_config import build_deepspeed_config
 
             self.ds_config = build_deepspeed_config(cfg, world_size=rt.world_size)
-            if zero_stage(self.ds_config) == 3:
-                # transformers loads straight into ZeRO-3 shards (zero.Init) while this lives:
-                # no rank ever holds a whole copy of the policy or the reference
-                from transformers.integrations import HfDeepSpeedConfig
-
-                zero_init = HfDeepSpeedConfig(self.ds_config)
-        try:
+        with zero3_loading(self.ds_config):
             # seed again: a first run converts the default assets above, and that draws random
             # numbers; the adapter's initialisation must not depend on whether the cache was warm
             seed_everything(cfg.seed)
@@ -164,11 +154,6 @@ class Trainer:
             if self.reference is not None and hasattr(self.reference, "model") \
                     and cfg.reference_mode() == "adapter_disabled":
                 self.reference.model = self.backend.module  # the (possibly DeepSpeed-cast) policy
-        finally:
-            if zero_init is not None:  # later loads (the merged export) are plain again
-                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-                unset_hf_deepspeed_config()
         self.objective = Objective(cfg.loss, vocab_size=self.vocab_size,
                                    all_reduce_mean=self._all_reduce_mean)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.output_dir / "checkpoints",
@@ -272,14 +257,20 @@ class Trainer:
         start = self.pos.step_in_epoch * ga
         yield from batches[start:start + ga]
 
-    def _forward(self, batch: PreferenceBatch):
+    def _forward(self, batch: PreferenceBatch,
+                 reference_logps: Callable[[PreferenceBatch], Any] | None = None):
+        """The objective's output for ``batch``: policy, then reference log-probs (by default
+        the reference's, for training), under the backend's autocast."""
         obj = self.objective
         with self.backend.autocast():
             policy = forward_logps(self.backend.model, batch,
                                    use_fused_linear=self.cfg.model.use_fused_linear,
                                    with_logits_sum=True, with_tail_logps=obj.with_tails,
                                    with_log_sum_sq_probs=obj.with_sum_sq)
-            reference = self.reference.reference_logps(batch, with_tail_logps=obj.with_tails)
+            if reference_logps is None:
+                reference = self.reference.reference_logps(batch, with_tail_logps=obj.with_tails)
+            else:
+                reference = reference_logps(batch)
             return obj(policy, reference, batch)
 
     def _check_finite(self, loss: torch.Tensor, what: str) -> bool:
@@ -325,8 +316,10 @@ class Trainer:
         for cb_metrics, loss in zip(metrics, losses):
             cb_metrics["loss"] = loss
         reduced = reduce_metrics(metrics, self.rt.all_reduce_)
-        counts = self.rt.all_reduce_(torch.tensor([float(tokens)]))
-        peak = self.rt.all_reduce_(torch.tensor([peak_memory_mb(self.rt.device)]), op="max")
+        on_device = {"device": self.rt.device}  # NCCL reduces device tensors only
+        counts = self.rt.all_reduce_(torch.tensor([float(tokens)], **on_device))
+        peak = self.rt.all_reduce_(torch.tensor([peak_memory_mb(self.rt.device)], **on_device),
+                                   op="max")
         seconds = time.perf_counter() - t0
         record = {"step": self.pos.step, "epoch": self.pos.epoch, **reduced,
                   "lr": lr, "grad_norm": outcome.grad_norm,
@@ -337,19 +330,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- eval
     def _eval_batches(self) -> list[tuple[list[int], bool]]:
-        """This rank's eval batches; ranks with fewer repeat one with weight 0, so every rank
-        runs the same number of forwards (ZeRO-3 gathers are collective)."""
+        """This rank's eval batches, the same number on every rank (see ``rank_share``)."""
         opt, data = self.cfg.optimization, self.cfg.data
         batches = plan_batches(self.eval_set, pairs_per_batch=opt.pairs_per_batch(),
                                max_tokens_per_batch=opt.max_tokens_per_batch, shuffle=False,
                                padding_free=data.padding_free, with_kl=self.objective_with_kl(),
                                share_prompt=data.share_prompt)
-        world = self.rt.world_size
-        per_rank = math.ceil(len(batches) / world)
-        mine = [(b, True) for b in batches[self.rt.rank::world]]
-        while len(mine) < per_rank:
-            mine.append((batches[0], False))
-        return mine
+        return rank_share(batches, rank=self.rt.rank, world_size=self.rt.world_size)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
@@ -366,13 +353,7 @@ class Trainer:
         try:
             for i, (indices, counts) in enumerate(self._eval_batches()):
                 batch = self._collate(self.eval_set, indices)
-                with self.backend.autocast():
-                    policy = forward_logps(self.backend.model, batch,
-                                           use_fused_linear=self.cfg.model.use_fused_linear,
-                                           with_logits_sum=True, with_tail_logps=obj.with_tails,
-                                           with_log_sum_sq_probs=obj.with_sum_sq)
-                    reference = self._eval_reference(i, batch)
-                    out = obj(policy, reference, batch)
+                out = self._forward(batch, functools.partial(self._eval_reference, i))
                 if counts:
                     total += out.eval_sums.to(total.device)
         finally:
@@ -424,9 +405,20 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- run
     def run(self) -> TrainResult:
+        with StopSignals() if self.cfg.checkpoint.on_signal else contextlib.nullcontext() as sig:
+            return self._run(sig)
+
+    def _signalled(self, signals: StopSignals | None) -> int | None:
+        """The stop signal any rank received (all ranks agree), or None."""
+        got = torch.tensor([float(signals.received or 0) if signals else 0.0],
+                           device=self.rt.device)
+        received = int(self.rt.all_reduce_(got, op="max").item())
+        return received or None
+
+    def _run(self, signals: StopSignals | None) -> TrainResult:
         cfg, t_start = self.cfg, time.perf_counter()
         log = cfg.logging
-        stopped = "completed"
+        stopped, stop_signal = "completed", None
         try:
             if self.pos.step == 0 and log.eval_before:
                 self.eval_before = self.evaluate()
@@ -442,6 +434,14 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_step_end(self, self.pos.step, record)
                 self._maybe_sync()
+                stop_signal = self._signalled(signals)
+                if stop_signal is not None:
+                    path = self.save_checkpoint()
+                    stopped = "signal"
+                    self.log.message(f"{signal.Signals(stop_signal).name}: stopped after step "
+                                     f"{self.pos.step}, checkpoint {path}; run again with "
+                                     "--resume to continue")
+                    break
                 stop = False
                 if log.eval_every and self.pos.step % log.eval_every == 0 \
                         and self.pos.step < self.total_steps:
@@ -456,15 +456,17 @@ class Trainer:
                     self.log.message(f"early stopping at step {self.pos.step}: no reward-accuracy "
                                      f"gain in {self.bad_evals} evaluations")
                     break
-            eval_after = self.evaluate()
-            self._report_eval("after", eval_after)
-            export_dir = export_model(
-                cfg, self.backend.module, self.tokenizer,
-                Path(cfg.checkpoint.export_dir or self.output_dir / "final"),
-                base_path=self.base_path, rank=self.rt.rank, barrier=self.rt.barrier)
+            eval_after, export_dir = None, None
+            if stopped != "signal":  # a preempted job has seconds left: no evaluation, no export
+                eval_after = self.evaluate()
+                self._report_eval("after", eval_after)
+                export_dir = export_model(
+                    cfg, self.backend.module, self.tokenizer,
+                    Path(cfg.checkpoint.export_dir or self.output_dir / "final"),
+                    base_path=self.base_path, rank=self.rt.rank, barrier=self.rt.barrier)
             result = TrainResult(self.pos.step, stopped, self.eval_before, eval_after,
                                  self.output_dir, export_dir, time.perf_counter() - t_start,
-                                 self.history)
+                                 self.history, stop_signal)
             self._report_summary(result)
             return result
         finally:

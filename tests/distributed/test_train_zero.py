@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import torch
 from trainer_helpers import merge, save_tiny_llama
 
+from fastpo.engine.checkpoint import validate_checkpoint
 from fastpo.engine.config_loading import config_from_dict
 from fastpo.engine.train import Callback, train
 
@@ -31,17 +33,19 @@ import torch
 from fastpo.engine.config_loading import config_from_dict
 from fastpo.engine.train import train
 sys.path[:0] = [sys.argv[-3], sys.argv[-3] + '/..']  # this file's folder and tests/
-from test_train_zero import FirstGradients
+from test_train_zero import FirstGradients, SignalOnRank
 
 jobs = json.loads(open(sys.argv[-2]).read())
 results = {}
 for name, data in jobs.items():
-    grads = FirstGradients(data["logging"]["output_dir"] + "/grads.pt")
-    result = train(config_from_dict(data), callbacks=[grads])
+    callbacks = [FirstGradients(data["logging"]["output_dir"] + "/grads.pt")]
+    if "_sigterm" in data:
+        callbacks.append(SignalOnRank(**data.pop("_sigterm")))
+    result = train(config_from_dict(data), callbacks=callbacks)
     results[name] = {"loss": [r["loss"] for r in result.history],
                      "grad_norm": [r["grad_norm"] for r in result.history],
                      "steps": [r["step"] for r in result.history],
-                     "eval_after": result.eval_after}
+                     "eval_after": result.eval_after, "stopped": result.stopped}
 if torch.distributed.get_rank() == 0:
     with open(sys.argv[-1], "w") as f:
         json.dump(results, f)
@@ -81,6 +85,17 @@ def assets(tmp_path_factory, tokenizer, demo_pairs_path):
     return root
 
 
+class SignalOnRank(Callback):
+    """SIGTERM to this process at the end of ``step``, on rank ``rank`` only."""
+
+    def __init__(self, step: int, rank: int) -> None:
+        self.step, self.rank = step, rank
+
+    def on_step_end(self, trainer, step, record) -> None:
+        if step == self.step and trainer.rt.rank == self.rank:
+            signal.raise_signal(signal.SIGTERM)
+
+
 def jobs(root: Path, world: int) -> dict[str, dict]:
     """The same global batch of 4 pairs per step: 4 per micro-batch in one process, 2 per rank
     with 2 ranks."""
@@ -118,6 +133,11 @@ def jobs(root: Path, world: int) -> dict[str, dict]:
             "logging": {"output_dir": out("zero2_resume")},
             "checkpoint": {"every_steps": 0, "export": "none",
                            "resume": str(Path(out("zero2")) / "checkpoints" / "step-00000002")}})
+        # only rank 1 is told to stop: both ranks must stop after the same step
+        out_jobs["zero2_sigterm"] = merge(out_jobs["zero2"], {
+            "logging": {"output_dir": out("zero2_sigterm")},
+            "checkpoint": {"every_steps": 0, "export": "none"}})
+        out_jobs["zero2_sigterm"]["_sigterm"] = {"step": 1, "rank": 1}
     return out_jobs
 
 
@@ -179,3 +199,10 @@ def test_two_ranks_match_one_process(assets, tmp_path):
     # the run resumed from the DeepSpeed checkpoint of step 2 recomputes step 3 exactly
     assert multi["zero2_resume"]["steps"] == [3]
     assert multi["zero2_resume"]["loss"] == pytest.approx(multi["zero2"]["loss"][2:], rel=1e-6)
+    # SIGTERM on rank 1 after step 1: both ranks stopped there (else rank 0 would wait in step
+    # 2's collectives until the timeout) and wrote a complete checkpoint of step 1
+    assert multi["zero2_sigterm"]["stopped"] == "signal"
+    assert multi["zero2_sigterm"]["steps"] == [1]
+    assert multi["zero2_sigterm"]["loss"] == pytest.approx(multi["zero2"]["loss"][:1], rel=1e-6)
+    ckpt = assets / "w2" / "zero2_sigterm" / "checkpoints" / "step-00000001"
+    assert validate_checkpoint(ckpt) is None
