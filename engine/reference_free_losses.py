@@ -7,6 +7,8 @@ the formulas.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -27,19 +29,17 @@ CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
 def _check_inputs(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
-    chosen_num_tokens: Tensor,
-    rejected_num_tokens: Tensor,
-    chosen_logits_sum: Tensor | None,
-    rejected_logits_sum: Tensor | None,
-    vocab_size: int | None,
-) -> torch.dtype:
-    """Check the shared inputs of CPO and ORPO; returns the dtype the loss is computed in."""
+    **stats: Any,
+) -> tuple[torch.dtype, dict[str, Any]]:
+    """Check the shared inputs of CPO and ORPO. Returns the dtype the loss is computed in and
+    ``stats`` (token counts, logit sums, vocab size) as :func:`preference_output` takes them."""
     like = check_logps("policy_chosen_logps", policy_chosen_logps)
     check_logps("policy_rejected_logps", policy_rejected_logps, like=like)
-    check_num_tokens("chosen_num_tokens", chosen_num_tokens, like=like)
-    check_num_tokens("rejected_num_tokens", rejected_num_tokens, like=like)
-    check_logits_inputs(like, chosen_logits_sum, rejected_logits_sum, vocab_size, True)
-    return compute_dtype(policy_chosen_logps, policy_rejected_logps)
+    check_num_tokens("chosen_num_tokens", stats["chosen_num_tokens"], like=like)
+    check_num_tokens("rejected_num_tokens", stats["rejected_num_tokens"], like=like)
+    check_logits_inputs(like, stats["chosen_logits_sum"], stats["rejected_logits_sum"],
+                        stats["vocab_size"], True)
+    return compute_dtype(policy_chosen_logps, policy_rejected_logps), stats
 
 
 def cpo_loss(
@@ -76,8 +76,10 @@ def cpo_loss(
     pl.check_beta(beta)
     pl.check_label_smoothing(label_smoothing)
     cpo_alpha = check_weight("cpo_alpha", cpo_alpha)
-    dtype = _check_inputs(policy_chosen_logps, policy_rejected_logps, chosen_num_tokens,
-                          rejected_num_tokens, chosen_logits_sum, rejected_logits_sum, vocab_size)
+    dtype, stats = _check_inputs(
+        policy_chosen_logps, policy_rejected_logps, chosen_num_tokens=chosen_num_tokens,
+        rejected_num_tokens=rejected_num_tokens, chosen_logits_sum=chosen_logits_sum,
+        rejected_logits_sum=rejected_logits_sum, vocab_size=vocab_size)
     chosen_full, rejected_full = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
     n_chosen, n_rejected = chosen_num_tokens.to(dtype), rejected_num_tokens.to(dtype)
     if loss_type in ("ipo", "simpo"):
@@ -108,12 +110,8 @@ def cpo_loss(
         rejected_rewards=beta * rejected_r,
         chosen_logps=chosen,
         rejected_logps=rejected,
-        chosen_logits_sum=chosen_logits_sum,
-        rejected_logits_sum=rejected_logits_sum,
-        chosen_num_tokens=chosen_num_tokens,
-        rejected_num_tokens=rejected_num_tokens,
-        vocab_size=vocab_size,
         nll=nll[0],
+        **stats,
     )
 
 
@@ -134,8 +132,10 @@ def orpo_loss(
     (mean log σ(L)) and ``log_odds_chosen`` (mean L), as TRL names them.
     """
     pl.check_beta(beta)
-    dtype = _check_inputs(policy_chosen_logps, policy_rejected_logps, chosen_num_tokens,
-                          rejected_num_tokens, chosen_logits_sum, rejected_logits_sum, vocab_size)
+    dtype, stats = _check_inputs(
+        policy_chosen_logps, policy_rejected_logps, chosen_num_tokens=chosen_num_tokens,
+        rejected_num_tokens=rejected_num_tokens, chosen_logits_sum=chosen_logits_sum,
+        rejected_logits_sum=rejected_logits_sum, vocab_size=vocab_size)
     chosen_full = policy_chosen_logps.to(dtype)
     n_chosen = chosen_num_tokens.to(dtype)
     chosen = pl.per_token(chosen_full, n_chosen)
@@ -148,12 +148,8 @@ def orpo_loss(
         rejected_rewards=beta * rejected,
         chosen_logps=chosen,
         rejected_logps=rejected,
-        chosen_logits_sum=chosen_logits_sum,
-        rejected_logits_sum=rejected_logits_sum,
-        chosen_num_tokens=chosen_num_tokens,
-        rejected_num_tokens=rejected_num_tokens,
-        vocab_size=vocab_size,
         nll=nll[0],
+        **stats,
     )
     output.metrics["log_odds_ratio"] = (-ratio_loss).detach().mean()
     output.metrics["log_odds_chosen"] = log_odds.detach().mean()
