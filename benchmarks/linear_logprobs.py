@@ -18,6 +18,14 @@ the gradients it must return). Implementations:
     liger_compiled  the same with ``compiled=True`` (torch.compile of its chunk step)
     fastpo          ``fastpo.kernels.linear_sequence_logps``
     cce             Cut Cross-Entropy ``linear_cross_entropy(reduction="none")`` (CUDA only)
+    matmul          not a DPO step: one ``h_scored @ W.T`` in the input dtype, the machine's
+                    matmul rate at this shape (the yardstick of the TFLOP/s column)
+
+TFLOP/s counts the matmul work of a DPO step that keeps its logits, 6·N·V·H for N scored tokens
+(forward, grad_h, grad_W; one matmul, 2·N·V·H, for the ``matmul`` row), whatever an
+implementation actually runs: fastpo recomputes the logits in the backward (8·N·V·H executed)
+and the others compute prompt and padding positions too. "% of matmul" divides by the
+``matmul`` row's rate.
 
 Labels: ``--prompt`` is the fraction of each row that is prompt (``-100``; 0.25 by default, plus
 ~3% trailing padding); ``--prompt 0`` scores every token, the worst case for fastpo, which drops
@@ -53,12 +61,12 @@ from benchmarks.harness import (
 
 BETA = 0.1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IMPLS = ("naive", "liger", "liger_compiled", "fastpo", "cce")
+IMPLS = ("naive", "liger", "liger_compiled", "fastpo", "cce", "matmul")
 HEADLINE = {
     "cpu": {"batch": 8, "seq": 512, "hidden": 576, "vocab": 49152, "dtype": "fp32",
-            "impls": "naive,liger,liger_compiled,fastpo"},
+            "impls": "naive,liger,liger_compiled,fastpo,matmul"},
     "cuda": {"batch": 32, "seq": 1024, "hidden": 4096, "vocab": 128256, "dtype": "bf16",
-             "impls": "naive,liger,fastpo,cce"},
+             "impls": "naive,liger,fastpo,cce,matmul"},
 }
 
 
@@ -122,6 +130,14 @@ def build(cfg: dict[str, Any]) -> Workload:
         def loss_fn() -> torch.Tensor:
             nll = linear_cross_entropy(hidden, weight, labels, reduction="none", shift=False)
             return dpo_loss(-torch.where(scored, nll.float(), 0.0).sum(-1))
+    elif impl == "matmul":
+        flat = hidden.detach().reshape(-1, cfg["hidden"])[scored.reshape(-1)].contiguous()
+        w = weight.detach()
+
+        def matmul() -> torch.Tensor:
+            return (flat @ w.t())[0, 0].float()  # one element: no reduction in the timing
+
+        return Workload(matmul, tokens=int(scored.sum()))
     else:
         raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
 
@@ -168,27 +184,39 @@ def gradient_bytes(cfg: dict[str, Any]) -> int:
     return elements * DTYPES[cfg["dtype"]].itemsize
 
 
+def tflops(row: dict[str, Any]) -> float:
+    """Model TFLOP/s of a row (see the module docstring): 6·N·V·H per DPO step, 2·N·V·H per
+    matmul, N the scored tokens."""
+    per_token = (2 if row["impl"] == "matmul" else 6) * row["vocab"] * row["hidden"]
+    return per_token * row["tokens_per_s"] / 1e12
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table; "working" is the peak extra memory less the returned gradients."""
     base = next((r for r in rows if r["impl"] == "naive" and "error" not in r), None)
+    yardstick = next((r for r in rows if r["impl"] == "matmul" and "error" not in r), None)
     lines = ["| impl | median s | min s | peak extra MB | working MB | time / naive | "
-             "memory / naive | working / naive | loss |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "memory / naive | working / naive | TFLOP/s | % of matmul | loss |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def working(r: dict[str, Any]) -> int:
         return max(r["peak_mem_bytes"] - gradient_bytes(r), 0)
 
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['impl']} | error: {r['error']} |||||||||")
+            lines.append(f"| {r['impl']} | error: {r['error']} |||||||||||")
             continue
+        step = r["impl"] != "matmul"
         mb = r["peak_mem_bytes"] / 2**20
         t_ratio = f"{r['median_s'] / base['median_s']:.2f}" if base else "-"
         m_ratio = f"{r['peak_mem_bytes'] / max(base['peak_mem_bytes'], 1):.3f}" if base else "-"
-        w_ratio = f"{working(r) / max(working(base), 1):.4f}" if base else "-"
+        w_ratio = f"{working(r) / max(working(base), 1):.4f}" if base and step else "-"
+        share = f"{100 * tflops(r) / tflops(yardstick):.0f}" if yardstick else "-"
+        working_mb = f"{working(r) / 2**20:.0f}" if step else "-"
+        loss = f"{r['check']:.6f}" if step else "-"
         lines.append(f"| {r['impl']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {mb:.0f} | "
-                     f"{working(r) / 2**20:.0f} | {t_ratio} | {m_ratio} | {w_ratio} | "
-                     f"{r['check']:.6f} |")
+                     f"{working_mb} | {t_ratio} | {m_ratio} | {w_ratio} | {tflops(r):.3f} | "
+                     f"{share} | {loss} |")
     return "\n".join(lines)
 
 

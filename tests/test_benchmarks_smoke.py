@@ -138,16 +138,17 @@ def test_fused_linear_benchmark_runs_and_agrees(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.linear_logprobs", "--batch", "2", "--seq", "24",
-         "--hidden", "16", "--vocab", "301", "--impls", "naive,liger,fastpo", "--reps", "1",
+         "--hidden", "16", "--vocab", "301", "--impls", "naive,liger,fastpo,matmul", "--reps", "1",
          "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["impl"] for r in rows] == ["naive", "liger", "fastpo"]
+    assert [r["impl"] for r in rows] == ["naive", "liger", "fastpo", "matmul"]
     assert all("error" not in r for r in rows), rows
     losses = [r["check"] for r in rows]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5) and \
         losses[2] == pytest.approx(losses[0], rel=1e-5)
-    assert "| working MB |" in proc.stdout and "| fastpo |" in proc.stdout
+    assert "| working MB |" in proc.stdout and "| % of matmul |" in proc.stdout
+    assert "| matmul |" in proc.stdout and rows[3]["tokens_per_s"] > 0
     # gradients: hidden [2·24, 16] + weight [301, 16], fp32
     assert linear_logprobs.gradient_bytes(rows[0]) == (2 * 24 + 301) * 16 * 4
