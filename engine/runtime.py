@@ -335,8 +335,35 @@ class DeepSpeedBackend:
         return float(self.engine.get_lr()[0])
 
     def save(self, folder: Path, *, rank: int, include_frozen: bool) -> None:
-        self.engine.save_checkpoint(str(folder), tag=self.TAG, save_latest=False,
-                                    exclude_frozen_parameters=not include_frozen)
+        with self._frozen_aliases_excluded(not include_frozen):
+            self.engine.save_checkpoint(str(folder), tag=self.TAG, save_latest=False,
+                                        exclude_frozen_parameters=not include_frozen)
+
+    @contextlib.contextmanager
+    def _frozen_aliases_excluded(self, active: bool) -> Iterator[None]:
+        """DeepSpeed drops frozen parameters from a checkpoint by their ``named_parameters``
+        names, which list a tied tensor once: a frozen lm_head tied to the input embedding
+        (SmolLM2, Gemma, small Qwen) was still written under its second name. While active,
+        every state-dict entry that shares storage with a frozen parameter is dropped too."""
+        engine = self.engine
+        stage3 = getattr(engine, "zero_optimization_stage", lambda: 0)() == 3
+        if not active or stage3:  # ZeRO-3 parameters are empty shards: no storage to match
+            yield
+            return
+        original = engine.module_state_dict
+
+        def without_frozen(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
+            state = original(*args, **kwargs)
+            frozen = {p.data_ptr() for p in engine.module.parameters()
+                      if not p.requires_grad and p.numel()}
+            return type(state)((k, v) for k, v in state.items()
+                               if not (v.numel() and v.data_ptr() in frozen))
+
+        engine.module_state_dict = without_frozen
+        try:
+            yield
+        finally:
+            del engine.module_state_dict  # back to the class's method
 
     def load(self, folder: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(folder), tag=self.TAG, load_module_strict=False)

@@ -9,6 +9,7 @@ Llama with that tokenizer's vocabulary, and the real demo preference pairs.
 """
 
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -72,6 +73,9 @@ def _isolate_process_group():
     yield
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        groups = sys.modules.get("deepspeed.utils.groups")
+        if groups is not None:  # DeepSpeed caches a clone of the world group: gone with it
+            groups._WORLD_GROUP = None
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -19,8 +19,9 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def save_tiny_llama(path: Path, tokenizer) -> Path:
-    """A tiny random Llama (seed 0) saved with ``tokenizer`` as a model folder at ``path``."""
+def save_tiny_llama(path: Path, tokenizer, **config: object) -> Path:
+    """A tiny random Llama (seed 0) saved with ``tokenizer`` as a model folder at ``path``;
+    ``config`` overrides ``tiny_llama_config`` settings (e.g. ``tie_word_embeddings=True``)."""
     from transformers import LlamaForCausalLM
 
     from fastpo.engine.assets import tiny_llama_config
@@ -28,7 +29,7 @@ def save_tiny_llama(path: Path, tokenizer) -> Path:
     config = tiny_llama_config(len(tokenizer), initializer_range=0.1,
                                pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=tokenizer.eos_token_id,
-                               bos_token_id=tokenizer.bos_token_id)
+                               bos_token_id=tokenizer.bos_token_id, **config)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))

@@ -524,3 +524,24 @@ def test_signals_left_alone_when_switched_off(tiny_dir, pairs_file, tmp_path):
     run(job(tiny_dir, pairs_file, tmp_path, checkpoint={"export": "none", "on_signal": False}),
         callbacks=[Probe()])
     assert seen and all(h == signal.SIG_DFL for h in seen)
+
+
+def test_deepspeed_lora_checkpoint_leaves_out_a_frozen_tied_head(tokenizer, pairs_file, tmp_path):
+    """The frozen lm_head of a tied model is the embedding under a second name: not saved."""
+    from trainer_helpers import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "tied", tokenizer, tie_word_embeddings=True)
+    lora = {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}
+    sections = dict(model={"lora": lora}, deepspeed={"enabled": True},
+                    optimization={"max_steps": 3}, checkpoint={"every_steps": 2})
+    saved = job(model_dir, pairs_file, tmp_path / "a", **sections)
+    first = run(saved)
+    states = torch.load(tmp_path / "a" / "checkpoints" / "step-00000002" / "deepspeed"
+                        / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    names = list(states["module"])
+    assert names and all("lora_" in name for name in names), names  # adapters only
+    resumed = run(merge(saved, {"logging": {"output_dir": str(tmp_path / "b")},
+                                "checkpoint": {"resume": str(tmp_path / "a" / "checkpoints"
+                                                             / "step-00000002")}}))
+    assert [r["step"] for r in resumed.history] == [3]
+    assert losses(resumed.history) == pytest.approx(losses(first.history)[2:], rel=1e-6)
