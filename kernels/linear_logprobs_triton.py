@@ -320,10 +320,13 @@ def triton_linear_logps_backward(
     need_bias = need_bias and bias is not None
     f32 = {"dtype": torch.float32, "device": device}
     grad_h = torch.zeros((n, h_dim), **f32) if need_hidden else None
-    grad_w = torch.zeros((vocab, h_dim), dtype=weight.dtype, device=device) \
-        if need_weight else None
+    launch = bool(n and vocab and (need_hidden or need_weight or need_bias))
+    # an fp32 weight's gradient is accumulated in place; a half-precision one is written chunk
+    # by chunk from the fp32 accumulator, every row once
+    new_w = torch.empty if launch and weight.dtype != torch.float32 else torch.zeros
+    grad_w = new_w((vocab, h_dim), dtype=weight.dtype, device=device) if need_weight else None
     grad_b = torch.zeros((vocab,), **f32) if need_bias else None
-    if n and vocab and (need_hidden or need_weight or need_bias):
+    if launch:
         dot = _dot_dtype(hidden, weight)
         block_n, block_v, block_h, warps, stages = _blocks(device, dot)
         labels = labels.contiguous()

@@ -152,10 +152,13 @@ def test_minus_inf_logits_and_nan_propagation(tiles):
     assert torch.isnan(got[1, 5]) and torch.isfinite(got[0]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", [*CPU_TILES, pytest.param("triton", marks=needs_interpreter)])
-def test_all_masked_batch(backend):
-    hidden, weight, bias, _ = make_case(b=2, t=5, h=24, v=50)
-    labels = torch.full((2, 5), IGNORE)
+@pytest.mark.parametrize("tokens", [5, 0])
+def test_all_masked_batch(backend, dtype, tokens):
+    hidden, weight, bias, _ = make_case(b=2, t=5, h=24, v=50, dtype=dtype)
+    hidden = hidden[:, :tokens]
+    labels = torch.full((2, tokens), IGNORE)
     ins = [leaf(hidden), leaf(weight), leaf(bias)]
     with use_cpu_backend(backend):
         out = linear_sequence_logps(ins[0], ins[1], labels, bias=ins[2], reduction="mean")
