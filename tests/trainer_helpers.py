@@ -34,3 +34,31 @@ def save_tiny_llama(path: Path, tokenizer, **config: object) -> Path:
     LlamaForCausalLM(config).save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
+
+
+def job(tiny_dir, pairs_file, out, **sections) -> dict:
+    """A short job on the tiny model and the pairs file (2 steps, no export); ``sections``
+    merged over it."""
+    base = {
+        "model": {"name_or_path": str(tiny_dir)},
+        "data": {"train": str(pairs_file), "max_length": 40, "max_prompt_length": 20,
+                 "eval_fraction": 0.0},
+        "optimization": {"micro_batch_size": 2, "learning_rate": 1e-3, "max_steps": 2,
+                         "max_grad_norm": 1.0},
+        "logging": {"output_dir": str(out), "progress": "none", "tensorboard": False,
+                    "eval_before": False},
+        "checkpoint": {"export": "none"},
+    }
+    return merge(base, sections)
+
+
+def run(data: dict, **kw):
+    """Train the job dict (validated like a config file)."""
+    from fastpo.engine.config_loading import config_from_dict
+    from fastpo.engine.train import train
+
+    return train(config_from_dict(data), **kw)
+
+
+def losses(history) -> list[float]:
+    return [r["loss"] for r in history]

@@ -1,4 +1,6 @@
-"""StopSignals: the first SIGTERM/SIGINT is recorded, the second gets the previous handler."""
+"""Stopping on SIGTERM/SIGINT: ``StopSignals`` (the first signal is recorded, the second gets the
+previous handler) and the trainer (finish the step, checkpoint, exit 128 + signal, resume exactly).
+The 2-rank agreement is in ``tests/distributed/test_train_zero.py``."""
 
 from __future__ import annotations
 
@@ -6,8 +8,12 @@ import signal
 import threading
 
 import pytest
+from trainer_helpers import job, losses, merge, run
 
+from fastpo.engine import cli
+from fastpo.engine.checkpoint import LATEST, validate_checkpoint
 from fastpo.engine.interrupts import StopSignals
+from fastpo.engine.train import Callback
 
 
 def test_first_signal_is_recorded_and_handlers_are_restored():
@@ -39,3 +45,50 @@ def test_outside_the_main_thread_nothing_is_installed():
     worker.start()
     worker.join()
     assert seen == [(before, None)]
+
+
+class SignalAt(Callback):
+    """Sends this process ``signum`` at the end of step ``step`` (as a scheduler would)."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+        self.step, self.signum = step, signum
+
+    def on_step_end(self, trainer, step, record) -> None:
+        if step == self.step:
+            signal.raise_signal(self.signum)
+
+
+def test_sigterm_checkpoints_the_step_and_resume_continues_exactly(tiny_dir, pairs_file,
+                                                                     tmp_path):
+    sections = dict(optimization={"max_steps": 4}, logging={"eval_before": True},
+                    data={"eval_fraction": 0.25}, checkpoint={"every_steps": 3})
+    stopped = job(tiny_dir, pairs_file, tmp_path / "stopped", **sections)
+    first = run(stopped, callbacks=[SignalAt(2)])
+    assert first.stopped == "signal" and first.stop_signal == signal.SIGTERM
+    assert [r["step"] for r in first.history] == [1, 2]
+    assert first.eval_after is None and first.export_dir is None  # no time spent after it
+    assert cli.exit_status(first) == 128 + signal.SIGTERM
+    ckpts = tmp_path / "stopped" / "checkpoints"
+    assert (ckpts / LATEST).read_text().strip() == "step-00000002"
+    assert validate_checkpoint(ckpts / "step-00000002") is None
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
+
+    resumed = run(merge(stopped, {"checkpoint": {"resume": True}}))
+    assert resumed.stopped == "completed" and cli.exit_status(resumed) == 0
+    assert [r["step"] for r in resumed.history] == [3, 4]
+    straight = run(job(tiny_dir, pairs_file, tmp_path / "straight", **sections))
+    assert losses(first.history) + losses(resumed.history) == pytest.approx(
+        losses(straight.history), rel=1e-6, abs=1e-7)
+    assert resumed.eval_after == pytest.approx(straight.eval_after, rel=1e-6, abs=1e-7)
+
+
+def test_signals_left_alone_when_switched_off(tiny_dir, pairs_file, tmp_path):
+    seen = []
+
+    class Probe(Callback):
+        def on_step_end(self, trainer, step, record) -> None:
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    run(job(tiny_dir, pairs_file, tmp_path, checkpoint={"export": "none", "on_signal": False}),
+        callbacks=[Probe()])
+    assert seen and all(h == signal.SIG_DFL for h in seen)

@@ -1,7 +1,8 @@
 """The trainer end to end on a tiny random Llama (SmolLM2 tokenizer) and a few real demo pairs:
 every loss type, logging, kill-and-resume, atomic checkpoints, export + reload, non-finite
 handling, reference sync (TR-DPO, iterative), early stopping, precomputed reference, packing,
-and a few steps of the embedded default job."""
+DeepSpeed checkpoints of a tied LoRA model, and a few steps of the embedded default job.
+Stopping on a signal: ``test_interrupts.py``."""
 
 from __future__ import annotations
 
@@ -15,37 +16,14 @@ import textwrap
 
 import pytest
 import torch
-from trainer_helpers import merge
+from trainer_helpers import job, losses, merge, run
 
 from fastpo.engine import cli
 from fastpo.engine.checkpoint import LATEST, MANIFEST, CheckpointManager, validate_checkpoint
 from fastpo.engine.config_loading import config_from_dict
 from fastpo.engine.logging_utils import read_jsonl
 from fastpo.engine.losses import CPO_LOSS_TYPES, KTO_LOSS_TYPES, LOSS_TYPES
-from fastpo.engine.train import Callback, NonFiniteError, train
-
-
-def job(tiny_dir, pairs_file, out, **sections) -> dict:
-    base = {
-        "model": {"name_or_path": str(tiny_dir)},
-        "data": {"train": str(pairs_file), "max_length": 40, "max_prompt_length": 20,
-                 "eval_fraction": 0.0},
-        "optimization": {"micro_batch_size": 2, "learning_rate": 1e-3, "max_steps": 2,
-                         "max_grad_norm": 1.0},
-        "logging": {"output_dir": str(out), "progress": "none", "tensorboard": False,
-                    "eval_before": False},
-        "checkpoint": {"export": "none"},
-    }
-    return merge(base, sections)
-
-
-def run(data: dict, **kw):
-    return train(config_from_dict(data), **kw)
-
-
-def losses(history) -> list[float]:
-    return [r["loss"] for r in history]
-
+from fastpo.engine.train import Callback, NonFiniteError
 
 # ------------------------------------------------------------------------- every loss type
 LOSS_CASES = (
@@ -477,53 +455,6 @@ def test_gradient_checkpointing_is_switched_on(tiny_dir, pairs_file, tmp_path, r
     assert flag
     assert not [w for w in recwarn if "checkpointing" in str(w.message)
                 and "deprecated" in str(w.message)]
-
-
-class SignalAt(Callback):
-    """Sends this process ``signum`` at the end of step ``step`` (as a scheduler would)."""
-
-    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
-        self.step, self.signum = step, signum
-
-    def on_step_end(self, trainer, step, record) -> None:
-        if step == self.step:
-            signal.raise_signal(self.signum)
-
-
-def test_sigterm_checkpoints_the_step_and_resume_continues_exactly(tiny_dir, pairs_file,
-                                                                     tmp_path):
-    sections = dict(optimization={"max_steps": 4}, logging={"eval_before": True},
-                    data={"eval_fraction": 0.25}, checkpoint={"every_steps": 3})
-    stopped = job(tiny_dir, pairs_file, tmp_path / "stopped", **sections)
-    first = run(stopped, callbacks=[SignalAt(2)])
-    assert first.stopped == "signal" and first.stop_signal == signal.SIGTERM
-    assert [r["step"] for r in first.history] == [1, 2]
-    assert first.eval_after is None and first.export_dir is None  # no time spent after it
-    assert cli.exit_status(first) == 128 + signal.SIGTERM
-    ckpts = tmp_path / "stopped" / "checkpoints"
-    assert (ckpts / LATEST).read_text().strip() == "step-00000002"
-    assert validate_checkpoint(ckpts / "step-00000002") is None
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
-
-    resumed = run(merge(stopped, {"checkpoint": {"resume": True}}))
-    assert resumed.stopped == "completed" and cli.exit_status(resumed) == 0
-    assert [r["step"] for r in resumed.history] == [3, 4]
-    straight = run(job(tiny_dir, pairs_file, tmp_path / "straight", **sections))
-    assert losses(first.history) + losses(resumed.history) == pytest.approx(
-        losses(straight.history), rel=1e-6, abs=1e-7)
-    assert resumed.eval_after == pytest.approx(straight.eval_after, rel=1e-6, abs=1e-7)
-
-
-def test_signals_left_alone_when_switched_off(tiny_dir, pairs_file, tmp_path):
-    seen = []
-
-    class Probe(Callback):
-        def on_step_end(self, trainer, step, record) -> None:
-            seen.append(signal.getsignal(signal.SIGTERM))
-
-    run(job(tiny_dir, pairs_file, tmp_path, checkpoint={"export": "none", "on_signal": False}),
-        callbacks=[Probe()])
-    assert seen and all(h == signal.SIG_DFL for h in seen)
 
 
 def test_deepspeed_lora_checkpoint_leaves_out_a_frozen_tied_head(tokenizer, pairs_file, tmp_path):
