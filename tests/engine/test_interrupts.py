@@ -5,6 +5,8 @@ The 2-rank agreement is in ``tests/distributed/test_train_zero.py``."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -25,12 +27,38 @@ def test_first_signal_is_recorded_and_handlers_are_restored():
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-def test_second_signal_gets_the_previous_handler():
+def test_ctrl_c_twice_gets_the_previous_handler():
     with StopSignals() as stop:
         signal.raise_signal(signal.SIGINT)
         assert stop.received == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):  # Python's default SIGINT handler
             signal.raise_signal(signal.SIGINT)
+
+
+FORWARDED = """
+import signal
+from fastpo.engine.interrupts import StopSignals
+
+with StopSignals() as stop:
+    signal.raise_signal(signal.SIGTERM)
+    signal.raise_signal(signal.SIGTERM)
+    signal.raise_signal(signal.SIGINT)
+    print("alive", stop.received == signal.SIGTERM)
+    try:
+        signal.raise_signal(signal.SIGINT)
+    except KeyboardInterrupt:
+        print("interrupted")
+"""
+
+
+def test_forwarded_sigterms_do_not_end_the_process():
+    """The scheduler's SIGTERM, then the launcher's copy of it (and a Ctrl-C on top): the first
+    one is kept and the process lives on to checkpoint; only a second SIGINT leaves at once.
+    In a child process: getting this wrong ends the process."""
+    proc = subprocess.run([sys.executable, "-c", FORWARDED], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.split() == ["alive", "True", "interrupted"]
 
 
 def test_outside_the_main_thread_nothing_is_installed():
