@@ -131,12 +131,9 @@ def zero3_loading(ds_config: dict[str, Any] | None) -> Iterator[None]:
     """Under a ZeRO-3 DeepSpeed config, transformers loads models straight into ZeRO-3 shards
     (``zero.Init``) inside this block, so no rank ever holds a whole copy of the policy or the
     reference; loads after it (the merged export) are plain again, also after an error."""
-    if ds_config is None:
-        yield
-        return
     from .deepspeed_config import zero_stage
 
-    if zero_stage(ds_config) != 3:
+    if ds_config is None or zero_stage(ds_config) != 3:
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig

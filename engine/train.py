@@ -410,10 +410,11 @@ class Trainer:
 
     def _signalled(self, signals: StopSignals | None) -> int | None:
         """The stop signal any rank received (all ranks agree), or None."""
-        got = torch.tensor([float(signals.received or 0) if signals else 0.0],
-                           device=self.rt.device)
-        received = int(self.rt.all_reduce_(got, op="max").item())
-        return received or None
+        local = signals.received if signals else None
+        if self.rt.world_size == 1:
+            return local
+        got = torch.tensor([float(local or 0)], device=self.rt.device)
+        return int(self.rt.all_reduce_(got, op="max").item()) or None
 
     def _run(self, signals: StopSignals | None) -> TrainResult:
         cfg, t_start = self.cfg, time.perf_counter()

@@ -149,8 +149,7 @@ def free_port() -> int:
 
 def test_two_ranks_match_one_process(assets, tmp_path):
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
-    if launcher is None:
-        pytest.skip("the deepspeed launcher is not installed")
+    assert launcher, "the deepspeed launcher is not installed (deepspeed is a dependency)"
     (tmp_path / "jobs.json").write_text(json.dumps(jobs(assets, 2)))
     (tmp_path / "script.py").write_text(SCRIPT)
     proc = subprocess.run(
