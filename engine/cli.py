@@ -9,9 +9,13 @@
     deepspeed --hostfile hostfile --num_nodes 2 --num_gpus 8 $(which fastpo-train) --config job.yaml
 
 Any config key can be overridden with ``--section.key value`` (or ``--section.key=value``);
-values are read as YAML scalars. The ``--local_rank`` argument the deepspeed launcher adds is
-accepted (the rank comes from the environment). Exit status: 0 done, 1 stopped on a non-finite
-loss or gradient, 2 bad configuration or input (``FASTPO_TRACEBACK=1`` shows the traceback),
+values are read as YAML scalars, and every float must be finite. ``--loss.method M`` brings M's
+default loss type (the file's ``loss.loss_type`` / ``loss_weights`` are for the file's method,
+and for ``kto`` its ``data.share_prompt``), unless those keys are given on the command line
+too. The ``--local_rank`` argument the deepspeed launcher adds is accepted (the rank comes from
+the environment). Exit status: 0 done, 1 stopped on a non-finite loss or gradient, 2 bad
+configuration or input, with one line naming the key, file, row or path
+(``FASTPO_TRACEBACK=1`` shows the traceback),
 128 + N stopped by signal N (SIGTERM: 143, SIGINT: 130) after finishing the step and writing a
 checkpoint that ``--resume`` continues from.
 """
@@ -68,10 +72,22 @@ def _split_args(argv: Sequence[str]) -> tuple[dict[str, object], list[str]]:
     return flags, overrides
 
 
+def _input_error(exc: BaseException) -> int:
+    """A mistake in the user's paths, files or config: one line, exit status 2 (the traceback
+    with ``FASTPO_TRACEBACK=1``)."""
+    if os.environ.get("FASTPO_TRACEBACK") == "1":
+        raise exc
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    print(f"fastpo-train: error: {text}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fastpo-train``; returns the exit status."""
-    from .config import ConfigError
-    from .config_loading import load_config, to_yaml
+    from .config_loading import check_paths, load_config, to_yaml
+    from .errors import InputError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -87,9 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       else "--checkpoint.resume=true"]
     try:
         cfg = load_config(flags["config"], overrides=overrides)
-    except ConfigError as exc:
-        print(f"fastpo-train: {exc}", file=sys.stderr)
-        return 2
+    except InputError as exc:
+        return _input_error(exc)
     if flags["print_config"]:
         print(to_yaml(cfg), end="")
         return 0
@@ -97,15 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .train import NonFiniteError, train
 
     try:
+        check_paths(cfg)
         result = train(cfg)
     except NonFiniteError as exc:
         print(f"fastpo-train: stopped: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as exc:  # bad config, data or paths: the message says
-        if os.environ.get("FASTPO_TRACEBACK") == "1":
-            raise
-        print(f"fastpo-train: error: {exc}", file=sys.stderr)
-        return 2
+    except (InputError, ValueError, OSError) as exc:  # bad config, data or paths: it says which
+        return _input_error(exc)
     before, after = result.eval_before or {}, result.eval_after or {}
     if int(os.environ.get("RANK", "0")) == 0:
         acc = "rewards/accuracies"

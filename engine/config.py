@@ -18,17 +18,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .errors import InputError
+
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 LOSS_METHODS = ("dpo", "cpo", "simpo", "orpo", "kto")
 DEFAULT_MICRO_BATCH = 4
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration that cannot be used; the message names the key(s) at fault."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # every float of the config is finite: .inf / nan (and "1e999") are refused with the key
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ------------------------------------------------------------------------------------ model
@@ -105,7 +108,7 @@ class LossConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence",
                                "alpha_divergence"] = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5
+    f_alpha_divergence_coef: float = Field(0.5, ge=0.0, le=1.0)
     discopop_tau: float = Field(0.05, gt=0.0)
     reference_free: bool = False
     ld_alpha: float | None = Field(None, ge=0.0, le=1.0)

@@ -5,12 +5,13 @@
     data.stats.log()                                          # kept / truncated / dropped, once
     train, held_out = split_train_eval(data, 0.1, seed=0)
 
-Formats are described in :mod:`fastpo.engine.formats`. The prompt and each completion are
-tokenized separately and concatenated, so the completion tokens are exactly the tokens the loss
-scores: conversational prompts are rendered with the chat template and the generation prompt
-(``<|im_start|>assistant\\n``), the completion is the rest of the rendered conversation up to and
-including its EOS (template text after the last EOS, such as a trailing newline, is not part of
-it), and EOS is appended to a completion that does not end with it.
+Files are read by :mod:`fastpo.engine.data_files`, rows checked by :mod:`fastpo.engine.formats`.
+The prompt and each completion are tokenized separately and concatenated, so the completion
+tokens are exactly the tokens the loss scores: conversational prompts are rendered with the chat
+template and the generation prompt (``<|im_start|>assistant\\n``), the completion is the rest of
+the rendered conversation up to and including its EOS (template text after the last EOS, such as
+a trailing newline, is not part of it), and EOS is appended to a completion that does not end
+with it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
+from .data_files import PreferenceRecords, load_preference_records  # noqa: F401  (re-exported)
 from .formats import (
     DataFormatError,
     Messages,
@@ -45,109 +46,6 @@ DROP_REASONS = {
     "identical_after_truncation": "chosen identical to rejected after truncation",
 }
 _TOKENIZE_CHUNK = 512
-
-
-# ----------------------------------------------------------------------------------- loading
-def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataFormatError(f"{path} line {exc.lineno} column {exc.colno}: "
-                                  f"malformed JSON ({exc.msg})") from None
-        for i, row in enumerate(rows):
-            yield f"{path} row {i}", row
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):  # JSON Lines
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataFormatError(f"{path} line {lineno} column {exc.colno}: "
-                                  f"malformed JSON ({exc.msg})") from None
-        yield f"{path} line {lineno}", row
-
-
-def _dataset_rows(dataset: Any, name: str, split: str | None) -> Iterator[tuple[str, Any]]:
-    import datasets
-
-    if isinstance(dataset, datasets.DatasetDict):
-        if split is None:
-            split = "train" if "train" in dataset else None
-        if split not in dataset:
-            raise ValueError(f"{name} holds splits {sorted(dataset)}; choose one with split=")
-        dataset, name = dataset[split], f"{name}[{split}]"
-    for i, row in enumerate(dataset):
-        yield f"{name} row {i}", row
-
-
-def _source_rows(source: Any, split: str | None) -> Iterator[tuple[str, Any]]:
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.is_dir():
-            if not any((path / f).is_file() for f in
-                       ("dataset_info.json", "state.json", "dataset_dict.json")):
-                raise ValueError(f"{path} is a folder but not a dataset saved with "
-                                 "datasets' save_to_disk")
-            import datasets
-
-            yield from _dataset_rows(datasets.load_from_disk(str(path)), str(path), split)
-        elif not path.is_file():
-            raise FileNotFoundError(f"preference data {path}: no such file or folder")
-        elif path.suffix in (".json", ".jsonl"):
-            yield from _json_rows(path)
-        elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            for i, row in enumerate(pq.read_table(path).to_pylist()):
-                yield f"{path} row {i}", row
-        else:
-            raise ValueError(f"preference data {path}: unsupported file type {path.suffix!r}; "
-                             "use .json, .jsonl, .parquet or a save_to_disk folder")
-        return
-    try:
-        import datasets
-
-        if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
-            yield from _dataset_rows(source, "dataset", split)
-            return
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        pass
-    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
-        for i, row in enumerate(source):
-            yield f"records[{i}]", row
-        return
-    raise TypeError("preference data must be a path, a list of dicts or a datasets.Dataset, "
-                    f"got {type(source).__name__}")
-
-
-def load_preference_records(source: str | Path | Sequence[Mapping[str, Any]] | Any, *,
-                            split: str | None = None) -> list[dict[str, Any]]:
-    """Load and validate preference data; return canonical paired or unpaired records.
-
-    ``source``: a ``.json`` (array or JSON Lines), ``.jsonl`` or ``.parquet`` file, a folder saved
-    with ``datasets``' ``save_to_disk``, a ``datasets.Dataset``/``DatasetDict`` (``split``
-    picks one, default ``train``) or a list of dicts. Malformed JSON raises with file and line;
-    missing or wrongly typed fields and unknown roles raise with the row and the field.
-    """
-    records: list[dict[str, Any]] = []
-    first_kind: tuple[str, bool] | None = None
-    for where, row in _source_rows(source, split):
-        record = normalize_record(row, where)
-        if first_kind is None:
-            first_kind = (where, is_paired(record))
-        elif is_paired(record) != first_kind[1]:
-            kinds = ("unpaired", "paired") if first_kind[1] else ("paired", "unpaired")
-            raise DataFormatError(f"{where}: {kinds[0]} record in data whose first record "
-                                  f"({first_kind[0]}) is {kinds[1]}")
-        records.append(record)
-    if not records:
-        name = f" {source}" if isinstance(source, (str, Path)) else ""
-        raise DataFormatError(f"preference data{name} holds no records")
-    return records
 
 
 # -------------------------------------------------------------------------------- tokenized
@@ -275,12 +173,65 @@ def _render_chat(tokenizer: Any, prompt: Messages, completion: Messages, prompt_
     return text[: cut + len(eos)] if cut >= 0 else text
 
 
-def _encode(tokenizer: Any, texts: list[str], *, special: bool) -> list[list[int]]:
+def _rejected_text(tokenizer: Any, text: str, label: str, *, special: bool) -> None:
+    """Raise a DataFormatError naming ``label`` (row and field) if the tokenizer rejects
+    ``text``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataFormatError(
+            f"{label} holds a character that is not valid Unicode ({text[exc.start]!r} at "
+            f"character {exc.start}, a lone surrogate); the tokenizer cannot encode it") from None
+    try:
+        tokenizer([text], add_special_tokens=special)
+    except (TypeError, ValueError) as exc:
+        raise DataFormatError(f"{label}: the tokenizer rejects this text ({exc})") from None
+
+
+def _encode(tokenizer: Any, texts: list[str], *, special: bool,
+            labels: Sequence[str] | None = None) -> list[list[int]]:
     out: list[list[int]] = []
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
         chunk = texts[start: start + _TOKENIZE_CHUNK]
-        out.extend(tokenizer(chunk, add_special_tokens=special)["input_ids"])
+        try:
+            out.extend(tokenizer(chunk, add_special_tokens=special)["input_ids"])
+        except (TypeError, ValueError):
+            if labels is None:
+                raise
+            for offset, text in enumerate(chunk):  # find the text at fault, name its row
+                _rejected_text(tokenizer, text, labels[start + offset], special=special)
+            raise
     return [list(ids) for ids in out]
+
+
+def _with_origins(records: Sequence[Mapping[str, Any]], unpaired: bool
+                  ) -> tuple[list[dict[str, Any]], list[str], list[tuple[str, ...]]]:
+    """Canonical records, where each came from, and the field names of its completions."""
+    origins = list(getattr(records, "origins", None) or ())
+    if len(origins) != len(records):
+        origins = [f"records[{i}]" for i in range(len(records))]
+    canonical = [normalize_record(r, where) for r, where in zip(records, origins)]
+    fields = [("chosen", "rejected") if is_paired(r) else ("completion",) for r in canonical]
+    if unpaired:
+        converted = pairs_to_unpaired(canonical)
+        origins = [where for where, f in zip(origins, fields) for _ in f]
+        fields = [(name,) for f in fields for name in f]
+        canonical = converted
+    return canonical, origins, fields
+
+
+def check_unpaired_balance(examples: Sequence[TokenizedExample], *, source: str,
+                           stats: DataStats | None = None) -> None:
+    """KTO needs desirable and undesirable examples (its metrics and reference point compare
+    the two): raise a DataFormatError naming ``source`` and the counts when a kind is absent."""
+    desirable = sum(1 for e in examples if e.label)
+    undesirable = len(examples) - desirable
+    if examples and (desirable == 0 or undesirable == 0):
+        missing = "undesirable (label false)" if undesirable == 0 else "desirable (label true)"
+        kept = f" after tokenization ({stats.summary()})" if stats and stats.num_dropped else ""
+        raise DataFormatError(
+            f"{source}: KTO needs both desirable and undesirable examples; got {desirable} "
+            f"desirable and {undesirable} undesirable{kept}: add {missing} examples")
 
 
 def _check_limits(max_length: int | None, max_prompt_length: int | None,
@@ -334,7 +285,9 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
     ``max_length``; a row where no completion token fits is dropped. ``truncation_mode="drop"``
     drops every row over a limit instead. Rows with chosen identical to rejected, an empty
     completion or an empty prompt are dropped; all of it is counted in ``.stats``. Raises
-    ``ValueError`` (with the summary) when no row is left.
+    ``DataFormatError`` (a ``ValueError`` naming the file, with the summary) when no row is
+    left, when unpaired data lacks desirable or undesirable examples, or when the tokenizer
+    rejects a text (naming its row and field).
     ``unpaired=True`` turns pairs into KTO examples (chosen desirable, rejected undesirable).
     """
     _check_limits(max_length, max_prompt_length, truncation_mode)
@@ -342,13 +295,13 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
     eos = getattr(tokenizer, "eos_token", None)
     if eos_id is None or eos is None:
         raise ValueError("the tokenizer has no EOS token; completions must end with one")
-    records = [normalize_record(r, f"records[{i}]") for i, r in enumerate(records)]
-    if unpaired:
-        records = pairs_to_unpaired(records)
+    source = getattr(records, "source", None) or "preference data"
+    records, origins, fields = _with_origins(records, unpaired)
     stats = DataStats(rows=len(records))
 
     # 1. render text; drop identical / empty rows
     kept: list[tuple[dict[str, Any], list[str]]] = []
+    labels: list[list[str]] = []  # "<row>: field 'x'" of each text, for the tokenizer's errors
     for i, record in enumerate(records):
         keys = ("chosen", "rejected") if is_paired(record) else ("completion",)
         if len(keys) == 2 and record["chosen"] == record["rejected"]:
@@ -366,9 +319,10 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
             prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False,
                                                         add_generation_prompt=True)
             texts = [prompt_text] + [
-                _render_chat(tokenizer, prompt, record[k], prompt_text, eos, f"records[{i}]")
+                _render_chat(tokenizer, prompt, record[k], prompt_text, eos, origins[i])
                 for k in keys]
         kept.append((record, texts))
+        labels.append([f"{origins[i]}: field '{name}'" for name in ("prompt", *fields[i])])
 
     # 2. tokenize in batches: string prompts get the tokenizer's special tokens (BOS), chat
     #    prompts already hold them in the template, completions never do
@@ -376,11 +330,13 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
     prompt_ids: list[list[int]] = [[] for _ in kept]
     for special in (True, False):
         ids_list = [i for i, s in enumerate(is_string) if s == special]
-        encoded = _encode(tokenizer, [kept[i][1][0] for i in ids_list], special=special)
+        encoded = _encode(tokenizer, [kept[i][1][0] for i in ids_list], special=special,
+                          labels=[labels[i][0] for i in ids_list])
         for i, ids in zip(ids_list, encoded):
             prompt_ids[i] = ids
     completion_texts = [t for _, texts in kept for t in texts[1:]]
-    completion_ids = iter(_encode(tokenizer, completion_texts, special=False))
+    completion_ids = iter(_encode(tokenizer, completion_texts, special=False,
+                                  labels=[name for names in labels for name in names[1:]]))
 
     # 3. EOS, limits
     pairs: list[TokenizedPair] = []
@@ -406,7 +362,9 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
             examples.append(TokenizedExample(prompt, completions[0], bool(record["label"])))
     stats.kept = len(pairs) + len(examples)
     if not stats.kept:
-        raise ValueError(f"no usable preference rows are left: {stats.summary()}")
+        raise DataFormatError(f"{source}: no usable preference rows are left: "
+                              f"{stats.summary()}")
+    check_unpaired_balance(examples, source=source, stats=stats)
     settings = {
         "paired": bool(pairs),
         "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
@@ -436,4 +394,8 @@ def split_train_eval(dataset: TokenizedDataset, eval_fraction: float, seed: int 
         n_eval = min(max(n_eval, 1), n - 1)
     held_out = set(random.Random(seed).sample(range(n), n_eval))
     train = [i for i in range(n) if i not in held_out]
-    return dataset.subset(train), dataset.subset(sorted(held_out))
+    train_set = dataset.subset(train)
+    if not dataset.paired:
+        check_unpaired_balance(train_set.examples,
+                               source=f"the training split (eval_fraction {eval_fraction})")
+    return train_set, dataset.subset(sorted(held_out))

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .errors import InputError
+
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "system": "system",
@@ -41,7 +43,7 @@ FORMATS = (
 Messages = list[dict[str, str]]
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError):
     """A row of preference data that cannot be used; the message names the row and the field."""
 
 

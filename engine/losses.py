@@ -173,6 +173,11 @@ LOSS_TYPES: dict[str, LossSpec] = {
 def _normalize_loss_types(
     loss_type: str | Sequence[str], loss_weights: Sequence[float] | None, valid: Sequence[str]
 ) -> tuple[list[str], list[float]]:
+    if not isinstance(loss_type, (str, Sequence)):
+        raise TypeError(
+            f"loss_type must be a name or a list of names from {list(valid)}, got "
+            f"{type(loss_type).__name__}"
+        )
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not types:
         raise ValueError(f"loss_type is empty; give one or more of {list(valid)}")
@@ -181,6 +186,8 @@ def _normalize_loss_types(
             raise ValueError(f"unknown loss_type {name!r}; valid loss types are {list(valid)}")
     if loss_weights is None:
         return types, [1.0] * len(types)
+    if isinstance(loss_weights, str) or not isinstance(loss_weights, Sequence):
+        raise TypeError(f"loss_weights must be a list of floats, got {type(loss_weights).__name__}")
     weights = list(loss_weights)
     if len(weights) != len(types):
         raise ValueError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,51 @@ from torch import nn
 
 from .checkpoint import full_state_dict
 from .config import TrainConfig
+from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# "name" or "namespace/name": a path of that shape that is not on disk may be a hub model id
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_path(path: str, *, key: str, tokenizer: bool = False) -> None:
+    """A local model (or tokenizer) folder ``path`` holds what transformers needs; raise an
+    :class:`InputError` naming ``key``, the folder and the files expected. A path that does not
+    exist is an error unless it has the shape of a hub model id ("name" or "namespace/name")."""
+    what = "tokenizer" if tokenizer else "model"
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        if ".." in path or not _REPO_ID.match(path):
+            raise InputError(f"{key}: {what} path {path} does not exist")
+        return  # perhaps a hub model id: the loader says whether it can get it
+    if not folder.is_dir():
+        raise InputError(f"{key}: {what} path {path} is a file; expected a {what} folder "
+                         "(save_pretrained)")
+    names = [p.name for p in folder.iterdir()]
+    if tokenizer:
+        if not any(n in _TOKENIZER_FILES for n in names):
+            raise InputError(f"{key}: {path} holds no tokenizer; expected one of "
+                             f"{', '.join(_TOKENIZER_FILES)} in the folder")
+        return
+    weights = any(n.endswith(_WEIGHT_SUFFIXES) for n in names)
+    if "adapter_config.json" in names or ("config.json" in names and weights):
+        return
+    found = ", ".join(sorted(names)[:8]) or "nothing"
+    hint = " (a GGUF file must be converted with save_pretrained first)" \
+        if any(n.endswith(".gguf") for n in names) else ""
+    raise InputError(f"{key}: {path} holds no model; expected config.json and weights "
+                     f"(*.safetensors or pytorch_model.bin) in the folder, found {found}{hint}")
+
+
 def model_path(cfg: TrainConfig) -> str:
     if cfg.model.name_or_path:
+        check_model_path(cfg.model.name_or_path, key="model.name_or_path")
         return cfg.model.name_or_path
     from .assets import default_model_dir
 
@@ -36,6 +74,8 @@ def model_path(cfg: TrainConfig) -> str:
 def load_tokenizer(cfg: TrainConfig, path: str) -> Any:
     """The tokenizer with a pad token (EOS if it has none); shared between jobs of one process,
     so treat it as read-only."""
+    check_model_path(cfg.model.tokenizer or path, tokenizer=True,
+                     key="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     tokenizer = _cached_tokenizer(cfg.model.tokenizer or path, cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer = copy.deepcopy(tokenizer)
@@ -64,6 +104,8 @@ def load_dtype(cfg: TrainConfig) -> torch.dtype:
 def load_causal_lm(cfg: TrainConfig, path: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    check_model_path(path, key="reference.name_or_path" if path == cfg.reference.name_or_path
+                     else "model.name_or_path")
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=cfg.model.attn_implementation,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import pairwise_losses as pl
-from .loss_inputs import check_logps, check_num_tokens, check_weight, compute_dtype
+from .loss_inputs import check_logps, check_num_tokens, compute_dtype
 from .metrics import unpaired_metrics
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -115,8 +115,9 @@ def kto_loss(
             f"unknown loss_type {loss_type!r}; valid loss types are {list(KTO_LOSS_TYPES)}"
         )
     pl.check_beta(beta)
-    desirable_weight = check_weight("desirable_weight", desirable_weight)
-    undesirable_weight = check_weight("undesirable_weight", undesirable_weight)
+    pl.check_positive("desirable_weight", desirable_weight)
+    pl.check_positive("undesirable_weight", undesirable_weight)
+    desirable_weight, undesirable_weight = float(desirable_weight), float(undesirable_weight)
     policy_logps = check_logps("policy_logps", policy_logps)
     check_logps("ref_logps", ref_logps, like=policy_logps)
     if not isinstance(desirable, Tensor):

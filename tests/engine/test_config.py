@@ -240,3 +240,19 @@ def test_cli_errors_and_launcher_flags(capsys, monkeypatch):
     assert "resume: true" in capsys.readouterr().out
     assert cli.main(["--resume", "runs/x/checkpoints/step-00000010", "--print-config"]) == 0
     assert "resume: runs/x/checkpoints/step-00000010" in capsys.readouterr().out
+
+
+def test_method_override_brings_its_defaults(tmp_path):
+    path = write(tmp_path, "loss:\n  method: dpo\n  loss_type: [ipo, sft]\n  loss_weights: [1, 2]\n"
+                           "data:\n  share_prompt: true\n")
+    cpo = load_config(path, overrides=["--loss.method", "cpo"])
+    assert cpo.loss.resolved_loss_types() == ["sigmoid"] and cpo.loss.loss_weights is None
+    assert cpo.data.share_prompt  # paired: kept
+    kept = load_config(path, overrides=["--loss.method", "cpo", "--loss.loss_type", "ipo"])
+    assert kept.loss.loss_type == ["ipo"]
+    kto = load_config(path, overrides=["--loss.method", "kto"])
+    assert kto.loss.resolved_loss_types() == ["kto"] and not kto.data.share_prompt
+    # the same method again changes nothing; a kto file keeps its own share_prompt refusal
+    assert load_config(path, overrides=["--loss.method", "dpo"]).loss.loss_type == ["ipo", "sft"]
+    with pytest.raises(ConfigError, match=r"data\.share_prompt applies to paired losses"):
+        load_config(path, overrides=["--loss.method", "kto", "--data.share_prompt", "true"])

@@ -290,3 +290,13 @@ def test_split_train_eval(tokenizer):
     with pytest.raises(ValueError, match=r"eval_fraction must be in \[0, 1\)"):
         data.split_train_eval(dataset, 1.0)
     assert dataset.fingerprint() != train.fingerprint()
+
+
+def test_records_remember_file_and_row(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    row = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    path.write_text(json.dumps(row) + "\n\n" + json.dumps(row) + "\n")
+    records = data.load_preference_records(path)
+    assert records == [row, row] and records.source == str(path)
+    assert records.origins == [f"{path} line 1", f"{path} line 3"]
+    assert data.load_preference_records([row]).origins == ["records[0]"]
