@@ -4,6 +4,10 @@
                              [--reps N] [--threads N] [--only TEXT] [--profile] [--out DIR]
     python -m benchmarks report DIR/results.json     markdown tables (for RESULTS.md)
     python -m benchmarks plot DIR/results.json       PNG plots of time and memory
+    python -m benchmarks compile-report [...]         AOT compile gates, sm_80/sm_90, no GPU
+                                                     (``benchmarks/compile_report.py``)
+    python -m benchmarks gpu [--out PATH] [...]       the one-command GPU report (one H100,
+                                                     < 9 min; ``benchmarks/gpu.py``)
 
 ``run`` measures every case in a fresh process (see ``benchmarks/harness.py``), prints each result
 as it lands and then a table per workload with time and memory ratios against the baseline
@@ -36,6 +40,7 @@ from benchmarks.harness import (
 )
 
 SUITES = ("kernels", "e2e")
+TOOLS = {"compile-report": "benchmarks.compile_report", "gpu": "benchmarks.gpu"}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -65,6 +70,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     plot = sub.add_parser("plot", help="PNG plots of a results.json")
     plot.add_argument("results", type=Path)
     plot.add_argument("--out", type=Path, default=None)
+    for name, text in (("compile-report", "AOT compile gates for sm_80/sm_90 (no GPU needed)"),
+                       ("gpu", "the one-command GPU report")):
+        tool = sub.add_parser(name, help=text, add_help=False)
+        tool.add_argument("rest", nargs=argparse.REMAINDER)
     sub.add_parser("_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if getattr(args, "reps", None) is not None and args.reps < 1:
@@ -165,6 +174,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:  # own argument parsers
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     args = _parse(argv)
     if args.command == "_worker":
         return _worker()

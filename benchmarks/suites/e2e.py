@@ -81,6 +81,11 @@ def model_config(params: dict[str, Any]):
                            num_key_value_heads=3, max_position_embeddings=8192,
                            rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
                            attn_implementation="sdpa")
+    if params["model"] == "llama-1b":  # Llama-3.2-1B's shape (1.24B parameters), random weights
+        return LlamaConfig(vocab_size=params["V"], hidden_size=2048, intermediate_size=8192,
+                           num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                           max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                           tie_word_embeddings=True, attn_implementation="sdpa")
     raise ValueError(f"unknown benchmark model {params['model']!r}")
 
 

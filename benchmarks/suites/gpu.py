@@ -1,0 +1,122 @@
+"""Workloads of ``python -m benchmarks gpu`` that the kernels suite does not have.
+
+``logits``  from ``[B, T, V]`` logits (labels as in the kernels suite), every implementation of
+    ``benchmarks.suites.kernels`` plus
+    torch_compile  ``log_softmax(x.float()).gather()`` under ``torch.compile``
+    quack          quack's cross-entropy kernel, ``reduction="none"`` (CUDA only, if installed)
+``linear``  the fused linear head with every token scored (no prompt: the anchor is N tokens, and
+    no implementation may win by skipping prompt positions), built by
+    ``benchmarks.linear_logprobs.build`` for ``fwd+bwd`` (a sigmoid DPO loss on the per-sequence
+    logps, gradients of hidden and weight) and here for ``fwd`` (logps under ``no_grad``):
+    naive, liger (compiled on CUDA, eager on CPU), fastpo, cce, and ``matmul`` (one ``h @ Wᵀ``
+    in the input dtype, the yardstick).
+
+The 1B DPO step is ``benchmarks.suites.e2e`` with ``model="llama-1b"``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import linear_logprobs
+from benchmarks.harness import CaseSpec, SkipCase, Workload
+from benchmarks.suites import kernels
+
+CUDA_ONLY = {**kernels.CUDA_ONLY, "quack": "quack's kernels need a CUDA device",
+             "torch_compile": "torch.compile is measured on CUDA only (minutes of CPU compile)"}
+
+
+def _logits_fn(impl: str, labels: torch.Tensor):
+    if impl == "torch_compile":
+        return torch.compile(kernels._logits_fn("torch", labels), dynamic=False)
+    if impl == "quack":
+        from quack.cross_entropy import cross_entropy
+
+        def quack(x: torch.Tensor) -> torch.Tensor:
+            nll = cross_entropy(x.reshape(-1, x.shape[-1]), labels.reshape(-1).clamp(min=0),
+                                reduction="none")
+            return -kernels._masked_sum(nll.view(labels.shape).float(), labels)
+
+        return quack
+    return kernels._logits_fn(impl, labels)
+
+
+def _build_logits(spec: CaseSpec) -> Workload:
+    p, device = spec.params, spec.device
+    gen = torch.Generator(device=device).manual_seed(1)
+    logits = torch.empty(p["B"], p["T"], p["V"], dtype=kernels.DTYPES[p["dtype"]], device=device)
+    for b in range(p["B"]):  # on the device, a row at a time: no fp32 copy of the whole tensor
+        logits[b] = torch.randn(p["T"], p["V"], generator=gen, device=device) * 2.0
+    labels = kernels.make_labels(p["B"], p["T"], p["V"], device=device)
+    fn = _logits_fn(spec.impl, labels)
+    nbytes = logits.numel() * logits.element_size()
+    tokens = p["B"] * p["T"]
+    if p["mode"] == "fwd":
+        def forward() -> torch.Tensor:
+            with torch.no_grad():
+                return fn(logits).float().sum()
+
+        return Workload(forward, tokens=tokens, bytes_moved=nbytes)
+    call, setup = kernels.logits_forward_backward(logits, fn,
+                                                  restore=spec.impl == "fastpo_inplace")
+    return Workload(call, tokens=tokens, bytes_moved=3 * nbytes, setup_each=setup,
+                    notes="inputs restored untimed before each call" if setup else "")
+
+
+def linear_config(spec: CaseSpec) -> dict:
+    """The ``benchmarks.linear_logprobs`` config of a ``linear`` case (every token scored)."""
+    p = spec.params
+    on_gpu = spec.device.startswith("cuda")
+    impl = "liger_compiled" if spec.impl == "liger" and on_gpu else spec.impl
+    return {"device": spec.device, "impl": impl, "dtype": p["dtype"], "batch": p["B"],
+            "seq": p["T"], "hidden": p["H"], "vocab": p["V"], "prompt": 0.0,
+            "chunk_tokens": 0, "chunk_vocab": 0}
+
+
+def _build_linear_forward(spec: CaseSpec, cfg: dict) -> Workload:
+    device, impl = spec.device, spec.impl
+    dtype = kernels.DTYPES[cfg["dtype"]]
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(cfg["batch"], cfg["seq"], cfg["hidden"], generator=gen).to(device, dtype)
+    weight = (torch.randn(cfg["vocab"], cfg["hidden"], generator=gen)
+              * cfg["hidden"] ** -0.5).to(device, dtype)
+    labels = linear_logprobs.make_labels(cfg["batch"], cfg["seq"], cfg["vocab"], 0.0).to(device)
+    if impl == "naive":
+        def fn() -> torch.Tensor:
+            logp = (hidden @ weight.t()).float().log_softmax(-1)
+            return logp.gather(-1, labels.unsqueeze(-1)).sum()
+    elif impl == "fastpo":
+        from fastpo.kernels.linear_logprobs import linear_sequence_logps
+
+        def fn() -> torch.Tensor:
+            return linear_sequence_logps(hidden, weight, labels).logps.sum()
+    elif impl == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        def fn() -> torch.Tensor:
+            return -linear_cross_entropy(hidden, weight, labels, reduction="none",
+                                         shift=False).float().sum()
+    else:
+        raise SkipCase(f"{impl} has no forward-only form here")
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return fn()
+
+    return Workload(forward, tokens=cfg["batch"] * cfg["seq"])
+
+
+def build(spec: CaseSpec) -> Workload:
+    """The workload of one case (called in the measuring process)."""
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SkipCase("no CUDA device")
+    if spec.impl in CUDA_ONLY and not spec.device.startswith("cuda"):
+        raise SkipCase(CUDA_ONLY[spec.impl])
+    if spec.family == "logits":
+        return _build_logits(spec)
+    if spec.family == "linear":
+        cfg = linear_config(spec)
+        if spec.params["mode"] == "fwd" and spec.impl != "matmul":
+            return _build_linear_forward(spec, cfg)
+        return linear_logprobs.build(cfg)
+    raise ValueError(f"unknown gpu family {spec.family!r}")
