@@ -33,8 +33,7 @@ class SequenceLogps(NamedTuple):
 def _check(logits: Tensor, labels: Tensor, ignore_index: int, temperature: float) -> None:
     checks.check_logits_labels(logits, labels)
     checks.check_temperature(temperature)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    checks.check_ignore_index(ignore_index)
 
 
 def token_logps(
@@ -49,12 +48,19 @@ def token_logps(
     """Log-probability of each label token: [B, T, V] or [N, V] logits -> [B, T] or [N].
 
     Args:
-        logits: float32, bfloat16, float16 or float64 logits; any strides.
+        logits: float32, bfloat16, float16 or float64 logits; any strides (a shifted view
+            ``logits[:, :-1]``, a slice of a wider vocabulary, a transposed or expanded tensor).
         labels: int64 or int32 labels of the leading shape; ``ignore_index`` where not scored.
-        temperature: the logits are divided by it before the softmax.
+            A label outside ``[0, V)`` that is not ``ignore_index`` is an error (see
+            :mod:`fastpo.kernels.checks`: exact position on CPU, an asynchronous device assert
+            on a GPU).
+        temperature: the logits are divided by it before the softmax; a finite number > 0.
         inplace_backward: the backward writes the gradient into the logits' own storage, so it
             allocates no ``[N, V]`` buffer. **The logits are overwritten** during backward: do not
             use them afterwards, and do not use this when another op saved them for its backward.
+            Logits whose elements share memory (expanded over a dimension, stride 0, or any other
+            self-overlapping view) cannot hold their own gradient: their backward writes a fresh
+            buffer instead, exactly as with ``inplace_backward=False``.
         with_logits_sum: also return, per token, the sum over the vocabulary of the raw logits
             (0 where ignored), computed in the same pass (for TRL's ``logits/*`` metrics).
     """
@@ -75,15 +81,25 @@ def reduce_sequences(
     """Sum per-token values and count scored tokens per sequence.
 
     Rows of ``[B, T]`` inputs are sequences. For packed (padding-free) input, ``sequence_ids`` of
-    the same shape gives each token's sequence (``-1`` for none) and ``num_sequences`` their count.
+    the same shape gives each token's sequence (``-1`` for none) and ``num_sequences`` their count;
+    an id outside ``[-1, num_sequences)`` is an error (no host synchronization on a GPU, see
+    :mod:`fastpo.kernels.checks`). Without ``num_sequences`` the count is read from the ids on the
+    host (one synchronization on a GPU).
     """
     if sequence_ids is None:
         if token_values.dim() == 1:
             token_values, scored = token_values.unsqueeze(0), scored.unsqueeze(0)
+        if num_sequences is not None and num_sequences != token_values.shape[0]:
+            raise ValueError(f"num_sequences={num_sequences!r} without sequence_ids, but the "
+                             f"input has {token_values.shape[0]} rows (one sequence per row); "
+                             "pass the packed sequence_ids for another layout")
         return token_values.sum(-1), scored.sum(-1)
+    if not isinstance(sequence_ids, Tensor):
+        raise TypeError(f"sequence_ids must be a tensor, got {type(sequence_ids).__name__}")
     if tuple(sequence_ids.shape) != tuple(token_values.shape):
         raise ValueError(f"sequence_ids shape {tuple(sequence_ids.shape)} does not match labels "
                          f"shape {tuple(token_values.shape)}")
+    checks.check_sequence_ids(sequence_ids, num_sequences)
     if num_sequences is None:
         num_sequences = int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0
     ids = sequence_ids.reshape(-1).long()

@@ -11,7 +11,9 @@ ops:
 
 ``logits`` is ``[N, V]`` or ``[B, T, V]`` (any strides; a vocab stride other than 1 costs a copy);
 ``labels`` has the leading shape. Autograd is registered on ``logps_forward``: it saves the
-logits, labels and the per-row log-sum-exp, and its backward calls one of the backward ops.
+logits, labels and the per-row log-sum-exp, and its backward calls one of the backward ops: the
+in-place one when ``inplace_backward`` was asked for and the logits do not overlap themselves
+(an expanded tensor cannot hold its own gradient; it gets a fresh one).
 
 Backends: CUDA tensors run the Triton kernels. CPU tensors run the native C++ kernel from
 ``csrc/`` when it is built, else the chunked PyTorch implementation; ``use_cpu_backend("triton")``
@@ -110,14 +112,31 @@ def _unit_vocab_stride(logits: Tensor) -> Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
-def _row_views(t: Tensor) -> list[Tensor]:
-    """2-D views covering the rows of a [N, V] or [B, T, V] tensor in order, without copying."""
-    if t.dim() == 2:
-        return [t]
+def _row_blocks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    """2-D ``[rows, V]`` views of same-shape ``[N, V]`` or ``[B, T, V]`` tensors, block by block
+    and in the same row order for each tensor, without copying: one block when every tensor is
+    viewable as ``[N, V]``, else one block per batch row (e.g. the shifted ``logits[:, :-1]``)."""
+    if tensors[0].dim() == 2:
+        return [tensors]
     try:
-        return [t.view(-1, t.shape[-1])]
+        return [tuple(t.view(-1, t.shape[-1]) for t in tensors)]
     except RuntimeError:
-        return list(t.unbind(0))
+        return list(zip(*(t.unbind(0) for t in tensors)))
+
+
+def overlaps_itself(t: Tensor) -> bool:
+    """True when two elements of ``t`` may share memory (a stride 0 from ``expand``, or any other
+    self-overlapping ``as_strided`` view): such a tensor cannot hold its own gradient.
+
+    Sufficient test from the strides: with the dimensions of size > 1 sorted by stride, each
+    stride must step past everything the smaller-stride dimensions reach.
+    """
+    reach = 0  # the largest offset the dimensions seen so far reach from element 0
+    for stride, size in sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
 
 
 def _float_dtype(logits: Tensor) -> torch.dtype:
@@ -146,7 +165,7 @@ def logps_forward(
         return triton_logps_forward(logits, labels, ignore_index, temperature, with_logits_sum)
     flat_labels = labels.reshape(-1).to(torch.int64)
     outs, start = [], 0
-    for view in _row_views(logits):
+    for (view,) in _row_blocks(logits):
         lab = flat_labels[start:start + view.shape[0]].contiguous()
         start += view.shape[0]
         if backend == "native" and view.dtype != torch.float64:
@@ -173,7 +192,8 @@ def _(logits, labels, ignore_index, temperature, with_logits_sum, inplace_backwa
 
 
 def _backward_into(grad_logps, logits, labels, lse, ignore_index, temperature, out) -> Tensor:
-    """Write dlogits into ``out`` (a [.., V] tensor of logits' shape, possibly ``logits``)."""
+    """Write dlogits into ``out``, a tensor of logits' shape: a fresh buffer, or ``logits``
+    itself (the in-place backward; logits then must not overlap themselves)."""
     backend = resolve_backend(logits.device)
     if backend == "triton":
         from .triton_logprobs import triton_logps_backward
@@ -183,15 +203,16 @@ def _backward_into(grad_logps, logits, labels, lse, ignore_index, temperature, o
     flat = [t.reshape(-1) for t in (grad_logps, labels, lse)]
     flat[1] = flat[1].to(torch.int64)
     start = 0
-    for view, out_view in zip(_row_views(logits), _row_views(out)):
+    for view, out_view in _row_blocks(logits, out):
         g, lab, row_lse = (t[start:start + view.shape[0]].contiguous() for t in flat)
         start += view.shape[0]
         if backend == "native" and view.dtype != torch.float64:
-            inplace = out_view.data_ptr() == view.data_ptr()
-            result = torch.ops.fastpo_native.logps_backward(
-                g.float(), view, lab, row_lse.float(), ignore_index, float(temperature), inplace)
-            if not inplace:
-                out_view.copy_(result)
+            if out_view.data_ptr() != view.data_ptr() or out_view.stride() != view.stride():
+                # a fresh block: the logits are copied there and the kernel runs in place on it
+                # (no temporary [rows, V] buffer, whatever the logits' row stride)
+                out_view.copy_(view)
+            torch.ops.fastpo_native.logps_backward(
+                g.float(), out_view, lab, row_lse.float(), ignore_index, float(temperature), True)
         else:
             reference.chunked_logps_backward(g, view, lab, row_lse, ignore_index, temperature,
                                              out_view)
@@ -208,13 +229,15 @@ def logps_backward(
     temperature: float,
 ) -> Tensor:
     """dlogits = grad · (onehot(label) − softmax(logits / T)) / T, in a new tensor."""
-    logits = _unit_vocab_stride(logits)
-    views = _row_views(logits)
-    if (len(views) == 1 and logits.dtype != torch.float64
+    if logits.stride(-1) != 1:  # a contiguous copy (always new memory) takes the gradient
+        copy = logits.clone(memory_format=torch.contiguous_format)
+        return _backward_into(grad_logps, copy, labels, lse, ignore_index, temperature, copy)
+    blocks = _row_blocks(logits)
+    if (len(blocks) == 1 and logits.dtype != torch.float64
             and resolve_backend(logits.device) == "native"):
         # the native kernel allocates the gradient itself: no second [N, V] buffer, no copy
         return torch.ops.fastpo_native.logps_backward(
-            grad_logps.reshape(-1), views[0], labels.reshape(-1).to(torch.int64).contiguous(),
+            grad_logps.reshape(-1), blocks[0][0], labels.reshape(-1).to(torch.int64).contiguous(),
             lse.reshape(-1).float(), ignore_index, float(temperature), False).view(logits.shape)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     return _backward_into(grad_logps, logits, labels, lse, ignore_index, temperature, out)
@@ -234,7 +257,13 @@ def logps_backward_(
     ignore_index: int,
     temperature: float,
 ) -> None:
-    """In-place form of ``logps_backward``: the gradient overwrites ``logits``."""
+    """In-place form of ``logps_backward``: the gradient overwrites ``logits``, which must not
+    overlap itself (the autograd backward uses ``logps_backward`` for such logits instead)."""
+    if overlaps_itself(logits):
+        raise ValueError(f"fastpo::logps_backward_: the logits (shape {tuple(logits.shape)}, "
+                         f"strides {logits.stride()}) share memory between elements (expanded or "
+                         "overlapping view) and cannot hold their own gradient; use "
+                         "fastpo::logps_backward")
     if logits.stride(-1) == 1:
         _backward_into(grad_logps, logits, labels, lse, ignore_index, temperature, logits)
     else:  # a vocab stride other than 1 is computed in a contiguous copy, then written back
@@ -265,7 +294,7 @@ def _backward(ctx, grad_logps, _grad_lse, _grad_logits_sum):
     if grad_logps is None or not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None
     grad_logps = grad_logps.contiguous()
-    if ctx.inplace_backward:
+    if ctx.inplace_backward and not overlaps_itself(logits):
         torch.ops.fastpo.logps_backward_(grad_logps, logits, labels, lse, ctx.ignore_index,
                                          ctx.temperature)
         grad_logits = logits

@@ -4,7 +4,8 @@ Two roles:
 - ``token_logps_reference`` is the float64 ground truth the tests compare every kernel against.
 - ``chunked_logps_forward`` / ``chunked_logps_backward`` are the memory-lean CPU fallback used when
   the native kernel is not built: rows are processed in chunks so that at most one chunk of
-  float32 temporaries exists at a time.
+  float32 temporaries exists at a time. They select the scored rows with ``nonzero`` (which reads
+  the labels on the host): CPU tensors only; CUDA tensors always run the Triton kernels.
 
 Math, per row n with x = logits[n] / T and label y:
     lse    = log Σ_j exp(x_j)
@@ -98,14 +99,12 @@ def chunked_logps_backward(
     """
     vocab = logits.shape[1]
     acc = accumulation_dtype(logits.dtype)
-    ignored = labels == ignore_index
-    chunks = list(_scored_row_chunks(labels, ignore_index, vocab))
-    for rows in chunks:
+    for rows in _scored_row_chunks(labels, ignore_index, vocab):
         x = logits.index_select(0, rows).to(acc) / temperature
         g = (grad_logps.index_select(0, rows).to(acc) / temperature).unsqueeze(1)
         d = torch.exp(x - lse.index_select(0, rows).to(acc).unsqueeze(1)).mul_(-g)
         d.scatter_add_(1, labels.index_select(0, rows).long().unsqueeze(1), g)
         out.index_copy_(0, rows, d.to(out.dtype))
-    if bool(ignored.any()):
-        out[ignored] = 0
+    # ignored rows: exact zeros (an empty index is a no-op, no test of the mask on the host)
+    out.index_fill_(0, (labels == ignore_index).nonzero().squeeze(1), 0)
     return out
