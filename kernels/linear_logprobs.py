@@ -8,10 +8,29 @@ This is the from-logits op of ``logprobs.py`` fused with the lm_head matmul, so 
 ``[N, V]`` logits of a large vocabulary (32k tokens × 128k × 4 bytes = 16 GB) never exist. Tokens
 whose label is ``ignore_index`` (prompt, padding) are dropped before any compute.
 
-Backends (chosen like the from-logits op, see ``ops.resolve_backend``): CUDA tensors run the tiled
-Triton kernels of ``linear_logprobs_triton.py``; CPU tensors (and float64 anywhere) run the
-chunked path below; ``use_cpu_backend("triton")`` runs the Triton kernels on CPU tensors through
-Triton's interpreter (how they are tested without a GPU).
+Designs. Where the Triton backend runs (CUDA tensors; CPU tensors under
+``use_cpu_backend("triton")`` and Triton's interpreter, how the GPU code is tested without a GPU)
+two designs exist, chosen per call and per phase by the roofline model of ``linear_cost.py``
+(``design="auto"``) or forced with ``design="tile"`` / ``"gemm"``:
+
+    tile   the fused Triton kernels of ``linear_logprobs_triton.py``: a forward that never writes
+           a logit (the model's pick for the forward: no-grad reference passes, small N) and a
+           backward that adds tile shares with fp32 atomics (atomic-bound at large N);
+    gemm   ``linear_gemm.py``: cuBLAS GEMMs on token chunks × vocab slices from a memory budget
+           (1 GiB beyond the returned gradients at the Llama-3-8B head × 32k tokens), a Triton
+           row kernel for the log-sum-exp and the softmax gradient, grad_h / grad_W as GEMMs with
+           fp32 accumulation; the model's pick for the backward at every anchor shape.
+
+``deterministic=True`` rules out atomics: the backward takes the gemm design (``"tile"`` with it is
+an error); the forward of both designs has none. Other CPU tensors (and float64 anywhere) run the
+chunked path below unless ``design="gemm"`` asks for the GEMM design (its row passes then in
+PyTorch); ``"tile"`` needs the Triton backend.
+
+Scored tokens on CUDA. The gemm backward drops ignored tokens before any compute, which needs
+their count on the host: the forward starts a non-blocking copy of the count into pinned memory
+and the backward reads it after waiting for its event (recorded in the forward, long passed by the
+time the backward runs; no stream synchronization). Where the count is not available (under
+``torch.compile``) every row is computed in order and the ignored ones come out exactly zero.
 
 CPU path. The scored tokens are gathered (``nonzero`` on the labels: one host synchronization for
 their count, free on a CPU) and walked in chunks of ``chunk_tokens``; for each chunk the vocabulary
@@ -42,12 +61,15 @@ from torch import Tensor
 
 from . import checks
 from . import ops as _ops
+from .linear_cost import Shape, choose_design, device_spec
+from .linear_gemm import gemm_linear_logps_backward, gemm_linear_logps_forward
 from .logprobs import SequenceLogps, reduce_sequences, sequence_totals
 
 # Bytes of one fp32 logits tile of the CPU path, and the most tokens in one chunk.
 TILE_BYTES = 8 * 2**20
 MAX_CHUNK_TOKENS = 1024
 _VOCAB_ALIGN = 64
+DESIGNS = ("auto", "gemm", "tile")
 
 
 def choose_chunks(n_tokens: int, vocab: int, *, chunk_tokens: int = 0,
@@ -71,6 +93,36 @@ def _use_triton(hidden: Tensor, weight: Tensor) -> bool:
     if _acc_dtype(hidden, weight) == torch.float64:
         return False
     return _ops.resolve_backend(hidden.device) == "triton"
+
+
+def _design(phase: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, design: str,
+            deterministic: bool = False, need_hidden: bool = True,
+            need_weight: bool = True) -> str:
+    """"chunked" (the CPU path), "tile" or "gemm" for this call's ``phase``."""
+    if design == "gemm":
+        return "gemm"
+    if not _use_triton(hidden, weight):
+        return "chunked"
+    if design == "tile":
+        return "tile"
+    device = hidden.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    op = torch.promote_types(hidden.dtype, weight.dtype)
+    shape = Shape(hidden.shape[0], hidden.shape[1], weight.shape[0], op.itemsize,
+                  bias=bias is not None, need_hidden=need_hidden, need_weight=need_weight,
+                  tf32=op == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+    return choose_design(phase, shape, device_spec(name), deterministic=deterministic)
+
+
+def _gemm_rows(labels: Tensor, ignore_index: int, scored_count: int) -> Tensor | None:
+    """Rows for the gemm design: the scored ones (CPU: ``nonzero``, free there; CUDA: a device
+    sort cut at the host-known count), or None (every row) on CUDA when the count is unknown."""
+    if labels.device.type != "cuda":
+        return _scored_rows(labels, ignore_index)
+    if scored_count < 0:
+        return None
+    order = torch.argsort((labels == ignore_index).to(torch.int8), stable=True)
+    return order[:scored_count]
 
 
 def _scored_rows(labels: Tensor, ignore_index: int) -> Tensor:
@@ -225,16 +277,25 @@ def linear_logps_forward(
     temperature: float,
     chunk_tokens: int = 0,
     chunk_vocab: int = 0,
+    design: str = "auto",
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(logps, lse) per token of 2-D ``hidden [N, H]`` and ``weight [V, H]``; ``labels`` of any
-    shape with N elements (the outputs take its shape, and a bad label is reported there)."""
+    shape with N elements (the outputs take its shape, and a bad label is reported there).
+    ``deterministic`` only travels to the backward (the forwards have no atomics)."""
     checks.check_label_range(labels, weight.shape[0], ignore_index)
     flat = labels.reshape(-1)
-    if _use_triton(hidden, weight):
+    chosen = _design("forward", hidden, weight, bias, design)
+    if chosen == "tile":
         from .linear_logprobs_triton import triton_linear_logps_forward
 
         logps, lse = triton_linear_logps_forward(hidden, weight, bias, flat, ignore_index,
                                                  temperature)
+    elif chosen == "gemm":
+        logps, lse = gemm_linear_logps_forward(
+            hidden, weight, bias, flat, ignore_index, temperature,
+            rows=_gemm_rows(flat, ignore_index, -1), triton_rows=_use_triton(hidden, weight),
+            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
     else:
         logps, lse = chunked_linear_logps_forward(hidden, weight, bias, flat, ignore_index,
                                                   temperature, chunk_tokens, chunk_vocab)
@@ -242,7 +303,8 @@ def linear_logps_forward(
 
 
 @linear_logps_forward.register_fake
-def _(hidden, weight, bias, labels, ignore_index, temperature, chunk_tokens=0, chunk_vocab=0):
+def _(hidden, weight, bias, labels, ignore_index, temperature, chunk_tokens=0, chunk_vocab=0,
+      design="auto", deterministic=False):
     dtype = _acc_dtype(hidden, weight, bias)
     return (hidden.new_empty(labels.shape, dtype=dtype),
             hidden.new_empty(labels.shape, dtype=dtype))
@@ -263,10 +325,23 @@ def linear_logps_backward(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    design: str = "auto",
+    deterministic: bool = False,
+    scored_count: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_hidden, grad_weight, grad_bias); a gradient that is not needed is an empty tensor."""
+    """(grad_hidden, grad_weight, grad_bias); a gradient that is not needed is an empty tensor.
+    ``scored_count``: the number of scored tokens when the host knows it (else -1)."""
     grad_logps, labels, lse = grad_logps.reshape(-1), labels.reshape(-1), lse.reshape(-1)
-    if _use_triton(hidden, weight):
+    chosen = _design("backward", hidden, weight, bias, design, deterministic, need_hidden,
+                     need_weight)
+    if chosen == "gemm":
+        grads = gemm_linear_logps_backward(
+            grad_logps, hidden, weight, bias, labels, lse, ignore_index, temperature,
+            need_hidden, need_weight, need_bias,
+            rows=_gemm_rows(labels, ignore_index, scored_count),
+            triton_rows=_use_triton(hidden, weight), chunk_tokens=chunk_tokens,
+            chunk_vocab=chunk_vocab)
+    elif chosen == "tile":
         from .linear_logprobs_triton import triton_linear_logps_backward
 
         grads = triton_linear_logps_backward(grad_logps, hidden, weight, bias, labels, lse,
@@ -281,30 +356,56 @@ def linear_logps_backward(
 
 @linear_logps_backward.register_fake
 def _(grad_logps, hidden, weight, bias, labels, lse, ignore_index, temperature, chunk_tokens,
-      chunk_vocab, need_hidden, need_weight, need_bias):
+      chunk_vocab, need_hidden, need_weight, need_bias, design="auto", deterministic=False,
+      scored_count=-1):
     empty = hidden.new_empty(0)
     return (torch.empty_like(hidden) if need_hidden else empty,
             torch.empty_like(weight) if need_weight else empty,
             torch.empty_like(bias) if need_bias and bias is not None else empty)
 
 
+def _count_to_host(labels: Tensor, ignore_index: int) -> tuple[Tensor, object] | None:
+    """Start copying the scored-token count of CUDA ``labels`` to pinned host memory without a
+    synchronization: (host tensor, event to wait on before reading it); None elsewhere."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if labels.device.type != "cuda" or torch.compiler.is_compiling() or is_fake(labels):
+        return None
+    host = torch.empty((), dtype=torch.int64, pin_memory=True)
+    host.copy_((labels != ignore_index).sum(), non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, labels, ignore_index, temperature, *chunks = inputs
+    hidden, weight, bias, labels, ignore_index, temperature, *rest = inputs
     _logps, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse)
     ctx.mark_non_differentiable(lse)
-    ctx.args = (ignore_index, temperature, *(*chunks, 0, 0)[:2])  # defaults may be omitted
+    defaults = (0, 0, "auto", False)  # chunk_tokens, chunk_vocab, design, deterministic
+    chunk_tokens, chunk_vocab, design, deterministic = (*rest, *defaults[len(rest):])
+    ctx.args = (ignore_index, temperature, chunk_tokens, chunk_vocab)
+    ctx.design = (design, deterministic)
+    ctx.count = None
+    if _design("backward", hidden, weight, bias, design, deterministic) == "gemm":
+        ctx.count = _count_to_host(labels, ignore_index)
 
 
 def _backward(ctx, grad_logps, _grad_lse):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    nothing = (None,) * 5
+    nothing = (None,) * 7
     if grad_logps is None or not (need_h or need_w or need_b):
         return (None, None, None, *nothing)
+    scored_count = -1
+    if ctx.count is not None:
+        host, event = ctx.count
+        event.synchronize()  # recorded in the forward: normally long complete
+        scored_count = int(host)
     grads = torch.ops.fastpo.linear_logps_backward(
         grad_logps.contiguous(), hidden, weight, bias, labels, lse, *ctx.args,
-        need_h, need_w, need_b and bias is not None)
+        need_h, need_w, need_b and bias is not None, *ctx.design, scored_count)
     return (*(g if need else None for g, need in zip(grads, (need_h, need_w, need_b))), *nothing)
 
 
@@ -315,7 +416,8 @@ linear_logps_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
-           ignore_index: int, temperature: float, chunk_tokens: int, chunk_vocab: int) -> None:
+           ignore_index: int, temperature: float, chunk_tokens: int, chunk_vocab: int,
+           design: str = "auto", deterministic: bool = False) -> None:
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -353,6 +455,17 @@ def _check(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
     for name, value in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be an int >= 0 (0 = automatic), got {value!r}")
+    if design not in DESIGNS:
+        raise ValueError(f"unknown design {design!r}; expected one of {DESIGNS}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if design == "tile" and deterministic:
+        raise ValueError("design='tile' adds gradient shares with atomics and cannot be "
+                         "deterministic; use design='gemm' or 'auto' with deterministic=True")
+    if design == "tile" and not _use_triton(hidden, weight):
+        raise ValueError("design='tile' needs the Triton backend (CUDA tensors, or CPU tensors "
+                         "under use_cpu_backend('triton')) and no float64 input; got "
+                         f"{hidden.dtype}/{weight.dtype} tensors on {hidden.device}")
 
 
 def linear_token_logps(
@@ -365,6 +478,8 @@ def linear_token_logps(
     temperature: float = 1.0,
     chunk_tokens: int = 0,
     chunk_vocab: int = 0,
+    design: str = "auto",
+    deterministic: bool = False,
 ) -> Tensor:
     """log softmax((hidden @ weightᵀ + bias) / T)[label] per token, without the logits.
 
@@ -374,18 +489,23 @@ def linear_token_logps(
         labels: int64/int32 shifted labels of the leading shape; ``ignore_index`` where not scored.
         bias: optional lm_head bias ``[V]``.
         temperature: the logits are divided by it before the softmax.
-        chunk_tokens, chunk_vocab: tile of the CPU path (0: chosen from the shapes);
-            on the GPU ``chunk_vocab`` is the vocab rows per backward launch (0: an fp32
-            weight-gradient accumulator of at most 256 MiB).
+        chunk_tokens, chunk_vocab: tile of the CPU path and of the gemm design (0: chosen from
+            the shapes, for the gemm design from its memory budget); for the tile design
+            ``chunk_vocab`` is the vocab rows per backward launch (0: an fp32 weight-gradient
+            accumulator of at most 256 MiB).
+        design: "auto" (the cost model's pick per phase), "gemm" or "tile" (see the module doc).
+        deterministic: bit-reproducible gradients (no atomics: the backward takes the gemm
+            design).
 
     Returns float32 (float64 for float64 inputs) logps of the leading shape, exactly 0 where
     ignored. Differentiable w.r.t. hidden, weight and bias.
     """
-    _check(hidden, weight, labels, bias, ignore_index, temperature, chunk_tokens, chunk_vocab)
+    _check(hidden, weight, labels, bias, ignore_index, temperature, chunk_tokens, chunk_vocab,
+           design, deterministic)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     logps, _lse = torch.ops.fastpo.linear_logps_forward(
         flat_hidden, weight, bias, labels, ignore_index, float(temperature), chunk_tokens,
-        chunk_vocab)
+        chunk_vocab, design, deterministic)
     return logps
 
 
@@ -403,6 +523,8 @@ def linear_sequence_logps(
     num_sequences: int | None = None,
     chunk_tokens: int = 0,
     chunk_vocab: int = 0,
+    design: str = "auto",
+    deterministic: bool = False,
 ) -> SequenceLogps:
     """Per-sequence log-probs of the label tokens from hidden states (see ``linear_token_logps``).
 
@@ -410,12 +532,14 @@ def linear_sequence_logps(
     ``with_logits_sum`` adds, per sequence, the sum over scored tokens and the vocabulary of the
     raw logits, ``Σ_n (h_n · Σ_v W_v + Σ_v b_v)``, computed in closed form without gradient (for
     TRL's ``logits/*`` metrics). Packed input: ``sequence_ids``/``num_sequences`` as in
-    :func:`fastpo.kernels.sequence_logps`.
+    :func:`fastpo.kernels.sequence_logps`. ``design`` / ``deterministic``: see
+    ``linear_token_logps``.
     """
     checks.check_reduction(reduction)
     per_token = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                    temperature=temperature, chunk_tokens=chunk_tokens,
-                                   chunk_vocab=chunk_vocab)
+                                   chunk_vocab=chunk_vocab, design=design,
+                                   deterministic=deterministic)
     scored = labels != ignore_index
     totals, counts = sequence_totals(per_token, scored, reduction=reduction,
                                      sequence_ids=sequence_ids, num_sequences=num_sequences)
