@@ -3,19 +3,26 @@
 Layout under the checkpoint root::
 
     step-00000040/          one checkpoint (model, optimizer, scheduler, trainer state, RNG)
-        manifest.json       written last inside the folder: every file with its size
+        manifest.json       written last inside the folder: every file, size and sha256
     step-00000050/
     latest                  "step-00000050", replaced atomically after the folder is in place
     .tmp-step-00000060/     a checkpoint being written (never read)
 
 Writing (:meth:`CheckpointManager.begin` / :meth:`commit`): every rank writes its files into a
-temporary folder; after a barrier rank 0 fsyncs them, writes the manifest, renames the folder
-into place with ``os.replace`` (atomic on one filesystem), fsyncs the root and only then points
-``latest`` at it (temporary file + ``os.replace``), and prunes to the last ``keep_last``.
-Reading (:meth:`latest_valid`): ``latest`` is followed only when its target's manifest matches
-the files on disk (a truncated or half-copied checkpoint fails this); otherwise the newest valid
-checkpoint wins, with a warning. Multi-node runs need the root on a filesystem shared by all
-ranks (rank 0 renames what every rank wrote).
+temporary folder; after a barrier rank 0 fsyncs them, writes the manifest (every file with its
+size and sha256), renames the folder into place with ``os.replace`` (atomic on one filesystem),
+fsyncs the root and only then points ``latest`` at it (temporary file + ``os.replace``), and
+prunes to the last ``keep_last``. Files written through :func:`write_hashed` (DeepSpeed's files,
+the optimizer and RNG states) are hashed while they are written and leave a hidden
+``.<name>.sha256`` note that :meth:`commit` consumes; any other file is read back once there.
+Reading (:meth:`latest_valid`): ``latest`` is followed only when its target's files match the
+manifest, size and sha256 (a truncated, half-copied or overwritten checkpoint fails this); otherwise
+the newest valid checkpoint wins, with a warning naming the bad file. Multi-node runs need the
+root on a filesystem shared by all ranks (rank 0 renames what every rank wrote).
+
+The hashes catch corruption, not forgery (whoever edits a file can edit the manifest): a file
+from elsewhere is made harmless by loading it safely (JSON, safetensors, ``torch.load`` with
+``weights_only=True``: :mod:`.safe_load`), never by trusting its manifest.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
@@ -32,9 +38,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
+
+from .integrity import CheckpointError, hashed_files, sha256_file, write_hashed  # noqa: F401
+from .rng_state import (  # noqa: F401  (the trainer's imports)
+    load_rng,
+    rng_state,
+    save_rng,
+    seed_everything,
+    set_rng_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,25 +86,54 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_path(path.parent)
 
 
+def _read_manifest(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"unreadable {MANIFEST}: {exc}"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None, f"{MANIFEST} is not a {FORMAT} manifest"
+    files, hashes = manifest.get("files"), manifest.get("sha256")
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and type(v) is int for k, v in files.items()):
+        return None, f"{MANIFEST} has no valid 'files' table (path: size)"
+    for rel in files:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or rel == MANIFEST:
+            return None, f"{MANIFEST} lists {rel!r}, which is not a file inside the checkpoint"
+    if hashes is not None and (not isinstance(hashes, dict) or set(hashes) != set(files)):
+        return None, f"{MANIFEST}: its 'sha256' table does not list the same files as 'files'"
+    return manifest, None
+
+
 def validate_checkpoint(folder: Path) -> str | None:
-    """None when ``folder`` is a complete checkpoint, else the reason it is not."""
-    manifest_path = folder / MANIFEST
+    """None when ``folder`` is a complete checkpoint whose every file has the size and sha256
+    its manifest recorded (and no file is missing or added), else the reason it is not."""
     if not folder.is_dir():
         return "not a folder"
-    if not manifest_path.is_file():
+    if not (folder / MANIFEST).is_file():
         return f"no {MANIFEST} (never completed)"
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        return f"unreadable {MANIFEST}: {exc}"
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        return f"{MANIFEST} is not a {FORMAT} manifest"
-    for rel, size in manifest.get("files", {}).items():
+    manifest, reason = _read_manifest(folder)
+    if manifest is None:
+        return reason
+    files, hashes = manifest["files"], manifest.get("sha256")
+    added = sorted({str(p.relative_to(folder)) for p in _files(folder)} - {MANIFEST} - set(files))
+    if added:
+        return f"file {added[0]} is not listed in {MANIFEST} (added after it was written)"
+    for rel, size in files.items():  # sizes first: cheap
         path = folder / rel
         if not path.is_file():
             return f"missing file {rel}"
         if path.stat().st_size != size:
             return f"file {rel} has {path.stat().st_size} bytes, the manifest says {size}"
+    if hashes is None:
+        logger.warning("checkpoint %s has no content hashes (written by an older fastpo): only "
+                       "its file sizes are checked", folder)
+        return None
+    for rel in files:
+        if sha256_file(folder / rel) != hashes[rel]:
+            return (f"file {rel} does not match its sha256 in {MANIFEST} (corrupted or modified "
+                    "after it was written)")
     return None
 
 
@@ -123,21 +166,38 @@ class CheckpointManager:
         return sorted(found)
 
     def latest_valid(self) -> Path | None:
-        """The checkpoint to resume from: ``latest`` if valid, else the newest valid one."""
+        """The checkpoint to resume from: ``latest`` if valid, else the newest valid one (each
+        one skipped is warned about, with its reason); None when there is none."""
+        return self._scan()[0]
+
+    def _scan(self) -> tuple[Path | None, list[str]]:
+        """(checkpoint to resume from or None, "name: reason" of each one rejected)."""
+        rejected: list[str] = []
+        target = None
         pointer = self.root / LATEST
         if pointer.is_file():
-            target = self.root / pointer.read_text(encoding="utf-8").strip()
-            reason = validate_checkpoint(target)
+            try:
+                name = pointer.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                name = f"<unreadable: {exc}>"
+            target = self.root / name if _NAME.match(name) else None
+            reason = ("not a checkpoint name" if target is None
+                      else validate_checkpoint(target))
             if reason is None:
-                return target
+                return target, rejected
             logger.warning("checkpoint %s named by %s is not usable (%s); looking for an older "
-                           "one", target, pointer, reason)
+                           "one", target or repr(name[:80]), pointer, reason)
+            if target is not None:
+                rejected.append(f"{target.name}: {reason}")
         for _, path in reversed(self.checkpoints()):
+            if path == target:
+                continue  # named by ``latest``, already rejected
             reason = validate_checkpoint(path)
             if reason is None:
-                return path
+                return path, rejected
             logger.warning("skipping checkpoint %s: %s", path, reason)
-        return None
+            rejected.append(f"{path.name}: {reason}")
+        return None, rejected
 
     # ---------------------------------------------------------------------------- writing
     def begin(self, step: int) -> Path:
@@ -156,12 +216,13 @@ class CheckpointManager:
         final = self.root / checkpoint_name(step)
         self.barrier()  # every rank has written its files
         if self.rank == 0:
-            files = {}
-            for path in _files(tmp):
+            files, hashes = {}, {}
+            for path, digest in hashed_files(tmp):
                 _fsync_path(path)
-                files[str(path.relative_to(tmp))] = path.stat().st_size
+                rel = str(path.relative_to(tmp))
+                files[rel], hashes[rel] = path.stat().st_size, digest
             manifest = {"format": FORMAT, "step": step, "time": time.time(), "files": files,
-                        **(meta or {})}
+                        "sha256": hashes, **(meta or {})}
             write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
             for folder in {p.parent for p in _files(tmp)}:
                 _fsync_path(folder)
@@ -191,13 +252,17 @@ def resume_point(manager: CheckpointManager, resume: bool | str | Path, *,
     """The checkpoint to resume from and its trainer state (None: start fresh).
 
     ``resume`` True takes the newest valid checkpoint under the manager's root (none yet: start
-    fresh); a path must be a valid checkpoint. Either must have been written by ``world_size``
-    ranks, since the data order depends on it.
+    fresh; some, none valid: :class:`CheckpointError` with each one's reason); a path must be a
+    valid checkpoint. Either must have been written by ``world_size`` ranks, since the data
+    order depends on it, and hold a readable ``trainer_state.json``.
     """
     if resume is False:
         return None
     if resume is True:
-        folder = manager.latest_valid()
+        folder, rejected = manager._scan()
+        if folder is None and rejected:
+            raise CheckpointError(f"checkpoint.resume: no usable checkpoint under {manager.root}: "
+                                  + "; ".join(rejected))
         if folder is None:
             logger.info("checkpoint.resume: no checkpoint under %s yet; starting fresh",
                         manager.root)
@@ -206,54 +271,31 @@ def resume_point(manager: CheckpointManager, resume: bool | str | Path, *,
         folder = Path(resume)
         reason = validate_checkpoint(folder)
         if reason is not None:
-            raise ValueError(f"checkpoint.resume {folder}: not a usable checkpoint ({reason})")
-    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+            raise CheckpointError(f"checkpoint.resume {folder}: not a usable checkpoint "
+                                  f"({reason})")
+    state = read_trainer_state(folder)
     if state["world_size"] != world_size:
-        raise ValueError(f"checkpoint {folder} was written by {state['world_size']} ranks; "
-                         f"this run has {world_size} (the data order would change)")
+        raise CheckpointError(f"checkpoint {folder} was written by {state['world_size']} ranks; "
+                              f"this run has {world_size} (the data order would change)")
     return folder, state
 
 
-# ---------------------------------------------------------------------------------- RNG
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU + every CUDA device) generator states."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint, its position fields checked (the error names the
+    file)."""
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable trainer state ({exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: the trainer state is not a JSON object")
+    for key in ("step", "epoch", "step_in_epoch", "world_size"):
+        value, least = state.get(key), 1 if key == "world_size" else 0
+        if type(value) is not int or value < least:
+            raise CheckpointError(f"{path}: trainer state field {key!r} is {value!r}, expected "
+                                  f"an integer >= {least}")
     return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_rng(folder: Path, rank: int) -> None:
-    (folder / "rng").mkdir(exist_ok=True)
-    torch.save(rng_state(), folder / "rng" / f"rank{rank:05d}.pt")
-
-
-def load_rng(folder: Path, rank: int) -> None:
-    path = folder / "rng" / f"rank{rank:05d}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {folder} has no RNG state for rank {rank} ({path}); "
-                                "was it written with another number of ranks?")
-    # our own file, holding Python and NumPy generator states (not tensors only)
-    set_rng_state(torch.load(path, weights_only=False))
 
 
 # ------------------------------------------------------------------ module state (ZeRO-3 safe)

@@ -1,7 +1,8 @@
 """Run logging: a progress bar, one JSON line per logged step, TensorBoard when installed.
 
-Only rank 0 writes. Metric values arrive as Python floats (the trainer reduces them across
-ranks first, see :func:`reduce_metrics`), so nothing here touches a device tensor.
+Only rank 0 writes. Metric values arrive as Python floats: :class:`StepMetrics` accumulates them
+on the device during the steps and reads them back once per logging point (one packed
+collective, one device-to-host copy), so the writers here never touch a device tensor.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +34,136 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def reduce_metrics(per_micro: Sequence[dict[str, Tensor]],
-                   all_reduce: Callable[[Tensor], Tensor]) -> dict[str, float]:
-    """Average metric tensors over micro-batches and ranks, ignoring NaN entries (a KTO batch
-    without undesirable examples has no ``rewards/rejected``). One host transfer for all."""
-    names = sorted({k for m in per_micro for k in m})
-    if not names:
-        return {}
-    sums, counts = [], []
-    for name in names:
-        values = torch.stack([m[name].detach().float().reshape(()) for m in per_micro
-                              if name in m])
-        finite = ~torch.isnan(values)
-        sums.append(torch.where(finite, values, torch.zeros_like(values)).sum())
-        counts.append(finite.sum().float())
-    packed = all_reduce(torch.stack(sums + counts))
-    n = len(names)
-    packed = packed.cpu().tolist()
-    return {name: (packed[i] / packed[n + i] if packed[n + i] else math.nan)
-            for i, name in enumerate(names)}
+def gather_ranks(packed: Tensor, *, world_size: int) -> Tensor:
+    """``[world_size, ...]``: every rank's ``packed``, in one collective (none in one process)."""
+    if world_size == 1:
+        return packed.unsqueeze(0)
+    parts = [torch.empty_like(packed) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, packed.contiguous())
+    return torch.stack(parts)
+
+
+@dataclass
+class _Step:
+    """One finished step's device row and the host values that go with it."""
+
+    names: tuple[str, ...]
+    row: Tensor  # float64 [2 * len(names) + 3]: sums, counts, non-finite losses, norm, applied
+    host: list[float]  # HOST_FIELDS
+
+
+HOST_FIELDS = ("tokens", "peak_memory_mb", "host_grad_norm", "has_grad_norm")
+
+
+class StepMetrics:
+    """Per-step training metrics kept on the device until a logging point.
+
+    Per micro-batch, :meth:`add` folds the loss and the objective's metrics into running sums
+    with ``torch.where``: a non-finite value contributes nothing, is not counted, and a non-finite
+    loss increments the step's non-finite count (nothing is read). :meth:`end_step` closes a step
+    with its gradient norm and whether the update was applied (tensors or host values) and the
+    host's token count and peak memory. :meth:`read` stacks every pending step into ONE float64
+    tensor, hands it to ``gather`` (one collective over the ranks) and copies it to the host once:
+    per step, each metric's mean over the micro-batches and ranks that gave a finite value (NaN
+    when none did), the summed tokens and non-finite losses, the largest peak memory.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pending: list[_Step] = []
+        self._names: tuple[str, ...] | None = None
+        self._sums: Tensor | None = None
+        self._counts: Tensor | None = None
+        self._nonfinite: Tensor | None = None
+
+    def add(self, loss: Tensor, metrics: dict[str, Tensor]) -> None:
+        values = {**metrics, "loss": loss}
+        names = tuple(sorted(values))
+        if self._names is None:
+            self._names = names
+            self._sums = torch.zeros(len(names), dtype=torch.float32, device=self.device)
+            self._counts = torch.zeros_like(self._sums)
+            self._nonfinite = torch.zeros((), dtype=torch.float32, device=self.device)
+        elif names != self._names:
+            raise ValueError(f"the objective's metrics changed within a step: {self._names} "
+                             f"then {names}")
+        stacked = torch.stack([torch.as_tensor(values[n]).detach().float().reshape(())
+                               .to(self.device, non_blocking=True) for n in names])
+        finite = torch.isfinite(stacked)
+        self._sums += torch.where(finite, stacked, 0.0)
+        self._counts += finite
+        self._nonfinite += ~finite[names.index("loss")]
+
+    def nonfinite_losses(self) -> Tensor | None:
+        """The open step's count of non-finite micro-batch losses (a device scalar), or None."""
+        return self._nonfinite
+
+    def end_step(self, *, grad_norm: Tensor | float | None, applied: Tensor | bool,
+                 tokens: int, peak_memory_mb: float) -> None:
+        if self._names is None:
+            raise RuntimeError("end_step() without a micro-batch")
+        like = self._sums
+        host_norm, has_norm = math.nan, 0.0
+        if isinstance(applied, Tensor):
+            ok = applied.detach().reshape(1).to(self.device, non_blocking=True).float()
+        else:
+            ok = like.new_full((1,), float(bool(applied)))
+        ok = ok * (self._nonfinite == 0)
+        if isinstance(grad_norm, Tensor):
+            norm = grad_norm.detach().float().reshape(1).to(self.device, non_blocking=True)
+            ok = ok * torch.isfinite(norm)
+            has_norm = 1.0
+        else:
+            norm = like.new_full((1,), math.nan)
+            if grad_norm is not None:
+                host_norm, has_norm = float(grad_norm), 1.0
+                ok = ok * float(math.isfinite(host_norm))
+        row = torch.cat([self._sums, self._counts, self._nonfinite.reshape(1), norm, ok])
+        self.pending.append(_Step(self._names, row.double(),
+                                  [float(tokens), float(peak_memory_mb), host_norm, has_norm]))
+        self._names = self._sums = self._counts = self._nonfinite = None
+
+    def read(self, gather: Callable[[Tensor], Tensor]) -> list[dict[str, Any]]:
+        """Every pending step, reduced over the ranks: ONE collective, ONE copy to the host."""
+        steps, self.pending = self.pending, []
+        if not steps:
+            return []
+        cut = next((i for i, s in enumerate(steps) if s.names != steps[0].names), len(steps))
+        if cut < len(steps):  # the objective's metric names changed: one read per layout
+            self.pending = steps[cut:]
+            return self.read_steps(steps[:cut], gather) + self.read(gather)
+        return self.read_steps(steps, gather)
+
+    def read_steps(self, steps: list[_Step], gather: Callable[[Tensor], Tensor]
+                   ) -> list[dict[str, Any]]:
+        host = torch.tensor([s.host for s in steps], dtype=torch.float64)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        packed = torch.cat([torch.stack([s.row for s in steps]),
+                            host.to(self.device, non_blocking=True)], dim=1)
+        ranks = gather(packed).tolist()  # the one host synchronization: [ranks][steps][fields]
+        out = []
+        for i, step in enumerate(steps):
+            n = len(step.names)
+            per_rank = [rank[i] for rank in ranks]
+            total = [sum(col) for col in zip(*per_rank)]
+            record: dict[str, Any] = {
+                name: total[k] / total[n + k] if total[n + k] else math.nan
+                for k, name in enumerate(step.names)}
+            nonfinite, tokens = total[2 * n], total[2 * n + 3]
+            norm, host_norm, has_norm = (per_rank[0][2 * n + 1], per_rank[0][2 * n + 5],
+                                         per_rank[0][2 * n + 6])
+            applied = min(r[2 * n + 2] for r in per_rank)
+            peak = max(r[2 * n + 4] for r in per_rank)
+            if not has_norm:
+                norm = None
+            elif not math.isnan(host_norm):
+                norm = host_norm
+            record.update(grad_norm=norm, applied=applied > 0,
+                          nonfinite_losses=int(nonfinite), tokens=int(tokens),
+                          peak_memory_mb=peak)
+            out.append(record)
+        return out
 
 
 class _Progress:

@@ -98,11 +98,10 @@ class Objective:
         if self.uses_reference:
             metrics["ref_kl"] = _log_ratio_kl(policy, reference)
         margin = out.chosen_rewards - out.rejected_rewards
+        items = margin.new_full((), float(b))  # a fill on the device, not a host copy
         sums = torch.stack([
-            torch.tensor(float(b), device=margin.device), out.losses.detach().sum(),
-            (margin > 0).sum(), margin.sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
-            torch.tensor(float(b), device=margin.device),
-            torch.tensor(float(b), device=margin.device)]).double()
+            items, out.losses.detach().sum(), (margin > 0).sum(), margin.sum(),
+            out.chosen_rewards.sum(), out.rejected_rewards.sum(), items, items]).double()
         return ObjectiveOutput(out.loss, metrics, sums)
 
     # ------------------------------------------------------------------------------- KTO
@@ -133,7 +132,7 @@ class Objective:
         correct = torch.where(desirable, rewards > 0, rewards < 0)
         d = desirable.to(rewards.dtype)
         sums = torch.stack([
-            torch.tensor(float(n), device=rewards.device), out.losses.detach().sum(),
+            rewards.new_full((), float(n)), out.losses.detach().sum(),
             correct.sum(), (rewards * (2 * d - 1)).sum(), (rewards * d).sum(),
             (rewards * (1 - d)).sum(), d.sum(), (1 - d).sum()]).double()
         return ObjectiveOutput(out.loss, metrics, sums)
@@ -146,7 +145,8 @@ def _log_ratio_kl(policy: ForwardLogps, reference: ReferenceLogps) -> Tensor:
 
 
 def summarize_eval(sums: Tensor, *, paired: bool) -> dict[str, float]:
-    """Held-out metrics from the summed statistics (after the all-reduce)."""
+    """Held-out metrics from the summed statistics (after the all-reduce): the evaluation's one
+    device-to-host read."""
     s = dict(zip(EVAL_KEYS, sums.double().cpu().tolist()))
     items = max(s["items"], 1.0)
     out = {

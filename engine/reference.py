@@ -11,7 +11,9 @@ and ``.reference_logps(batch, with_tail_logps=...) -> ReferenceLogps`` (+ LD-DPO
 
 The cache is keyed by :func:`reference_cache_key`: a hash of the reference weights (adapter
 weights excluded), every token of the dataset, the tokenization settings and the temperature.
-A cache whose key does not match is refused with an error, never silently reused.
+A cache whose key does not match is refused with an error, never silently reused; so is a cache
+whose values no longer match the sha256 stored with them (:func:`values_checksum`, in the
+file's metadata): an edited or corrupted cache is never read.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from .forward import SequenceLogps, forward_logps, unwrap_model
 
 logger = logging.getLogger(__name__)
 CACHE_FORMAT = "fastpo-reference-logps-v1"
+_PAIRED_TENSORS = {"chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens",
+                   "chosen_tail", "rejected_tail"}
+_UNPAIRED_TENSORS = {"logps", "num_tokens", "kl_logps", "kl_tokens"}
 
 
 class ReferenceLogps(NamedTuple):
@@ -183,6 +188,16 @@ def reference_cache_key(model: nn.Module, dataset: TokenizedDataset, *,
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def values_checksum(tensors: dict[str, Tensor]) -> str:
+    """sha256 of named tensors (name, dtype, shape, bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
 def _save_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -198,15 +213,19 @@ def _save_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], path: Pat
         raise
 
 
-def _read_key(path: Path) -> str | None:
-    from safetensors import safe_open
+def _read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"reference-logps cache {path}: not a readable safetensors file "
+                         f"({exc}); delete it to recompute") from None
     if meta.get("format") != CACHE_FORMAT:
         raise ValueError(f"{path} is not a fastpo reference-logps cache "
                          f"(format {meta.get('format')!r})")
-    return meta.get("key")
+    return meta
 
 
 class CachedReference(_Reference):
@@ -218,14 +237,35 @@ class CachedReference(_Reference):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"reference-logps cache {self.path} does not exist")
-        found = _read_key(self.path)
+        meta = _read_metadata(self.path)
+        found = meta.get("key")
         if found != key:
             raise ValueError(
                 f"reference-logps cache {self.path} was computed for key {found}, but the current "
                 f"reference weights, data and tokenization settings give {key}: it is stale; "
                 "delete it (or pass overwrite=True to precompute_reference_logps) to recompute")
         self.key = key
-        self.tensors = load_file(str(self.path))
+        from safetensors import SafetensorError
+
+        try:
+            self.tensors = load_file(str(self.path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"reference-logps cache {self.path}: not a readable safetensors "
+                             f"file ({exc}); delete it to recompute") from None
+        stored = meta.get("values_sha256")
+        if stored is None:
+            raise ValueError(f"reference-logps cache {self.path} has no checksum of its values "
+                             "(written by an older fastpo); delete it to recompute")
+        if values_checksum(self.tensors) != stored:
+            raise ValueError(
+                f"reference-logps cache {self.path}: its values do not match the sha256 stored "
+                "with them (the file was edited or corrupted after it was written); delete it "
+                "(or pass overwrite=True to precompute_reference_logps) to recompute")
+        shapes = {tuple(t.shape) for t in self.tensors.values()}
+        if set(self.tensors) not in (_PAIRED_TENSORS, _UNPAIRED_TENSORS) or len(shapes) != 1 \
+                or len(shapes.pop()) != 1:
+            raise ValueError(f"reference-logps cache {self.path}: unexpected tensors "
+                             f"{ {k: tuple(t.shape) for k, t in self.tensors.items()} }")
         self.paired = "chosen_logps" in self.tensors
         self._copies: dict[torch.device, dict[str, Tensor]] = {}
 
@@ -325,5 +365,6 @@ def precompute_reference_logps(reference: FrozenReference, dataset: TokenizedDat
         else:
             tensors = {"logps": logps[""], "num_tokens": tokens[""],
                        "kl_logps": logps["kl_"], "kl_tokens": tokens["kl_"]}
-        _save_atomic(tensors, {"format": CACHE_FORMAT, "key": key, "items": str(n)}, path)
+        _save_atomic(tensors, {"format": CACHE_FORMAT, "key": key, "items": str(n),
+                               "values_sha256": values_checksum(tensors)}, path)
         return CachedReference(path, key=key)

@@ -26,6 +26,22 @@ def eval_text(when: str, step: int, result: dict[str, float]) -> str:
             f"loss {result['loss']:.4f}")
 
 
+def nonfinite_step_text(record: dict[str, Any], nonfinite_losses: int) -> str:
+    """What went wrong in a step whose update was skipped."""
+    if nonfinite_losses:
+        return (f"non-finite loss at step {record['step']} ({nonfinite_losses} "
+                f"micro-batch{'es' if nonfinite_losses > 1 else ''})")
+    return f"non-finite gradients at step {record['step']} (grad norm {record.get('grad_norm')})"
+
+
+def nonfinite_eval_text(when: str, step: int, result: dict[str, float]) -> str:
+    """The error for a held-out loss that is NaN or infinite (the run must not succeed)."""
+    moment = {"before": "before training", "after": "after training"}.get(when, f"at step {step}")
+    return (f"the held-out loss is {result['loss']} {moment} ({result['items']} items): the "
+            "model's outputs are not finite; nothing was exported. Lower the learning rate or "
+            "check the data (optimization.on_nonfinite guards the training steps only)")
+
+
 def run_summary(*, steps: int, stopped: str, seconds: float, eval_before: dict[str, float] | None,
                 eval_after: dict[str, float] | None, export_dir: Path | None) -> dict[str, Any]:
     """The ``summary`` record of ``metrics.jsonl``: held-out metrics before and after training."""

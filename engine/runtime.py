@@ -7,7 +7,8 @@
   accumulation, clipping, optional bf16 autocast.
 - :class:`DeepSpeedBackend`: ``deepspeed.initialize`` with the generated (or user) JSON, ZeRO
   0-3, offload, bf16/fp16; checkpoints through ``engine.save_checkpoint``/``load_checkpoint``
-  inside the trainer's atomic folder.
+  inside the trainer's atomic folder, with a checkpoint engine that hashes files as it writes
+  them and loads them with ``weights_only=True`` (:mod:`.safe_load`).
 
 Both expose the same calls to the training loop: ``backward(loss)`` per micro-batch and
 ``step()`` at the accumulation boundary, which returns the gradient norm and whether the
@@ -182,8 +183,11 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 @dataclass
 class StepOutcome:
-    grad_norm: float | None
-    applied: bool
+    """Device tensors where the backend decides on the device (read at the trainer's next
+    logging point), host values where it already synchronized (DeepSpeed's own checks)."""
+
+    grad_norm: Tensor | float | None
+    applied: Tensor | bool
     reason: str = ""
 
 
@@ -208,9 +212,13 @@ class TorchBackend:
         self.accumulation = opt.gradient_accumulation_steps
         self.max_grad_norm = opt.max_grad_norm
         self.autocast_dtype = torch.bfloat16 if opt.precision == "bf16" else None
+        # fused AdamW skips a non-finite step on the device (``found_inf``, as under GradScaler):
+        # no host read of the gradient norm per step
+        self.fused = device.type in ("cuda", "cpu")
         self.optimizer = torch.optim.AdamW(
             param_groups(module, opt.weight_decay), lr=opt.learning_rate,
-            betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_epsilon)
+            betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_epsilon,
+            **({"fused": True} if self.fused else {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda(cfg, total_steps))
         self.params = [p for p in module.parameters() if p.requires_grad]
@@ -227,15 +235,34 @@ class TorchBackend:
     def backward(self, loss: Tensor) -> None:
         (loss / self.accumulation).backward()
 
-    def step(self) -> StepOutcome:
+    def step(self, *, nonfinite: Tensor | None = None) -> StepOutcome:
+        """Clip, update, advance the schedule. The update is skipped when the gradient norm is
+        not finite or ``nonfinite`` (the step's count of non-finite losses) is > 0: on the
+        device with fused AdamW (no host synchronization; the schedule still advances), else
+        after reading the norm."""
         if self.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         else:
             norm = _grad_norm(self.params)
-        value = None if norm is None else float(norm)
-        if value is not None and not math.isfinite(value):
+        if norm is None:  # no gradients at all: nothing to update
+            self.scheduler.step()
+            return StepOutcome(None, True)
+        bad = ~torch.isfinite(norm)
+        if nonfinite is not None:
+            bad = bad | (nonfinite > 0)
+        if self.fused:
+            self.optimizer.found_inf = bad.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            return StepOutcome(value, False, "non-finite gradient norm")
+            return StepOutcome(norm.detach(), ~bad, "non-finite gradient norm or loss")
+        value = float(norm)  # a host read: only on devices without fused AdamW
+        if bool(bad):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepOutcome(value, False, "non-finite gradient norm or loss")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -247,23 +274,26 @@ class TorchBackend:
     def save(self, folder: Path, *, rank: int, include_frozen: bool) -> None:
         from safetensors.torch import save_file
 
-        from .checkpoint import full_state_dict
+        from .checkpoint import full_state_dict, write_hashed
 
         if rank != 0:
             return
         state = full_state_dict(self.module, only_trainable=not include_frozen)
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict()}, folder / "optimizer.pt")
+        with write_hashed(folder / "optimizer.pt") as f:
+            torch.save({"optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, f)
 
     def load(self, folder: Path) -> None:
-        from safetensors.torch import load_file
+        from .checkpoint import CheckpointError, load_full_state_dict
+        from .safe_load import load_safetensors, torch_load
 
-        from .checkpoint import load_full_state_dict
-
-        load_full_state_dict(self.module, load_file(str(folder / "model.safetensors")),
-                             source=str(folder))
-        state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
+        model_file, optimizer_file = folder / "model.safetensors", folder / "optimizer.pt"
+        load_full_state_dict(self.module, load_safetensors(model_file), source=str(model_file))
+        state = torch_load(optimizer_file, map_location=self.device)
+        if not isinstance(state, dict) or not {"optimizer", "scheduler"} <= set(state):
+            raise CheckpointError(f"{optimizer_file}: expected the optimizer and scheduler "
+                                  "states, found something else")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -288,6 +318,9 @@ class DeepSpeedBackend:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, model_parameters=param_groups(module, opt.weight_decay),
             config=ds_config, lr_scheduler=scheduler)
+        from .safe_load import install_safe_checkpoint_engine
+
+        install_safe_checkpoint_engine(self.engine)
         self.module = self.engine.module
         self.accumulation = self.engine.gradient_accumulation_steps()
         zero = self.engine.zero_optimization_stage()
@@ -308,7 +341,11 @@ class DeepSpeedBackend:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # only advances DeepSpeed's micro-step counter
 
-    def step(self) -> StepOutcome:
+    def step(self, *, nonfinite: Tensor | None = None) -> StepOutcome:
+        """DeepSpeed's step. Its overflow / non-finite checks (fp16 loss scaling, ZeRO) read
+        the device inside ``engine.step``; we add none, except in the fp32 no-ZeRO ``precheck``
+        below, where the engine would apply NaN gradients unchecked. A non-finite loss
+        (``nonfinite``) leaves non-finite gradients, which those checks catch."""
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeedBackend.step() called off the gradient accumulation "
                                "boundary: the trainer and DeepSpeed disagree on micro-steps")
@@ -320,12 +357,9 @@ class DeepSpeedBackend:
                 self.engine.step()
                 return StepOutcome(float(norm), False, "non-finite gradient norm")
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        value = None if norm is None else float(norm)
-        applied = bool(getattr(self.engine, "_step_applied", True))
-        if value is not None and not math.isfinite(value):
-            applied = False
-        return StepOutcome(value, applied, "" if applied else "non-finite gradients "
+        norm = self.engine.get_global_grad_norm()  # a tensor or a float: the trainer reads it
+        applied = bool(getattr(self.engine, "_step_applied", True))  # host state of DeepSpeed's
+        return StepOutcome(norm, applied, "" if applied else "non-finite gradients "
                            "(DeepSpeed skipped the update)")
 
     def lr(self) -> float:
@@ -363,6 +397,9 @@ class DeepSpeedBackend:
             del engine.module_state_dict  # back to the class's method
 
     def load(self, folder: Path) -> None:
+        if self.engine.load_universal_checkpoint():
+            raise ValueError("DeepSpeed's checkpoint.load_universal is not supported: it reads "
+                             "files with full unpickling (fastpo loads with weights_only=True)")
         path, _ = self.engine.load_checkpoint(str(folder), tag=self.TAG, load_module_strict=False)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}/{self.TAG}")

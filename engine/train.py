@@ -11,6 +11,12 @@ layout. Every ``log_every`` steps the loss, TRL's metrics, the policy/reference 
 tokens/s and peak memory go to the progress bar, ``metrics.jsonl`` and TensorBoard; evaluation
 on the held-out split reports reward accuracy and margins; checkpoints are atomic
 (``checkpoint.py``) and ``checkpoint.resume`` continues a killed run exactly.
+
+No host synchronization between logging points: losses, metrics, non-finite counts and the
+gradient norm stay on the device (:class:`~.logging_utils.StepMetrics`) until the next logging
+point (or checkpoint, evaluation, stop) reads them in one packed collective and one copy; a
+non-finite step is skipped on the device and ``on_nonfinite: stop`` raises at that read. A
+held-out loss that is not finite fails the run (:class:`NonFiniteError`, exit status 1).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,19 +51,27 @@ from .config import TrainConfig
 from .config_loading import to_yaml
 from .forward import forward_logps
 from .interrupts import StopSignals
-from .logging_utils import RunLogger, peak_memory_mb, reduce_metrics, setup_logging
+from .logging_utils import RunLogger, StepMetrics, gather_ranks, peak_memory_mb, setup_logging
 from .model_io import export_model, load_dtype, load_policy, load_tokenizer, model_path, vocab_size
 from .objective import Objective, summarize_eval
 from .reference_setup import build_reference, load_datasets
 from .reference_sync import soft_update_lora, soft_update_separate
-from .reports import eval_text, progress_text, run_summary, summary_text
+from .reports import (
+    eval_text,
+    nonfinite_eval_text,
+    nonfinite_step_text,
+    progress_text,
+    run_summary,
+    summary_text,
+)
 from .runtime import DeepSpeedBackend, TorchBackend, init_runtime, zero3_loading
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or the gradients became NaN/inf and ``on_nonfinite`` is ``stop``."""
+    """The loss or the gradients became NaN/inf and ``on_nonfinite`` is ``stop``, or a held-out
+    loss is not finite."""
 
 
 @dataclass
@@ -108,6 +123,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._eval_ref_cache: dict[tuple[int, int], Any] = {}
         self._setup()
+        self.step_metrics = StepMetrics(self.rt.device)
+        self._unread: list[dict[str, Any]] = []  # records of steps not read back yet
+        self._window_start = time.perf_counter()
 
     # ------------------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -165,6 +183,10 @@ class Trainer:
                              initial_step=self.pos.step)
         if rt.is_main:
             write_text_atomic(self.output_dir / "config.yaml", to_yaml(cfg))
+        # the stop-signal agreement is host state: reduced on the CPU (gloo), no device sync
+        self._host_group = None
+        if rt.world_size > 1 and torch.distributed.get_backend() != "gloo":
+            self._host_group = torch.distributed.new_group(backend="gloo")
 
     def _all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.rt.world_size == 1:
@@ -189,10 +211,14 @@ class Trainer:
         return self.cfg.loss.method == "kto" and "kto" in self.cfg.loss.resolved_loss_types()
 
     def _collate(self, dataset: Any, indices: list[int]) -> PreferenceBatch:
+        """The micro-batch on the device: collated on the host, pinned and copied without
+        blocking on CUDA (the copy overlaps the work already queued)."""
         batch = collate_batch(dataset, indices, pad_token_id=self.pad_id,
                               padding_free=self.cfg.data.padding_free,
                               share_prompt=self.cfg.data.share_prompt,
                               with_kl=self.objective_with_kl())
+        if self.rt.device.type == "cuda":
+            return batch.pin_memory().to(self.rt.device, non_blocking=True)
         return batch.to(self.rt.device)
 
     # ------------------------------------------------------------------------------ resume
@@ -226,6 +252,7 @@ class Trainer:
         logger.info("resumed from %s at step %d (epoch %d)", folder, self.pos.step, self.pos.epoch)
 
     def save_checkpoint(self) -> Path:
+        self.read_metrics()  # never checkpoint past a non-finite step that stop would refuse
         step = self.pos.step
         tmp = self.ckpt.begin(step)
         follows = self._reference_follows()
@@ -244,6 +271,7 @@ class Trainer:
         path = self.ckpt.commit(tmp, step)
         for cb in self.callbacks:
             cb.on_checkpoint(self, step, path)
+        self._window_start = time.perf_counter()
         return path
 
     # ------------------------------------------------------------------------------ steps
@@ -273,60 +301,60 @@ class Trainer:
                 reference = reference_logps(batch)
             return obj(policy, reference, batch)
 
-    def _check_finite(self, loss: torch.Tensor, what: str) -> bool:
-        """Whether the loss is finite on every rank (one host sync per micro-batch)."""
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-        if self.rt.world_size > 1:
-            self.rt.all_reduce_(bad, op="max")
-        if bad.item() == 0:
-            return True
-        message = f"non-finite loss at step {self.pos.step + 1} ({what})"
-        if self.cfg.optimization.on_nonfinite == "stop":
-            raise NonFiniteError(message + "; set optimization.on_nonfinite: skip to skip such "
-                                 "steps, or lower the learning rate")
-        logger.warning("%s: the step's update will be skipped", message)
-        return False
-
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over gradient_accumulation_steps micro-batches."""
+        """One optimizer step over the accumulation's micro-batches, no host synchronization: the
+        record gets the device's values (loss, metrics, skipped, ...) at :meth:`read_metrics`."""
         t0 = time.perf_counter()
         self.backend.module.train()
-        metrics, losses, tokens, finite = [], [], 0, True
-        for k, indices in enumerate(self._micro_batches()):
+        tokens = 0
+        for indices in self._micro_batches():
             batch = self._collate(self.train_set, indices)
             out = self._forward(batch)
-            finite &= self._check_finite(out.loss, f"micro-batch {k}")
+            self.step_metrics.add(out.loss, out.metrics)
             self.backend.backward(out.loss)
-            metrics.append(out.metrics)
-            losses.append(out.loss.detach())
             tokens += batch.num_sequence_tokens
         for cb in self.callbacks:
             cb.on_before_optimizer_step(self)
         lr = self.backend.lr()  # the rate this step's update uses
-        outcome = self.backend.step()
-        if not outcome.applied and self.cfg.optimization.on_nonfinite == "stop":
-            raise NonFiniteError(f"{outcome.reason} at step {self.pos.step + 1} (grad norm "
-                                 f"{outcome.grad_norm}); set optimization.on_nonfinite: skip to "
-                                 "skip such steps")
-        if not outcome.applied:
-            logger.warning("step %d skipped: %s", self.pos.step + 1, outcome.reason or
-                           "non-finite loss")
+        # a non-finite loss in any micro-batch skips the update on the device
+        outcome = self.backend.step(nonfinite=self.step_metrics.nonfinite_losses())
+        self.step_metrics.end_step(grad_norm=outcome.grad_norm, applied=outcome.applied,
+                                   tokens=tokens, peak_memory_mb=peak_memory_mb(self.rt.device))
         self.pos.step += 1
         self.pos.step_in_epoch += 1
-        for cb_metrics, loss in zip(metrics, losses):
-            cb_metrics["loss"] = loss
-        reduced = reduce_metrics(metrics, self.rt.all_reduce_)
-        on_device = {"device": self.rt.device}  # NCCL reduces device tensors only
-        counts = self.rt.all_reduce_(torch.tensor([float(tokens)], **on_device))
-        peak = self.rt.all_reduce_(torch.tensor([peak_memory_mb(self.rt.device)], **on_device),
-                                   op="max")
-        seconds = time.perf_counter() - t0
-        record = {"step": self.pos.step, "epoch": self.pos.epoch, **reduced,
-                  "lr": lr, "grad_norm": outcome.grad_norm,
-                  "skipped": not (outcome.applied and finite),
-                  "tokens": int(counts.item()), "tokens_per_s": float(counts.item()) / seconds,
-                  "step_seconds": seconds, "peak_memory_mb": float(peak.item())}
+        record = {"step": self.pos.step, "epoch": self.pos.epoch, "lr": lr,
+                  "step_seconds": time.perf_counter() - t0}
+        self._unread.append(record)
         return record
+
+    def read_metrics(self) -> None:
+        """Complete the records of the steps since the last read (one packed collective, one
+        copy); a skipped step raises :class:`NonFiniteError` under ``stop``, else warns."""
+        records, self._unread = self._unread, []
+        if not records:
+            return
+        steps = self.step_metrics.read(functools.partial(gather_ranks,
+                                                         world_size=self.rt.world_size))
+        now = time.perf_counter()
+        seconds, self._window_start = max(now - self._window_start, 1e-9), now
+        # the only honest clock without a sync per step: the read waits for the device
+        tokens_per_s = sum(s["tokens"] for s in steps) / seconds
+        stop = self.cfg.optimization.on_nonfinite == "stop"
+        for record, values in zip(records, steps):
+            applied, nonfinite = values.pop("applied"), values.pop("nonfinite_losses")
+            record.update(values, skipped=not applied, tokens_per_s=tokens_per_s)
+            if applied:
+                continue
+            problem = nonfinite_step_text(record, nonfinite)
+            if stop:
+                raise NonFiniteError(f"{problem}; the update was skipped. Set "
+                                     "optimization.on_nonfinite: skip to skip such steps, or "
+                                     "lower the learning rate")
+            logger.warning("%s: the step's update was skipped", problem)
+
+    def _logging_step(self) -> bool:
+        return self.pos.step % self.cfg.logging.log_every == 0 \
+            or self.pos.step == self.total_steps
 
     # ------------------------------------------------------------------------------- eval
     def _eval_batches(self) -> list[tuple[list[int], bool]]:
@@ -340,7 +368,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
-        """Held-out loss, reward accuracy, margins and rewards (summed over every rank)."""
+        """Held-out loss, reward accuracy, margins and rewards (summed over every rank; read
+        once, after the last batch)."""
+        self.read_metrics()
         if len(self.eval_set) == 0:
             return None
         module = self.backend.module
@@ -361,7 +391,9 @@ class Trainer:
             if hasattr(self.reference, "use"):
                 self.reference.use("train")
         self.rt.all_reduce_(total)
-        return summarize_eval(total, paired=obj.paired)
+        result = summarize_eval(total, paired=obj.paired)  # the evaluation's one read
+        self._window_start = time.perf_counter()  # tokens/s counts training time only
+        return result
 
     def _eval_reference(self, i: int, batch: PreferenceBatch):
         """Reference log-probs of eval batch ``i``, cached until the reference changes."""
@@ -413,8 +445,10 @@ class Trainer:
         local = signals.received if signals else None
         if self.rt.world_size == 1:
             return local
-        got = torch.tensor([float(local or 0)], device=self.rt.device)
-        return int(self.rt.all_reduce_(got, op="max").item()) or None
+        got = torch.tensor([float(local or 0)])  # host memory, reduced by gloo: no device sync
+        torch.distributed.all_reduce(got, op=torch.distributed.ReduceOp.MAX,
+                                     group=self._host_group)
+        return int(got[0]) or None
 
     def _run(self, signals: StopSignals | None) -> TrainResult:
         cfg, t_start = self.cfg, time.perf_counter()
@@ -426,10 +460,12 @@ class Trainer:
                 self._report_eval("before", self.eval_before)
                 if self.eval_before is not None:
                     self._after_eval(self.eval_before)
+            self._window_start = time.perf_counter()
             while self.pos.step < self.total_steps:
                 record = self.train_step()
                 self.history.append(record)
-                if self.pos.step % log.log_every == 0 or self.pos.step == self.total_steps:
+                if self._logging_step():
+                    self.read_metrics()
                     self.log.log(record)
                     self.log.update_progress(self.pos.step, progress_text(record))
                 for cb in self.callbacks:
@@ -437,7 +473,7 @@ class Trainer:
                 self._maybe_sync()
                 stop_signal = self._signalled(signals)
                 if stop_signal is not None:
-                    path = self.save_checkpoint()
+                    path = self.save_checkpoint()  # reads the steps' metrics first
                     stopped = "signal"
                     self.log.message(f"{signal.Signals(stop_signal).name}: stopped after step "
                                      f"{self.pos.step}, checkpoint {path}; run again with "
@@ -457,6 +493,7 @@ class Trainer:
                     self.log.message(f"early stopping at step {self.pos.step}: no reward-accuracy "
                                      f"gain in {self.bad_evals} evaluations")
                     break
+            self.read_metrics()
             eval_after, export_dir = None, None
             if stopped != "signal":  # a preempted job has seconds left: no evaluation, no export
                 eval_after = self.evaluate()
@@ -480,6 +517,8 @@ class Trainer:
         self.log.message(eval_text(when, self.pos.step, result))
         for cb in self.callbacks:
             cb.on_eval(self, self.pos.step, result)
+        if not math.isfinite(result["loss"]):
+            raise NonFiniteError(nonfinite_eval_text(when, self.pos.step, result))
 
     def _report_summary(self, result: TrainResult) -> None:
         summary = run_summary(steps=result.steps, stopped=result.stopped, seconds=result.seconds,
