@@ -86,7 +86,7 @@ def _input_error(exc: BaseException) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fastpo-train``; returns the exit status."""
-    from .config_loading import check_paths, load_config, to_yaml
+    from .config_loading import load_config, to_yaml
     from .errors import InputError
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -112,7 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .train import NonFiniteError, train
 
     try:
-        check_paths(cfg)
         result = train(cfg)
     except NonFiniteError as exc:
         print(f"fastpo-train: stopped: {exc}", file=sys.stderr)

@@ -159,9 +159,14 @@ def summarize_eval(sums: Tensor, *, paired: bool) -> dict[str, float]:
         out["rewards/chosen"] = s["chosen_reward"] / items
         out["rewards/rejected"] = s["rejected_reward"] / items
     else:
-        chosen = s["chosen_reward"] / s["chosen_items"] if s["chosen_items"] else float("nan")
-        rejected = (s["rejected_reward"] / s["rejected_items"] if s["rejected_items"]
-                    else float("nan"))
-        out.update({"rewards/chosen": chosen, "rewards/rejected": rejected,
-                    "rewards/margins": chosen - rejected})
+        # a held-out split with no desirable (or no undesirable) example has no value for that
+        # side: the key is left out (with its count), never reported as NaN
+        out.update({"count/chosen": int(s["chosen_items"]),
+                    "count/rejected": int(s["rejected_items"])})
+        if s["chosen_items"]:
+            out["rewards/chosen"] = s["chosen_reward"] / s["chosen_items"]
+        if s["rejected_items"]:
+            out["rewards/rejected"] = s["rejected_reward"] / s["rejected_items"]
+        if s["chosen_items"] and s["rejected_items"]:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
     return out

@@ -21,8 +21,10 @@ def progress_text(record: dict[str, Any]) -> str:
 
 def eval_text(when: str, step: int, result: dict[str, float]) -> str:
     """One line for a held-out evaluation (``when``: before / eval / after)."""
+    margin = result.get("rewards/margins")
+    margin_text = "n/a (one kind only)" if margin is None else f"{margin:.4f}"
     return (f"[{when} step {step}] held-out ({result['items']} items): reward accuracy "
-            f"{result['rewards/accuracies']:.3f}, margin {result['rewards/margins']:.4f}, "
+            f"{result['rewards/accuracies']:.3f}, margin {margin_text}, "
             f"loss {result['loss']:.4f}")
 
 

@@ -238,11 +238,12 @@ class Trainer:
             return
         folder, state = found
         self.backend.load(folder)
-        if self.ref_module is not None and (folder / "reference.safetensors").is_file():
-            from safetensors.torch import load_file
+        reference_file = folder / "reference.safetensors"
+        if self.ref_module is not None and reference_file.is_file():
+            from .safe_load import load_safetensors
 
-            load_full_state_dict(self.ref_module, load_file(str(folder / "reference.safetensors")),
-                                 source=str(folder / "reference.safetensors"))
+            load_full_state_dict(self.ref_module, load_safetensors(reference_file),
+                                 source=str(reference_file))
         self.pos = _Position(state["step"], state["epoch"], state["step_in_epoch"])
         self.eval_before = state.get("eval_before")
         self.best_eval = state.get("best_eval")
@@ -531,5 +532,9 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, *, callbacks: Sequence[Callback] = ()) -> TrainResult:
-    """Run the job described by ``cfg``; see :class:`Trainer`."""
+    """Run the job described by ``cfg``; see :class:`Trainer`. Its paths are checked first, so a
+    missing file or an output folder that is a file is named before any model loads."""
+    from .config_loading import check_paths
+
+    check_paths(cfg)
     return Trainer(cfg, callbacks=callbacks).run()

@@ -319,3 +319,22 @@ def test_input_errors_are_value_errors():
     # every user-input error is one type the CLI answers with exit status 2
     assert issubclass(ConfigError, InputError) and issubclass(DataFormatError, InputError)
     assert issubclass(InputError, ValueError)
+
+
+@pytest.mark.parametrize("chosen_items, rejected_items", [(3, 0), (0, 2)])
+def test_kto_held_out_with_one_kind_reports_no_nan(chosen_items, rejected_items):
+    """A held-out KTO split with one kind only: that side's keys are left out, never NaN."""
+    from fastpo.engine.objective import EVAL_KEYS, summarize_eval
+    from fastpo.engine.reports import eval_text
+
+    values = dict.fromkeys(EVAL_KEYS, 0.0)
+    values.update(items=chosen_items + rejected_items, loss=1.5, correct=1.0,
+                  chosen_reward=0.3 * chosen_items, rejected_reward=-0.2 * rejected_items,
+                  chosen_items=chosen_items, rejected_items=rejected_items)
+    out = summarize_eval(torch.tensor([values[k] for k in EVAL_KEYS]), paired=False)
+    assert all(math.isfinite(v) for v in out.values())
+    assert "rewards/margins" not in out
+    assert out["count/chosen"] == chosen_items and out["count/rejected"] == rejected_items
+    assert ("rewards/chosen" in out) == bool(chosen_items)
+    assert ("rewards/rejected" in out) == bool(rejected_items)
+    assert "margin n/a (one kind only)" in eval_text("eval", 1, out)
