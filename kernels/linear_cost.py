@@ -38,8 +38,16 @@ Assumptions, stated once:
   upstream gradient is not known in the forward, and keeping the logits is what is avoided), so
   forward + backward executes 8·N·V·H: at best 75 % of peak in model FLOPs.
 
+* **Rows.** A call has N token rows, some ignored (prompt, padding). Their count is a device
+  value; the host knows it only when the caller passes it (the op's ``num_scored`` hint,
+  ``Shape.scored``). Without it the gemm design computes every row (its loops are sized on the
+  host; the ignored rows come out zero) and is charged for all N; with it the gemm design
+  compacts the scored rows (a gather per chunk) and is charged for those only. The tile kernels
+  always skip ignored rows on the device, but with the count unknown they are charged for N too
+  (an upper bound; their idle programs cost nothing). Model FLOPs count the rows charged.
+
 The op's dispatcher (``linear_logprobs``) calls :func:`choose_design` per call and phase with the
-call's N (all tokens: the scored count is on the device), H, V, dtype and device; the benchmark
+call's N, its ``num_scored`` hint (if any), H, V, dtype and device; the benchmark
 ``python -m benchmarks.roofline`` prints the same numbers at the anchor shapes.
 """
 
@@ -54,7 +62,8 @@ LAUNCH_S = 4e-6
 GEMM_BUDGET_BYTES = 2**30  # working memory of the gemm design beyond the returned gradients
 DESIGNS = ("tile", "gemm")
 PHASES = ("forward", "backward", "fwd+bwd")
-# Tile shapes of the Triton kernels on a GPU (see linear_logprobs_triton._blocks).
+# Tile shapes of the Triton kernels on sm_90 (``linear_logprobs_triton.launch_config``; a test
+# holds the two together), by operand bytes.
 TILE_BLOCK_N = {2: 128, 4: 64}
 TILE_BLOCK_V = {2: 128, 4: 64}
 TILE_WEIGHT_GRAD_CHUNK_BYTES = 256 * 2**20  # fp32 grad_W rows per backward launch (half weights)
@@ -90,8 +99,9 @@ def device_spec(name: str | None) -> DeviceSpec:
 
 @dataclass(frozen=True)
 class Shape:
-    """One call: ``tokens`` scored rows, hidden size, vocabulary, operand bytes (2 bf16/fp16, 4
-    fp32), which gradients are needed and whether fp32 matmuls may use TF32."""
+    """One call: ``tokens`` rows (N, scored or not), hidden size, vocabulary, operand bytes (2
+    bf16/fp16, 4 fp32), which gradients are needed, whether fp32 matmuls may use TF32, and
+    ``scored``: the number of scored rows when the host knows it (None: unknown)."""
 
     tokens: int
     hidden: int
@@ -101,6 +111,17 @@ class Shape:
     need_hidden: bool = True
     need_weight: bool = True
     tf32: bool = False
+    scored: int | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows a design is charged for: the scored ones when known, else all N."""
+        return self.tokens if self.scored is None else self.scored
+
+    @property
+    def compact(self) -> bool:
+        """Whether the gemm design gathers the scored rows (their count is known)."""
+        return self.scored is not None
 
 
 @dataclass
@@ -149,7 +170,7 @@ class Cost:
 
 def _new(design: str, phase: str, shape: Shape, spec: DeviceSpec) -> Cost:
     cost = Cost(design, phase, peak_flops=spec.matmul_flops(shape.dtype_bytes, shape.tf32))
-    nvh = shape.tokens * shape.vocab * shape.hidden
+    nvh = shape.rows * shape.vocab * shape.hidden
     cost.model_flops = 2.0 * nvh if phase == "forward" else 4.0 * nvh
     return cost
 
@@ -162,13 +183,13 @@ def _tile_blocks(shape: Shape) -> tuple[int, int]:
 
 
 def tile_forward(shape: Shape, spec: DeviceSpec) -> Cost:
-    n, h, v, e = shape.tokens, shape.hidden, shape.vocab, shape.dtype_bytes
+    n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
     cost = _new("tile", "forward", shape, spec)
     block_n, block_v = _tile_blocks(shape)
     n_tiles, v_tiles = math.ceil(n / block_n), math.ceil(v / block_v)
     splits = max(1, min(v_tiles, math.ceil(2 * spec.sms / max(n_tiles, 1))))
     weight_passes = math.ceil(n_tiles / spec.sms)
-    cost.kernel(spec, nbytes=n * 16, launches=4)  # scored order (sort) and count
+    cost.kernel(spec, nbytes=shape.tokens * 16, launches=4)  # scored order (sort) and count
     cost.kernel(spec, flops=2.0 * n * v * h,
                 nbytes=n * h * e + weight_passes * v * h * e + 3 * 4 * splits * n)
     cost.kernel(spec, nbytes=3 * 4 * splits * n + 8 * n * 4, launches=8)  # combine the splits
@@ -177,7 +198,7 @@ def tile_forward(shape: Shape, spec: DeviceSpec) -> Cost:
 
 
 def tile_backward(shape: Shape, spec: DeviceSpec) -> Cost:
-    n, h, v, e = shape.tokens, shape.hidden, shape.vocab, shape.dtype_bytes
+    n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
     cost = _new("tile", "backward", shape, spec)
     block_n, block_v = _tile_blocks(shape)
     n_tiles, v_tiles = math.ceil(n / block_n), math.ceil(v / block_v)
@@ -195,7 +216,7 @@ def tile_backward(shape: Shape, spec: DeviceSpec) -> Cost:
         atomics += 4.0 * v * h * n_tiles  # every token tile adds its share of each grad_W row
     if shape.bias:
         atomics += 4.0 * v * n_tiles
-    cost.kernel(spec, nbytes=n * 16, launches=4)  # scored order and count
+    cost.kernel(spec, nbytes=shape.tokens * 16, launches=4)  # scored order and count
     cost.kernel(spec, nbytes=4.0 * n * h * shape.need_hidden, launches=1)  # zero grad_h
     cost.kernel(spec, flops=2.0 * matmuls * n * v * h, launches=launches,
                 nbytes=matmuls * (n * h * e + weight_passes * v * h * e), atomic_bytes=atomics)
@@ -212,13 +233,15 @@ def tile_backward(shape: Shape, spec: DeviceSpec) -> Cost:
 
 
 def gemm_memory(tokens: int, hidden: int, vocab: int, dtype_bytes: int, chunk_tokens: int,
-                chunk_vocab: int, *, need_hidden: bool = True, need_weight: bool = True) -> int:
+                chunk_vocab: int, *, need_hidden: bool = True, need_weight: bool = True,
+                softcap: bool = False) -> int:
     """Working bytes of the gemm design's backward (its forward needs less) beyond the inputs and
     the returned gradients: the fp32 logits tile, its gradient in the operand dtype (in place for
-    fp32), a gathered hidden chunk, the fp32 grad_h rows and a slice's fp32 grad_W accumulator
-    (half-precision weights), and per-row vectors."""
+    fp32 unless ``softcap``: the capped backward keeps the tile for dz/dL), a gathered hidden
+    chunk, the fp32 grad_h rows and a slice's fp32 grad_W accumulator (half-precision weights),
+    and per-row vectors."""
     tile = chunk_tokens * chunk_vocab
-    grad_tile = 0 if dtype_bytes == 4 else tile * dtype_bytes
+    grad_tile = 0 if dtype_bytes == 4 and not softcap else tile * dtype_bytes
     acc_w = 4 * chunk_vocab * hidden if need_weight and dtype_bytes != 4 else 0
     acc_h = 4 * tokens * hidden if need_hidden else 0
     return 4 * tile + grad_tile + chunk_tokens * hidden * dtype_bytes + acc_h + acc_w + 48 * tokens
@@ -227,7 +250,8 @@ def gemm_memory(tokens: int, hidden: int, vocab: int, dtype_bytes: int, chunk_to
 @functools.lru_cache(maxsize=256)
 def gemm_plan(tokens: int, hidden: int, vocab: int, dtype_bytes: int, *,
               need_hidden: bool = True, need_weight: bool = True,
-              budget_bytes: int = GEMM_BUDGET_BYTES, spec: DeviceSpec = H100) -> tuple[int, int]:
+              budget_bytes: int = GEMM_BUDGET_BYTES, spec: DeviceSpec = H100,
+              softcap: bool = False) -> tuple[int, int]:
     """(chunk_tokens, chunk_vocab) of the gemm design: among power-of-two tiles (16..8192 tokens,
     128..16384 vocab entries, clamped to the shape) whose working memory (:func:`gemm_memory`)
     fits the budget, the one with the smallest predicted time (ties: the larger tile).
@@ -247,7 +271,7 @@ def gemm_plan(tokens: int, hidden: int, vocab: int, dtype_bytes: int, *,
     for c in token_options:
         for s in vocab_options:
             mem = gemm_memory(tokens, hidden, vocab, dtype_bytes, c, s, need_hidden=need_hidden,
-                              need_weight=need_weight)
+                              need_weight=need_weight, softcap=softcap)
             if mem > budget:
                 continue
             cost = (gemm_backward if backward else gemm_forward)(shape, spec, plan=(c, s))
@@ -258,34 +282,39 @@ def gemm_plan(tokens: int, hidden: int, vocab: int, dtype_bytes: int, *,
 
 
 def gemm_forward(shape: Shape, spec: DeviceSpec, plan: tuple[int, int] | None = None) -> Cost:
-    n, h, v, e = shape.tokens, shape.hidden, shape.vocab, shape.dtype_bytes
+    n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
     cost = _new("gemm", "forward", shape, spec)
     c, s = plan or gemm_plan(n, h, v, e, need_hidden=False, need_weight=False, spec=spec)
     chunks, slices = math.ceil(n / c), math.ceil(v / s)
     tiles = chunks * slices
-    cost.kernel(spec, nbytes=n * 24, launches=4)  # labels, output buffers
-    cost.kernel(spec, nbytes=2 * n * h * e, launches=2 * chunks)  # gather the chunk's rows
+    cost.kernel(spec, nbytes=shape.tokens * 24, launches=4)  # labels, output buffers
+    if shape.compact:  # the scored rows: nonzero_static, then a gather per chunk
+        cost.kernel(spec, nbytes=shape.tokens * 16 + 2 * n * h * e, launches=2 + 2 * chunks)
     cost.kernel(spec, flops=2.0 * n * v * h, launches=tiles,
                 nbytes=slices * n * h * e + chunks * v * h * e + 4.0 * n * v)
     if shape.bias:
         cost.kernel(spec, nbytes=8.0 * n * v, launches=tiles)
     cost.kernel(spec, nbytes=4.0 * n * v, launches=tiles)  # row log-sum-exp
-    cost.kernel(spec, nbytes=tiles * c * 40, launches=5 * tiles)  # label pick, running lse
+    # per tile: the label's column and logit, the running lse (small elementwise kernels)
+    cost.kernel(spec, nbytes=tiles * c * 40, launches=9 * tiles)
+    cost.kernel(spec, nbytes=n * 40, launches=10 * chunks)  # per chunk: init, select, store rows
     cost.memory_bytes = 4 * c * s + c * h * e + 40 * n
     return cost
 
 
 def gemm_backward(shape: Shape, spec: DeviceSpec, plan: tuple[int, int] | None = None) -> Cost:
-    n, h, v, e = shape.tokens, shape.hidden, shape.vocab, shape.dtype_bytes
+    n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
     cost = _new("gemm", "backward", shape, spec)
     c, s = plan or gemm_plan(n, h, v, e, need_hidden=shape.need_hidden,
                              need_weight=shape.need_weight, spec=spec)
     chunks, slices = math.ceil(n / c), math.ceil(v / s)
     tiles = chunks * slices
     nvh = float(n) * v * h
-    cost.kernel(spec, nbytes=n * 48, launches=8)  # scored order, per-row vectors
+    cost.kernel(spec, nbytes=shape.tokens * 48, launches=8)  # scored rows, per-row vectors
     cost.kernel(spec, nbytes=4.0 * n * h * shape.need_hidden, launches=1)  # zero grad_h rows
-    cost.kernel(spec, nbytes=2 * slices * n * h * e, launches=tiles)  # gather hidden chunks
+    if shape.compact or shape.need_weight:  # a copy of each hidden chunk: the scored rows
+        # gathered, or every row with the ignored ones zeroed for the grad_W GEMM
+        cost.kernel(spec, nbytes=2 * slices * n * h * e, launches=tiles)
     cost.kernel(spec, flops=2 * nvh, launches=tiles,  # recompute the logits
                 nbytes=slices * n * h * e + chunks * v * h * e + 4.0 * n * v)
     if shape.bias:

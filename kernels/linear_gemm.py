@@ -34,10 +34,23 @@ Row passes. On CUDA (and under Triton's interpreter) the log-sum-exp and G come 
 from-logits Triton kernels of ``triton_logprobs.py`` (G written straight into its own buffer in
 the operand dtype, or in place over the logits for fp32 operands); on CPU from PyTorch ops.
 
-Which rows. ``rows`` lists the token rows to compute (the scored ones, dropped before any
-compute); ``None`` computes every row in order — the sync-free fallback on CUDA when the scored
-count is not known on the host — and the row kernels give ignored rows exact zeros (logp, lse,
-G and therefore their grad_h rows and contributions to grad_W / grad_b).
+Which rows. ``None`` computes every row in order (the default of the op: the loops are sized on
+the host, and the scored count is a device value, so nothing waits for it); ``rows`` lists the
+token rows to compute (the scored ones, compacted on the device from a host-known count, see
+``linear_logprobs``), and the others are never read. With every row computed the ignored ones
+come out exactly zero: logp and lse by a select, G by the row kernel (it writes zeros for an
+ignored label, whatever the logits), so their grad_h rows (G W) are zeros and they add nothing to
+grad_b; for grad_W (Gᵀ h) the hidden rows of ignored tokens are also masked to zero in the
+chunk's copy (0 · NaN is NaN: a non-finite hidden state at a padding position must not leak into
+the weight gradient). That copy is what the ``rows`` path pays for its gather: the same traffic.
+
+Logit transforms (``s`` the logit scale, ``c`` a soft-cap). Without a cap the scale folds into
+the temperature (T/s). With one, the tile of raw logits L becomes c·tanh(L·s/c) in place before
+the row pass (which divides by T), and the backward chains dz/dL = s·(1 − (z/c)²) after it, into
+G: the row kernel then writes G into its own buffer (an fp32 one for fp32 operands, the one extra
+``[C, S]`` tile of the capped backward, counted by the plan), and the freed logits tile holds
+the factor. For half operands G is rounded to the operand dtype by the row pass and again after
+the factor (two roundings of ≤ 2⁻⁹ where the uncapped design has one).
 
 Determinism: no atomics; every sum has a fixed order (cuBLAS GEMMs are bit-reproducible on one
 GPU model for the same shapes and stream), so ``deterministic=True`` is free here.
@@ -79,14 +92,16 @@ def _mm(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
 
 
 def plan(hidden: Tensor, weight: Tensor, rows: int, chunk_tokens: int, chunk_vocab: int,
-         need_hidden: bool, need_weight: bool, budget_bytes: int = 0) -> tuple[int, int]:
+         need_hidden: bool, need_weight: bool, budget_bytes: int = 0,
+         softcap: bool = False) -> tuple[int, int]:
     """(chunk_tokens, chunk_vocab): the requested sizes where > 0, else the cost model's plan
-    for ``budget_bytes`` (0: ``BUDGET_BYTES``)."""
+    for ``budget_bytes`` (0: ``BUDGET_BYTES``); ``softcap``: the capped backward's own G tile."""
     vocab, h_dim = weight.shape
     name = torch.cuda.get_device_name(hidden.device) if hidden.device.type == "cuda" else None
     auto = gemm_plan(max(rows, 1), h_dim, vocab, operand_dtype(hidden, weight).itemsize,
                      need_hidden=need_hidden, need_weight=need_weight,
-                     budget_bytes=budget_bytes or BUDGET_BYTES, spec=device_spec(name))
+                     budget_bytes=budget_bytes or BUDGET_BYTES, spec=device_spec(name),
+                     softcap=softcap)
     tokens = chunk_tokens if chunk_tokens > 0 else auto[0]
     cols = chunk_vocab if chunk_vocab > 0 else auto[1]
     return max(1, min(tokens, max(rows, 1))), max(1, min(cols, vocab))
@@ -96,6 +111,16 @@ def _label_cols(lab: Tensor, start: int, width: int) -> tuple[Tensor, Tensor]:
     local = lab - start
     inside = (local >= 0) & (local < width)
     return local.clamp(0, width - 1), inside
+
+
+def _softcap_(tile: Tensor, logit_scale: float, softcap: float) -> None:
+    """Raw logits L -> c·tanh(L·s/c) in place (the row pass then divides by T)."""
+    tile.mul_(logit_scale / softcap).tanh_().mul_(softcap)
+
+
+def _softcap_slope_(tile: Tensor, logit_scale: float, softcap: float) -> Tensor:
+    """Capped logits z -> dz/dL = s·(1 − (z/c)²) in place."""
+    return tile.mul_(1.0 / softcap).square_().neg_().add_(1.0).mul_(logit_scale)
 
 
 def _rows_lse(tile: Tensor, temperature: float, triton_rows: bool, any_col: Tensor) -> Tensor:
@@ -132,22 +157,33 @@ def _rows_dlogits(tile: Tensor, out: Tensor, lab: Tensor, scored: Tensor, g: Ten
     if temperature != 1.0:
         tile.mul_(1.0 / temperature)
     tile.sub_(safe_lse.unsqueeze(1)).exp_().mul_(scale.neg().unsqueeze(1))
+    tile.masked_fill_(~scored.unsqueeze(1), 0.0)  # exact zeros even where z is NaN / +inf
     tile.scatter_add_(1, col.unsqueeze(1), torch.where(inside, scale, 0.0).unsqueeze(1))
     if out is not tile:
         out.copy_(tile)
 
 
-def _chunk(hidden: Tensor, rows: Tensor | None, start: int, size: int, op: torch.dtype) -> Tensor:
+def _chunk(hidden: Tensor, rows: Tensor | None, start: int, size: int, op: torch.dtype,
+           keep: Tensor | None = None) -> Tensor:
+    """Hidden rows ``[start, start + size)`` of ``rows`` (None: of every row) in the operand
+    dtype; with ``keep`` (a bool per row of the chunk) the others are zeroed in a fresh copy."""
     h = hidden[start:start + size] if rows is None else hidden.index_select(0, rows[start:start
                                                                                     + size])
+    if keep is not None:
+        return torch.where(keep.unsqueeze(1), h.to(op), torch.zeros((), dtype=op,
+                                                                    device=h.device))
     return h.to(op)
 
 
 def gemm_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None,
                               labels: Tensor, ignore_index: int, temperature: float, *,
                               rows: Tensor | None, triton_rows: bool, chunk_tokens: int = 0,
-                              chunk_vocab: int = 0) -> tuple[Tensor, Tensor]:
-    """(logps, lse) ``[N]`` of 2-D ``hidden [N, H]``, 0 at rows not computed or ignored."""
+                              chunk_vocab: int = 0, logit_scale: float = 1.0,
+                              softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(logps, lse) ``[N]`` of 2-D ``hidden [N, H]``, 0 at rows not computed or ignored;
+    ``softcap`` 0: none (the logit scale then folds into the temperature)."""
+    if softcap <= 0:
+        temperature, logit_scale = temperature / logit_scale, 1.0
     n, vocab = hidden.shape[0], weight.shape[0]
     op = operand_dtype(hidden, weight)
     acc = _acc(op)
@@ -175,6 +211,8 @@ def gemm_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | Non
             _mm(tile, h_c, w.t(), accumulate=False)
             if bias_acc is not None:
                 tile.add_(bias_acc[v0:v0 + width])
+            if softcap > 0:
+                _softcap_(tile, logit_scale, softcap)
             col, inside = _label_cols(lab, v0, w.shape[0])
             picked += torch.where(inside, tile.gather(1, col.unsqueeze(1)).squeeze(1), 0.0)
             running = torch.logaddexp(running, _rows_lse(tile, temperature, triton_rows, any_col))
@@ -196,11 +234,15 @@ def gemm_linear_logps_backward(grad_logps: Tensor, hidden: Tensor, weight: Tenso
                                ignore_index: int, temperature: float, need_hidden: bool,
                                need_weight: bool, need_bias: bool, *, rows: Tensor | None,
                                triton_rows: bool, chunk_tokens: int = 0, chunk_vocab: int = 0,
-                               grad_dtype: torch.dtype | None = None
+                               grad_dtype: torch.dtype | None = None, logit_scale: float = 1.0,
+                               softcap: float = 0.0
                                ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes; None where not needed.
     ``grad_dtype``: dtype of the logits gradient fed to the GEMMs (None: the operand dtype on
-    CUDA, the accumulation dtype on CPU)."""
+    CUDA, the accumulation dtype on CPU); ``softcap`` 0: none."""
+    capped = softcap > 0
+    if not capped:
+        temperature, logit_scale = temperature / logit_scale, 1.0
     n = hidden.shape[0]
     vocab, h_dim = weight.shape
     op = operand_dtype(hidden, weight)
@@ -217,7 +259,8 @@ def gemm_linear_logps_backward(grad_logps: Tensor, hidden: Tensor, weight: Tenso
     grad_w = new_w((vocab, h_dim), dtype=weight.dtype, device=device) if need_weight else None
     grad_b = torch.zeros(vocab, dtype=acc, device=device) if need_bias else None
     if work:
-        step, width = plan(hidden, weight, m, chunk_tokens, chunk_vocab, need_hidden, need_weight)
+        step, width = plan(hidden, weight, m, chunk_tokens, chunk_vocab, need_hidden, need_weight,
+                           softcap=capped)
 
         def per_row(t: Tensor) -> Tensor:
             return t if rows is None else t.index_select(0, rows)
@@ -230,8 +273,9 @@ def gemm_linear_logps_backward(grad_logps: Tensor, hidden: Tensor, weight: Tenso
             if need_weight and weight.dtype != acc else None
         bias_acc = None if bias is None else bias.to(acc)
         buffer = torch.empty(step * width, dtype=acc, device=device)
+        # G in its own buffer: half operands, or a cap (the logits tile then holds dz/dL)
         grad_buffer = torch.empty(step * width, dtype=grad_dtype, device=device) \
-            if grad_dtype != acc else None
+            if grad_dtype != acc or capped else None
         for v0 in range(0, vocab, width):
             w = weight[v0:v0 + width].to(op)
             ws = w.shape[0]
@@ -239,16 +283,29 @@ def gemm_linear_logps_backward(grad_logps: Tensor, hidden: Tensor, weight: Tenso
             if grad_w is not None:
                 target_w = grad_w[v0:v0 + ws] if acc_w is None else acc_w[:ws]
             for start in range(0, m, step):
-                h_c = _chunk(hidden, rows, start, step, op)
+                sl = slice(start, start + step)
+                # every row computed: ignored rows' hidden zeroed for the grad_W GEMM (see doc)
+                keep = scored_all[sl] if rows is None and target_w is not None else None
+                h_c = _chunk(hidden, rows, start, step, op, keep)
                 size = h_c.shape[0]
+                sl = slice(start, start + size)
                 tile = buffer[:size * ws].view(size, ws)
                 grads = tile if grad_buffer is None else grad_buffer[:size * ws].view(size, ws)
                 _mm(tile, h_c, w.t(), accumulate=False)
                 if bias_acc is not None:
                     tile.add_(bias_acc[v0:v0 + ws])
-                sl = slice(start, start + size)
+                slope = None
+                if capped:  # the PyTorch row pass overwrites the tile: its slope first
+                    _softcap_(tile, logit_scale, softcap)
+                    if not triton_rows:
+                        slope = _softcap_slope_(tile.clone(), logit_scale, softcap)
                 _rows_dlogits(tile, grads, lab_all[sl], scored_all[sl], g_all[sl], lse_all[sl],
                               v0, ignore_index, temperature, triton_rows)
+                if capped:
+                    if slope is None:  # the Triton row pass left the tile as it was
+                        slope = _softcap_slope_(tile, logit_scale, softcap)
+                    # ignored rows (their hidden may be non-finite) stay exact zeros
+                    grads.mul_(slope.masked_fill_(~scored_all[sl].unsqueeze(1), 0.0))
                 first = start == 0
                 if acc_h is not None:  # the first slice writes, the later ones add
                     _mm(acc_h[sl], grads, w, accumulate=v0 > 0)

@@ -1,12 +1,19 @@
 """Label log-probabilities from final hidden states and the lm_head weight, logits never built.
 
-    z[n]           = (hidden[n] @ weightᵀ + bias) / T              (one row of logits, never whole)
+    a[n]           = (hidden[n] @ weightᵀ + bias) · s              (one row of logits, never whole)
+    z[n]           = c · tanh(a[n] / c) / T    with a soft-cap c,  else a[n] / T
     token_logps[n] = z[n, labels[n]] − logsumexp(z[n])             (0 where labels[n] == ignore)
     sequence_logps = Σ_t token_logps (``reduction="sum"``) or that / #scored (``"mean"``)
 
+``s`` is ``logit_scale`` (Cohere's), ``c`` is ``softcap`` (Gemma-2's ``final_logit_softcapping``)
+and ``T`` the temperature, applied in that order, as the models do; every design applies them on
+its tile (the soft-cap's derivative 1 − tanh²(a/c) chained in its backward).
+
 This is the from-logits op of ``logprobs.py`` fused with the lm_head matmul, so that the
-``[N, V]`` logits of a large vocabulary (32k tokens × 128k × 4 bytes = 16 GB) never exist. Tokens
-whose label is ``ignore_index`` (prompt, padding) are dropped before any compute.
+``[N, V]`` logits of a large vocabulary (32k tokens × 128k × 4 bytes = 16 GB) never exist. This
+module holds the public API, the autograd wiring and the choice of a design; the designs live in
+``linear_logprobs_triton.py`` (tile), ``linear_gemm.py`` (gemm) and ``linear_chunked.py`` (the
+CPU path).
 
 Designs. Where the Triton backend runs (CUDA tensors; CPU tensors under
 ``use_cpu_backend("triton")`` and Triton's interpreter, how the GPU code is tested without a GPU)
@@ -15,7 +22,8 @@ two designs exist, chosen per call and per phase by the roofline model of ``line
 
     tile   the fused Triton kernels of ``linear_logprobs_triton.py``: a forward that never writes
            a logit (the model's pick for the forward: no-grad reference passes, small N) and a
-           backward that adds tile shares with fp32 atomics (atomic-bound at large N);
+           backward that adds tile shares with fp32 atomics (atomic-bound at large N); ignored
+           tokens are dropped on the device (a sort and a count, no host synchronization);
     gemm   ``linear_gemm.py``: cuBLAS GEMMs on token chunks × vocab slices from a memory budget
            (1 GiB beyond the returned gradients at the Llama-3-8B head × 32k tokens), a Triton
            row kernel for the log-sum-exp and the softmax gradient, grad_h / grad_W as GEMMs with
@@ -23,82 +31,62 @@ two designs exist, chosen per call and per phase by the roofline model of ``line
 
 ``deterministic=True`` rules out atomics: the backward takes the gemm design (``"tile"`` with it is
 an error); the forward of both designs has none. Other CPU tensors (and float64 anywhere) run the
-chunked path below unless ``design="gemm"`` asks for the GEMM design (its row passes then in
-PyTorch); ``"tile"`` needs the Triton backend.
+chunked path of ``linear_chunked.py`` unless ``design="gemm"`` asks for the GEMM design (its row
+passes then in PyTorch); ``"tile"`` needs the Triton backend.
 
-Scored tokens on CUDA. The gemm backward drops ignored tokens before any compute, which needs
-their count on the host: the forward starts a non-blocking copy of the count into pinned memory
-and the backward reads it after waiting for its event (recorded in the forward, long passed by the
-time the backward runs; no stream synchronization). Where the count is not available (under
-``torch.compile``) every row is computed in order and the ignored ones come out exactly zero.
-
-CPU path. The scored tokens are gathered (``nonzero`` on the labels: one host synchronization for
-their count, free on a CPU) and walked in chunks of ``chunk_tokens``; for each chunk the vocabulary
-is walked in slices of ``chunk_vocab``. One fp32 ``[chunk_tokens, chunk_vocab]`` tile of logits
-exists at a time (a matmul writes it into a reused buffer):
-
-    forward   tile = h_c W_sᵀ + b_s (h_c pre-scaled by 1/T); lse_c = logaddexp over slices of the
-              tile's log-sum-exp; the label logit is gathered from the tile that holds it.
-    backward  the tile is recomputed and turned in place into dlogits = g (onehot − exp(z − lse))/T
-              (only the saved lse is needed); then grad_h_c += dlogits W_s,
-              grad_W_s += dlogitsᵀ h_c, grad_b_s += Σ_n dlogits.
-
-bf16/fp16 inputs are computed in fp32 (bf16 matmuls are slow on CPUs without bf16 units), so the
-results are fp32-accurate; grad_W and grad_b accumulate in fp32 and are cast to the parameter
-dtype once. Memory beyond the outputs: one tile (8 MiB by default), a few ``[chunk_tokens, H]``
-fp32 buffers and an fp32 grad_W accumulator when the weight is not fp32.
-
-Cost: four matmuls per training step over the scored tokens (forward, recomputed logits, grad_h,
-grad_W) against three over all tokens for an implementation that keeps the logits: the recompute
-is what keeps memory flat, dropping prompt and padding tokens is what pays for it; a frozen weight
-(LoRA) skips the grad_W matmul.
+Scored tokens and the ``num_scored`` hint. No op call waits for the device (no host
+synchronization). The GEMM loops are sized on the host, and the number of scored tokens is a
+device value, so by default the gemm design computes every one of the N rows: ignored rows come
+out exactly zero (logp, lse, their grad_h rows) and add nothing to grad_W / grad_b (their softmax
+gradient rows are exact zeros and, in the backward, their hidden rows are masked to zero before
+the grad_W GEMM, so even a non-finite hidden state at a padding position cannot leak in). A
+caller that knows the count on the host (a trainer whose labels were built on the CPU) passes it
+as ``num_scored``: the gemm design then compacts the scored rows on the device with
+``torch.nonzero_static(..., size=num_scored)`` (sync-free on CUDA by design: the output size is
+the host's) and skips the ignored ones, and the cost model is told the true row count. A wrong
+hint is refused, never turned into a wrong number: the device count is compared with it by
+``torch._assert_async`` (queued on a GPU; at once on CPU, as a ``ValueError``). The chunked CPU
+path gathers the scored rows with ``nonzero`` (free on a CPU) and needs no hint.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from . import checks
 from . import ops as _ops
+from .labels import prepare_labels
+from .linear_chunked import (
+    MAX_CHUNK_TOKENS,
+    TILE_BYTES,
+    acc_dtype,
+    choose_chunks,
+    chunked_linear_logps_backward,
+    chunked_linear_logps_forward,
+)
 from .linear_cost import Shape, choose_design, device_spec
 from .linear_gemm import gemm_linear_logps_backward, gemm_linear_logps_forward
 from .logprobs import SequenceLogps, reduce_sequences, sequence_totals
 
-# Bytes of one fp32 logits tile of the CPU path, and the most tokens in one chunk.
-TILE_BYTES = 8 * 2**20
-MAX_CHUNK_TOKENS = 1024
-_VOCAB_ALIGN = 64
+__all__ = ["MAX_CHUNK_TOKENS", "TILE_BYTES", "choose_chunks", "linear_sequence_logps",
+           "linear_token_logps"]
 DESIGNS = ("auto", "gemm", "tile")
 
 
-def choose_chunks(n_tokens: int, vocab: int, *, chunk_tokens: int = 0,
-                  chunk_vocab: int = 0) -> tuple[int, int]:
-    """(tokens, vocab entries) per CPU tile; a non-positive argument means "choose"."""
-    tokens = chunk_tokens if chunk_tokens > 0 else min(max(n_tokens, 1), MAX_CHUNK_TOKENS)
-    if chunk_vocab > 0:
-        cols = chunk_vocab
-    else:
-        cols = max(_VOCAB_ALIGN, TILE_BYTES // (4 * tokens) // _VOCAB_ALIGN * _VOCAB_ALIGN)
-    return max(1, min(tokens, max(n_tokens, 1))), max(1, min(cols, max(vocab, 1)))
-
-
-def _acc_dtype(*tensors: Tensor | None) -> torch.dtype:
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
-
-
 def _use_triton(hidden: Tensor, weight: Tensor) -> bool:
-    if _acc_dtype(hidden, weight) == torch.float64:
+    if acc_dtype(hidden, weight) == torch.float64:
         return False
     return _ops.resolve_backend(hidden.device) == "triton"
 
 
 def _design(phase: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, design: str,
-            deterministic: bool = False, need_hidden: bool = True,
-            need_weight: bool = True) -> str:
-    """"chunked" (the CPU path), "tile" or "gemm" for this call's ``phase``."""
+            deterministic: bool = False, need_hidden: bool = True, need_weight: bool = True,
+            num_scored: int = -1) -> str:
+    """"chunked" (the CPU path), "tile" or "gemm" for this call's ``phase``; ``num_scored``: the
+    host-known scored count (-1: unknown, every row is charged)."""
     if design == "gemm":
         return "gemm"
     if not _use_triton(hidden, weight):
@@ -110,158 +98,36 @@ def _design(phase: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, des
     op = torch.promote_types(hidden.dtype, weight.dtype)
     shape = Shape(hidden.shape[0], hidden.shape[1], weight.shape[0], op.itemsize,
                   bias=bias is not None, need_hidden=need_hidden, need_weight=need_weight,
-                  tf32=op == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+                  tf32=op == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
+                  scored=num_scored if num_scored >= 0 else None)
     return choose_design(phase, shape, device_spec(name), deterministic=deterministic)
 
 
-def _gemm_rows(labels: Tensor, ignore_index: int, scored_count: int) -> Tensor | None:
-    """Rows for the gemm design: the scored ones (CPU: ``nonzero``, free there; CUDA: a device
-    sort cut at the host-known count), or None (every row) on CUDA when the count is unknown."""
-    if labels.device.type != "cuda":
-        return _scored_rows(labels, ignore_index)
-    if scored_count < 0:
-        return None
-    order = torch.argsort((labels == ignore_index).to(torch.int8), stable=True)
-    return order[:scored_count]
-
-
-def _scored_rows(labels: Tensor, ignore_index: int) -> Tensor:
-    # nonzero: the one host synchronization of the chunked path (the count of scored tokens).
-    return (labels != ignore_index).nonzero().squeeze(1)
-
-
-def _native_tiles(acc: torch.dtype, device: torch.device) -> bool:
-    """Whether the tile math runs in the native row kernels (fp32 CPU tiles, kernel built)."""
-    return (acc == torch.float32 and device.type == "cpu"
-            and _ops.resolve_backend(device) == "native")
-
-
-def _tile_lse(tile: Tensor, col: Tensor, native: bool) -> Tensor:
-    """Per-row log-sum-exp of a tile; the tile may be overwritten.
-
-    ``col`` (any in-range column per row) only feeds the native kernel's label read.
-    """
-    if native:  # one streaming pass over each row
-        return torch.ops.fastpo_native.logps_forward(tile, col, -1, 1.0, False)[1]
-    top = tile.amax(dim=1)
-    # A row of only -inf is shifted by 0 (exp(-inf) = 0, lse = -inf); +inf or NaN stay NaN/inf.
-    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
-    tile.sub_(shift.unsqueeze(1)).exp_()
-    return shift + torch.log(tile.sum(dim=1))
-
-
-def _tile_dlogits_(tile: Tensor, row_lse: Tensor, scale: Tensor, col: Tensor, inside: Tensor,
-                   native: bool) -> None:
-    """Turn a tile of z into dlogits = scale · (onehot − exp(z − lse)) in place.
-
-    ``scale`` is g/T per row; the one-hot column ``col`` counts only where ``inside``.
-    """
-    if native:  # one pass; it adds the one-hot at ``col`` on every row, removed where outside
-        torch.ops.fastpo_native.logps_backward(scale, tile, col, row_lse, -1, 1.0, True)
-        tile.scatter_add_(1, col.unsqueeze(1), torch.where(inside, 0.0, -scale).unsqueeze(1))
+def _check_num_scored(labels: Tensor, ignore_index: int, num_scored: int) -> None:
+    """The device count of scored labels equals the caller's hint, without a host
+    synchronization (``torch._assert_async``; immediate on CPU, as a ``ValueError``)."""
+    if num_scored < 0:
         return
-    tile.sub_(row_lse.unsqueeze(1)).exp_().mul_(scale.unsqueeze(1).neg())
-    tile.scatter_add_(1, col.unsqueeze(1), torch.where(inside, scale, 0.0).unsqueeze(1))
+    count = (labels != ignore_index).sum()
+
+    def describe() -> str:  # CPU only: the count is in host memory
+        return (f"num_scored={num_scored} does not match the labels: {int(count)} of "
+                f"{labels.numel()} labels are scored (not ignore_index={ignore_index})")
+
+    checks._assert_none(count != num_scored,
+                        f"fastpo: num_scored={num_scored} does not match the number of labels "
+                        f"that are not ignore_index={ignore_index}", describe)
 
 
-def _chunk_inputs(hidden, labels, rows, acc, inv_t):
-    """(h_c, h_c / T, labels_c) of one chunk of scored rows, in the accumulation dtype."""
-    h = hidden.index_select(0, rows).to(acc)
-    scaled = h if inv_t == 1.0 else h * inv_t
-    return h, scaled, labels.index_select(0, rows).to(torch.int64)
-
-
-def _label_cols(lab: Tensor, start: int, width: int) -> tuple[Tensor, Tensor]:
-    """Column of each label inside the slice ``[start, start + width)`` (clamped) and a mask."""
-    local = lab - start
-    inside = (local >= 0) & (local < width)
-    return local.clamp(0, width - 1), inside
-
-
-def chunked_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                                 labels: Tensor, ignore_index: int, temperature: float,
-                                 chunk_tokens: int = 0, chunk_vocab: int = 0
-                                 ) -> tuple[Tensor, Tensor]:
-    """(logps, lse) of 2-D ``hidden [N, H]`` with the chunked matmul path; see the module doc."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    acc = _acc_dtype(hidden, weight, bias)
-    logps = torch.zeros(n, dtype=acc, device=hidden.device)
-    lse = torch.zeros(n, dtype=acc, device=hidden.device)
-    rows_all = _scored_rows(labels, ignore_index)
-    if rows_all.numel() == 0 or vocab == 0:
-        return logps, lse
-    step, width = choose_chunks(rows_all.numel(), vocab, chunk_tokens=chunk_tokens,
-                                chunk_vocab=chunk_vocab)
-    inv_t = 1.0 / temperature
-    bias_t = None if bias is None else bias.to(acc) * inv_t
-    buffer = torch.empty(step * width, dtype=acc, device=hidden.device)
-    native = _native_tiles(acc, hidden.device)
-    for start in range(0, rows_all.numel(), step):
-        rows = rows_all[start:start + step]
-        _, h_scaled, lab = _chunk_inputs(hidden, labels, rows, acc, inv_t)
-        running = torch.full((rows.numel(),), float("-inf"), dtype=acc, device=hidden.device)
-        picked = torch.zeros(rows.numel(), dtype=acc, device=hidden.device)
-        for v0 in range(0, vocab, width):
-            w = weight[v0:v0 + width].to(acc)
-            tile = buffer[:rows.numel() * w.shape[0]].view(rows.numel(), w.shape[0])
-            torch.mm(h_scaled, w.t(), out=tile)
-            if bias_t is not None:
-                tile.add_(bias_t[v0:v0 + width])
-            col, inside = _label_cols(lab, v0, w.shape[0])
-            picked += torch.where(inside, tile.gather(1, col.unsqueeze(1)).squeeze(1), 0.0)
-            running = torch.logaddexp(running, _tile_lse(tile, col, native))
-        logps[rows] = picked - running
-        lse[rows] = running
-    return logps, lse
-
-
-def chunked_linear_logps_backward(grad_logps: Tensor, hidden: Tensor, weight: Tensor,
-                                  bias: Tensor | None, labels: Tensor, lse: Tensor,
-                                  ignore_index: int, temperature: float, chunk_tokens: int,
-                                  chunk_vocab: int, need_hidden: bool, need_weight: bool,
-                                  need_bias: bool) -> tuple[Tensor | None, ...]:
-    """(grad_hidden, grad_weight, grad_bias) with the chunked path; None where not needed."""
-    vocab, h_dim = weight.shape
-    acc = _acc_dtype(hidden, weight, bias)
-    device = hidden.device
-    need_bias = need_bias and bias is not None
-    grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=device) if need_hidden else None
-    grad_w = torch.zeros((vocab, h_dim), dtype=acc, device=device) if need_weight else None
-    grad_b = torch.zeros(vocab, dtype=acc, device=device) if need_bias else None
-    rows_all = _scored_rows(labels, ignore_index)
-    if rows_all.numel() and vocab and (need_hidden or need_weight or need_bias):
-        step, width = choose_chunks(rows_all.numel(), vocab, chunk_tokens=chunk_tokens,
-                                    chunk_vocab=chunk_vocab)
-        inv_t = 1.0 / temperature
-        bias_t = None if bias is None else bias.to(acc) * inv_t
-        buffer = torch.empty(step * width, dtype=acc, device=device)
-        native = _native_tiles(acc, device)
-        for start in range(0, rows_all.numel(), step):
-            rows = rows_all[start:start + step]
-            h, h_scaled, lab = _chunk_inputs(hidden, labels, rows, acc, inv_t)
-            scale = grad_logps.index_select(0, rows).to(acc) * inv_t  # g / T
-            row_lse = lse.index_select(0, rows).to(acc)
-            acc_h = torch.zeros((rows.numel(), h_dim), dtype=acc, device=device) \
-                if need_hidden else None
-            for v0 in range(0, vocab, width):
-                w = weight[v0:v0 + width].to(acc)
-                tile = buffer[:rows.numel() * w.shape[0]].view(rows.numel(), w.shape[0])
-                torch.mm(h_scaled, w.t(), out=tile)
-                if bias_t is not None:
-                    tile.add_(bias_t[v0:v0 + width])
-                col, inside = _label_cols(lab, v0, w.shape[0])
-                _tile_dlogits_(tile, row_lse, scale, col, inside, native)
-                if acc_h is not None:
-                    acc_h.addmm_(tile, w)
-                if grad_w is not None:
-                    grad_w[v0:v0 + width].addmm_(tile.t(), h)
-                if grad_b is not None:
-                    grad_b[v0:v0 + width] += tile.sum(dim=0)
-            if acc_h is not None:
-                grad_h.index_copy_(0, rows, acc_h.to(grad_h.dtype))
-    return (grad_h,
-            grad_w.to(weight.dtype) if grad_w is not None else None,
-            grad_b.to(bias.dtype) if grad_b is not None else None)
+def _gemm_rows(labels: Tensor, ignore_index: int, num_scored: int) -> Tensor | None:
+    """Rows for the gemm design: None (every row, the default) or, with the host-known count
+    ``num_scored`` >= 0, the scored rows compacted on the device by ``nonzero_static`` (its output
+    size is the host's: no synchronization) after the device-side check of the count."""
+    if num_scored < 0:
+        return None
+    _check_num_scored(labels, ignore_index, num_scored)
+    return torch.nonzero_static(labels != ignore_index, size=num_scored,
+                                fill_value=0).squeeze(1)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -279,33 +145,43 @@ def linear_logps_forward(
     chunk_vocab: int = 0,
     design: str = "auto",
     deterministic: bool = False,
+    num_scored: int = -1,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """(logps, lse) per token of 2-D ``hidden [N, H]`` and ``weight [V, H]``; ``labels`` of any
     shape with N elements (the outputs take its shape, and a bad label is reported there).
-    ``deterministic`` only travels to the backward (the forwards have no atomics)."""
+    ``deterministic`` only travels to the backward (the forwards have no atomics);
+    ``num_scored``: the host-known count of scored labels (-1: unknown), checked on the device;
+    ``softcap`` 0.0: none."""
+    transform = {"logit_scale": logit_scale, "softcap": softcap}
     checks.check_label_range(labels, weight.shape[0], ignore_index)
     flat = labels.reshape(-1)
-    chosen = _design("forward", hidden, weight, bias, design)
-    if chosen == "tile":
-        from .linear_logprobs_triton import triton_linear_logps_forward
-
-        logps, lse = triton_linear_logps_forward(hidden, weight, bias, flat, ignore_index,
-                                                 temperature)
-    elif chosen == "gemm":
+    chosen = _design("forward", hidden, weight, bias, design, num_scored=num_scored)
+    if chosen == "gemm":
         logps, lse = gemm_linear_logps_forward(
             hidden, weight, bias, flat, ignore_index, temperature,
-            rows=_gemm_rows(flat, ignore_index, -1), triton_rows=_use_triton(hidden, weight),
-            chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+            rows=_gemm_rows(flat, ignore_index, num_scored),
+            triton_rows=_use_triton(hidden, weight), chunk_tokens=chunk_tokens,
+            chunk_vocab=chunk_vocab, **transform)
     else:
-        logps, lse = chunked_linear_logps_forward(hidden, weight, bias, flat, ignore_index,
-                                                  temperature, chunk_tokens, chunk_vocab)
+        _check_num_scored(flat, ignore_index, num_scored)  # whatever the design: a wrong hint
+        if chosen == "tile":                               # is refused at the first call
+            from .linear_logprobs_triton import triton_linear_logps_forward
+
+            logps, lse = triton_linear_logps_forward(hidden, weight, bias, flat, ignore_index,
+                                                     temperature, **transform)
+        else:
+            logps, lse = chunked_linear_logps_forward(hidden, weight, bias, flat, ignore_index,
+                                                      temperature, chunk_tokens, chunk_vocab,
+                                                      **transform)
     return logps.view(labels.shape), lse.view(labels.shape)
 
 
 @linear_logps_forward.register_fake
 def _(hidden, weight, bias, labels, ignore_index, temperature, chunk_tokens=0, chunk_vocab=0,
-      design="auto", deterministic=False):
-    dtype = _acc_dtype(hidden, weight, bias)
+      design="auto", deterministic=False, num_scored=-1, logit_scale=1.0, softcap=0.0):
+    dtype = acc_dtype(hidden, weight, bias)
     return (hidden.new_empty(labels.shape, dtype=dtype),
             hidden.new_empty(labels.shape, dtype=dtype))
 
@@ -327,55 +203,52 @@ def linear_logps_backward(
     need_bias: bool,
     design: str = "auto",
     deterministic: bool = False,
-    scored_count: int = -1,
+    num_scored: int = -1,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden, grad_weight, grad_bias); a gradient that is not needed is an empty tensor.
-    ``scored_count``: the number of scored tokens when the host knows it (else -1)."""
+    ``num_scored``: the host-known count of scored labels (-1: unknown; the gemm design then
+    computes every row); ``softcap`` 0.0: none."""
+    transform = {"logit_scale": logit_scale, "softcap": softcap}
     grad_logps, labels, lse = grad_logps.reshape(-1), labels.reshape(-1), lse.reshape(-1)
     chosen = _design("backward", hidden, weight, bias, design, deterministic, need_hidden,
-                     need_weight)
+                     need_weight, num_scored)
     if chosen == "gemm":
         grads = gemm_linear_logps_backward(
             grad_logps, hidden, weight, bias, labels, lse, ignore_index, temperature,
             need_hidden, need_weight, need_bias,
-            rows=_gemm_rows(labels, ignore_index, scored_count),
+            rows=_gemm_rows(labels, ignore_index, num_scored),
             triton_rows=_use_triton(hidden, weight), chunk_tokens=chunk_tokens,
-            chunk_vocab=chunk_vocab)
+            chunk_vocab=chunk_vocab, **transform)
     elif chosen == "tile":
         from .linear_logprobs_triton import triton_linear_logps_backward
 
         grads = triton_linear_logps_backward(grad_logps, hidden, weight, bias, labels, lse,
                                              ignore_index, temperature, need_hidden,
-                                             need_weight, need_bias, vocab_chunk=chunk_vocab)
+                                             need_weight, need_bias, vocab_chunk=chunk_vocab,
+                                             **transform)
     else:
         grads = chunked_linear_logps_backward(grad_logps, hidden, weight, bias, labels, lse,
                                               ignore_index, temperature, chunk_tokens,
-                                              chunk_vocab, need_hidden, need_weight, need_bias)
+                                              chunk_vocab, need_hidden, need_weight, need_bias,
+                                              **transform)
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @linear_logps_backward.register_fake
 def _(grad_logps, hidden, weight, bias, labels, lse, ignore_index, temperature, chunk_tokens,
       chunk_vocab, need_hidden, need_weight, need_bias, design="auto", deterministic=False,
-      scored_count=-1):
+      num_scored=-1, logit_scale=1.0, softcap=0.0):
     empty = hidden.new_empty(0)
     return (torch.empty_like(hidden) if need_hidden else empty,
             torch.empty_like(weight) if need_weight else empty,
             torch.empty_like(bias) if need_bias and bias is not None else empty)
 
 
-def _count_to_host(labels: Tensor, ignore_index: int) -> tuple[Tensor, object] | None:
-    """Start copying the scored-token count of CUDA ``labels`` to pinned host memory without a
-    synchronization: (host tensor, event to wait on before reading it); None elsewhere."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    if labels.device.type != "cuda" or torch.compiler.is_compiling() or is_fake(labels):
-        return None
-    host = torch.empty((), dtype=torch.int64, pin_memory=True)
-    host.copy_((labels != ignore_index).sum(), non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
+# defaults of the forward op's options: chunk_tokens, chunk_vocab, design, deterministic,
+# num_scored, logit_scale, softcap
+_FORWARD_OPTIONS = (0, 0, "auto", False, -1, 1.0, 0.0)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -383,29 +256,21 @@ def _setup_context(ctx, inputs, output) -> None:
     _logps, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse)
     ctx.mark_non_differentiable(lse)
-    defaults = (0, 0, "auto", False)  # chunk_tokens, chunk_vocab, design, deterministic
-    chunk_tokens, chunk_vocab, design, deterministic = (*rest, *defaults[len(rest):])
+    chunk_tokens, chunk_vocab, design, deterministic, num_scored, logit_scale, softcap = (
+        *rest, *_FORWARD_OPTIONS[len(rest):])
     ctx.args = (ignore_index, temperature, chunk_tokens, chunk_vocab)
-    ctx.design = (design, deterministic)
-    ctx.count = None
-    if _design("backward", hidden, weight, bias, design, deterministic) == "gemm":
-        ctx.count = _count_to_host(labels, ignore_index)
+    ctx.options = (design, deterministic, num_scored, logit_scale, softcap)
 
 
 def _backward(ctx, grad_logps, _grad_lse):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    nothing = (None,) * 7
+    nothing = (None,) * (3 + len(_FORWARD_OPTIONS))  # labels, ignore_index, temperature, options
     if grad_logps is None or not (need_h or need_w or need_b):
         return (None, None, None, *nothing)
-    scored_count = -1
-    if ctx.count is not None:
-        host, event = ctx.count
-        event.synchronize()  # recorded in the forward: normally long complete
-        scored_count = int(host)
     grads = torch.ops.fastpo.linear_logps_backward(
         grad_logps.contiguous(), hidden, weight, bias, labels, lse, *ctx.args,
-        need_h, need_w, need_b and bias is not None, *ctx.design, scored_count)
+        need_h, need_w, need_b and bias is not None, *ctx.options)
     return (*(g if need else None for g, need in zip(grads, (need_h, need_w, need_b))), *nothing)
 
 
@@ -415,9 +280,24 @@ linear_logps_forward.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------- public API
 
 
+def _check_transform(logit_scale: float, softcap: float | None) -> None:
+    """``logit_scale`` a finite number > 0; ``softcap`` None or a finite number > 0."""
+    for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
+        if value is None and name == "softcap":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float{' or None' if name == 'softcap' else ''}, "
+                            f"got {type(value).__name__}")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be finite and > 0, got {value!r}"
+                             + (" (None: no soft-cap)" if name == "softcap" else ""))
+
+
 def _check(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
            ignore_index: int, temperature: float, chunk_tokens: int, chunk_vocab: int,
-           design: str = "auto", deterministic: bool = False) -> None:
+           design: str = "auto", deterministic: bool = False,
+           num_scored: int | None = None, logit_scale: float = 1.0,
+           softcap: float | None = None) -> None:
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -450,6 +330,7 @@ def _check(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
     checks.check_temperature(temperature)
+    _check_transform(logit_scale, softcap)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     for name, value in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
@@ -462,6 +343,10 @@ def _check(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
     if design == "tile" and deterministic:
         raise ValueError("design='tile' adds gradient shares with atomics and cannot be "
                          "deterministic; use design='gemm' or 'auto' with deterministic=True")
+    if num_scored is not None and (not isinstance(num_scored, int) or isinstance(num_scored, bool)
+                                   or not 0 <= num_scored <= labels.numel()):
+        raise ValueError(f"num_scored must be None or an int in [0, {labels.numel()}] (the "
+                         f"number of labels that are not ignore_index), got {num_scored!r}")
     if design == "tile" and not _use_triton(hidden, weight):
         raise ValueError("design='tile' needs the Triton backend (CUDA tensors, or CPU tensors "
                          "under use_cpu_backend('triton')) and no float64 input; got "
@@ -480,15 +365,25 @@ def linear_token_logps(
     chunk_vocab: int = 0,
     design: str = "auto",
     deterministic: bool = False,
+    num_scored: int | None = None,
+    shift: bool = False,
+    reduction: str = "none",
+    sequence_ids: Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> Tensor:
-    """log softmax((hidden @ weightᵀ + bias) / T)[label] per token, without the logits.
+    """log softmax(z)[label] per token, z = transform(hidden @ weightᵀ + bias), without the logits.
 
     Args:
         hidden: final hidden states ``[N, H]`` or ``[B, T, H]`` (fp32, bf16, fp16 or fp64).
         weight: the lm_head weight ``[V, H]`` (may be the tied input embedding).
         labels: int64/int32 shifted labels of the leading shape; ``ignore_index`` where not scored.
         bias: optional lm_head bias ``[V]``.
-        temperature: the logits are divided by it before the softmax.
+        temperature: the logits are divided by it before the softmax (after the soft-cap).
+        logit_scale: the logits are multiplied by it first (Cohere's ``logit_scale``; a model's
+            ``logits_scaling`` divisor d is ``logit_scale=1/d``); finite, > 0.
+        softcap: None, or c > 0: the scaled logits a become ``c·tanh(a / c)`` (Gemma-2's
+            ``final_logit_softcapping``) before the temperature.
         chunk_tokens, chunk_vocab: tile of the CPU path and of the gemm design (0: chosen from
             the shapes, for the gemm design from its memory budget); for the tile design
             ``chunk_vocab`` is the vocab rows per backward launch (0: an fp32 weight-gradient
@@ -496,16 +391,27 @@ def linear_token_logps(
         design: "auto" (the cost model's pick per phase), "gemm" or "tile" (see the module doc).
         deterministic: bit-reproducible gradients (no atomics: the backward takes the gemm
             design).
+        num_scored: the number of labels that are not ``ignore_index``, when the caller knows
+            it on the host (labels built on the CPU): the gemm design then skips the ignored
+            rows instead of computing them (zeros either way); no host synchronization. It is
+            checked against the labels on the device: a wrong count fails the call
+            (``ValueError`` on CPU, a device-side assert on a GPU), never a wrong number.
+        shift, reduction, sequence_ids: as in :func:`fastpo.kernels.token_logps` (unshifted
+            labels; only ``"none"``; packed ids for the shift); ``num_scored`` counts the
+            labels after the shift.
 
     Returns float32 (float64 for float64 inputs) logps of the leading shape, exactly 0 where
     ignored. Differentiable w.r.t. hidden, weight and bias.
     """
+    labels = prepare_labels(labels, ignore_index, shift=shift, reduction=reduction,
+                            per_token=True, sequence_ids=sequence_ids)
     _check(hidden, weight, labels, bias, ignore_index, temperature, chunk_tokens, chunk_vocab,
-           design, deterministic)
+           design, deterministic, num_scored, logit_scale, softcap)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     logps, _lse = torch.ops.fastpo.linear_logps_forward(
         flat_hidden, weight, bias, labels, ignore_index, float(temperature), chunk_tokens,
-        chunk_vocab, design, deterministic)
+        chunk_vocab, design, deterministic, -1 if num_scored is None else num_scored,
+        float(logit_scale), 0.0 if softcap is None else float(softcap))
     return logps
 
 
@@ -525,21 +431,30 @@ def linear_sequence_logps(
     chunk_vocab: int = 0,
     design: str = "auto",
     deterministic: bool = False,
+    num_scored: int | None = None,
+    shift: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> SequenceLogps:
     """Per-sequence log-probs of the label tokens from hidden states (see ``linear_token_logps``).
 
     ``reduction="mean"`` divides by the number of scored tokens (0 for a sequence with none).
     ``with_logits_sum`` adds, per sequence, the sum over scored tokens and the vocabulary of the
     raw logits, ``Σ_n (h_n · Σ_v W_v + Σ_v b_v)``, computed in closed form without gradient (for
-    TRL's ``logits/*`` metrics). Packed input: ``sequence_ids``/``num_sequences`` as in
-    :func:`fastpo.kernels.sequence_logps`. ``design`` / ``deterministic``: see
-    ``linear_token_logps``.
+    TRL's ``logits/*`` metrics; before ``logit_scale`` / ``softcap`` / temperature).
+    ``softcap`` / ``logit_scale``: the logit transform, see ``linear_token_logps``.
+    Packed input: ``sequence_ids``/``num_sequences`` as in
+    :func:`fastpo.kernels.sequence_logps`. ``design`` / ``deterministic`` / ``num_scored``: see
+    ``linear_token_logps``. ``shift``: as in :func:`fastpo.kernels.sequence_logps`.
     """
+    labels = prepare_labels(labels, ignore_index, shift=shift, reduction=reduction,
+                            per_token=False, sequence_ids=sequence_ids)
     checks.check_reduction(reduction)
     per_token = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                    temperature=temperature, chunk_tokens=chunk_tokens,
                                    chunk_vocab=chunk_vocab, design=design,
-                                   deterministic=deterministic)
+                                   deterministic=deterministic, num_scored=num_scored,
+                                   softcap=softcap, logit_scale=logit_scale)
     scored = labels != ignore_index
     totals, counts = sequence_totals(per_token, scored, reduction=reduction,
                                      sequence_ids=sequence_ids, num_sequences=num_sequences)

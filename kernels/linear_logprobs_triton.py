@@ -42,6 +42,13 @@ hold its ``BLOCK × H`` accumulator in registers for H in the thousands without 
 logit tile H/BLOCK_H times; the atomics avoid that recompute. Consequence: the order of the fp32
 additions (and so the last bits of grad_h and grad_W) is not deterministic on a GPU.
 
+Logit transforms (``s`` the logit scale, ``c`` a soft-cap). Without a cap the tile is scaled by
+s/T (``inv_temperature``). With one (``HAS_SOFTCAP``, a constexpr: the uncapped kernels compile
+as without it) the tile u = a·s/c becomes z = (c/T)·tanh(u) (``cap_scale`` = c/T), and the
+backward multiplies dlogits by 1 − tanh²(u) with g·s/T as the row factor. ``tanh`` is written with
+one ``exp`` (exact ±1 where it saturates, an absolute error of a few fp32 ulps near 0):
+libdevice's does not run in Triton's interpreter.
+
 Memory of the backward beyond its outputs. The launcher walks the vocabulary in chunks, one launch
 each; a chunk's grad_W rows are complete when its launch ends, so a bf16/fp16 weight needs an fp32
 accumulator for one chunk only (≤ 256 MiB by default), cast into the output before the next
@@ -83,6 +90,13 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, hidden, stride_
 
 
 @triton.jit
+def _tanh(u):
+    """tanh(u) = 2 / (1 + exp(−2u)) − 1: exactly 1 once exp(−2u) underflows and −1 once it
+    overflows to +inf (2 / inf = 0); no abs / select, so the capped backward fits its registers."""
+    return 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
+
+
+@triton.jit
 def _token_tile(order_ptr, labels_ptr, count, pid_n, BLOCK_N: tl.constexpr):
     """(rows, row_ok, labels) of token tile ``pid_n``: its scored token indices, in ``order``."""
     pos = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,8 +110,9 @@ def _token_tile(order_ptr, labels_ptr, count, pid_n, BLOCK_N: tl.constexpr):
 def _linear_logps_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr,
     part_max_ptr, part_sum_ptr, part_label_ptr,
-    n_rows, vocab, hidden, stride_h, stride_w, inv_temperature, tiles_per_split,
-    HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    n_rows, vocab, hidden, stride_h, stride_w, inv_temperature, cap_scale, tiles_per_split,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -118,6 +133,8 @@ def _linear_logps_fwd_kernel(
             z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, hidden, stride_h,
                             stride_w, inv_temperature, HAS_BIAS, DOT, PRECISION,
                             BLOCK_N, BLOCK_V, BLOCK_H)
+            if HAS_SOFTCAP:
+                z = cap_scale * _tanh(z)
             z = tl.where(col_ok[None, :], z, float("-inf"))
             label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
             new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -136,8 +153,9 @@ def _linear_logps_fwd_kernel(
 def _linear_logps_bwd_kernel(
     grad_ptr, h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, order_ptr, count_ptr,
     grad_h_ptr, grad_w_ptr, grad_b_ptr,
-    vocab, col0, hidden, stride_h, stride_w, inv_temperature,
-    HAS_BIAS: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+    vocab, col0, hidden, stride_h, stride_w, inv_temperature, cap_scale,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -147,8 +165,10 @@ def _linear_logps_bwd_kernel(
     if pid_n * BLOCK_N < count:
         rows, row_ok, labels = _token_tile(order_ptr, labels_ptr, count, pid_n, BLOCK_N)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        # g / T per token, 0 on the padding rows of the tile so that they add nothing.
+        # g·s/T per token, 0 on the padding rows of the tile so that they add nothing.
         scale = tl.load(grad_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_temperature
+        if HAS_SOFTCAP:  # inv_temperature is s/c here, cap_scale c/T
+            scale = scale * cap_scale
         cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < vocab
         z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, hidden, stride_h,
@@ -156,7 +176,12 @@ def _linear_logps_bwd_kernel(
                         BLOCK_N, BLOCK_V, BLOCK_H)
         # w_ptr, b_ptr and the gradient pointers start at vocab entry col0 (a vocab chunk)
         onehot = tl.where(cols[None, :] + col0 == labels[:, None], 1.0, 0.0)
-        dlogits = scale[:, None] * (onehot - tl.exp(z - lse[:, None]))
+        if HAS_SOFTCAP:  # z holds u: t = tanh(u), dz/du ∝ 1 − t²
+            z = _tanh(z)
+            onehot = (onehot - tl.exp(cap_scale * z - lse[:, None])) * (1.0 - z * z)
+            dlogits = scale[:, None] * onehot
+        else:
+            dlogits = scale[:, None] * (onehot - tl.exp(z - lse[:, None]))
         dlogits = tl.where(row_ok[:, None] & col_ok[None, :], dlogits, 0.0)
         if NEED_B:
             tl.atomic_add(grad_b_ptr + cols, tl.sum(dlogits, axis=0), mask=col_ok, sem="relaxed")
@@ -185,13 +210,69 @@ def _interpreting(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _blocks(device: torch.device, dot: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) for the device."""
-    if _interpreting(device):
-        return 16, 32, 16, 1, 1  # small tiles: the interpreter runs them with numpy
+# Launch configurations (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per kernel, operand
+# class and architecture (80: sm_80 and other pre-Hopper GPUs; 90: sm_90 and later), chosen so
+# that every variant compiles without spilling (0 B stack / local, held by the compile gates of
+# ``benchmarks/compile_report.py``, which compiles exactly these) and keeps wgmma on sm_90:
+# - "fp32" (IEEE, FMA dot): 64×64 tiles at BLOCK_H 16, 8 warps. At BLOCK_H 32 or 4 warps the
+#   fp32 operand tiles do not fit beside the dlogits tile (the backward spilled ~4.5 KB).
+# - "half" (bf16/fp16) backward on sm_80: mma.sync keeps all accumulators in registers; 128×128
+#   tiles at BLOCK_H 32 over 16 warps (128 registers each; at 8 warps 255 registers and a spill
+#   at BLOCK_H 64). The 128×128 tile is kept because the atomic traffic grows as its inverse.
+# - sm_90 half: 128×128 tiles on wgmma; BLOCK_H 64 in the forward, 32 in the backward (207
+#   registers instead of 254 at the cap, and 99 KB of shared memory instead of 165 KB).
+# The tile shapes on sm_90 are those of the cost model (``linear_cost.TILE_BLOCK_N/V``).
+_CONFIGS: dict[tuple[str, str, int], tuple[int, int, int, int, int]] = {
+    ("forward", "fp32", 80): (64, 64, 16, 8, 2),
+    ("forward", "fp32", 90): (64, 64, 16, 8, 2),
+    ("backward", "fp32", 80): (64, 64, 16, 8, 2),
+    ("backward", "fp32", 90): (64, 64, 16, 8, 2),
+    ("forward", "tf32", 80): (64, 64, 32, 4, 3),
+    ("forward", "tf32", 90): (64, 64, 32, 4, 3),
+    ("backward", "tf32", 80): (64, 64, 16, 4, 3),
+    ("backward", "tf32", 90): (64, 64, 32, 4, 3),
+    ("forward", "half", 80): (128, 128, 32, 8, 3),
+    ("forward", "half", 90): (128, 128, 64, 8, 3),
+    ("backward", "half", 80): (128, 128, 32, 16, 2),
+    ("backward", "half", 90): (128, 128, 32, 8, 3),
+}
+# the soft-capped kernels where they differ: the sm_90 half backward at 3 stages spilled 8 B
+# (255 registers) with tanh and its slope on the tile; 2 stages fit
+_SOFTCAP_CONFIGS: dict[tuple[str, str, int], tuple[int, int, int, int, int]] = {
+    ("backward", "half", 90): (128, 128, 32, 8, 2),
+}
+_INTERPRETER_CONFIG = (16, 32, 16, 1, 1)  # small tiles: the interpreter runs them with numpy
+
+
+def arch_of(capability: tuple[int, int]) -> int:
+    """The configuration family of a CUDA compute capability: 90 from Hopper on, else 80."""
+    return 90 if capability[0] >= 9 else 80
+
+
+def launch_config(kernel: str, dot: torch.dtype, precision: str,
+                  arch: int, softcap: bool = False) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) of ``kernel`` ("forward" or
+    "backward") for ``tl.dot`` operands of dtype ``dot`` at ``precision`` ("ieee" or "tf32") on
+    the architecture family ``arch`` (80 or 90, see :func:`arch_of`); ``softcap``: the
+    ``HAS_SOFTCAP`` variant. The launchers and the compile gates both read it."""
     if dot == torch.float32:
-        return 64, 64, 32, 4, 3
-    return 128, 128, 64, 8, 3
+        family = "tf32" if precision == "tf32" else "fp32"
+    elif dot in (torch.bfloat16, torch.float16):
+        family = "half"
+    else:
+        raise ValueError(f"no launch configuration for tl.dot operands of dtype {dot}")
+    key = (kernel, family, arch_of((arch // 10, arch % 10)))
+    return _SOFTCAP_CONFIGS.get(key, _CONFIGS[key]) if softcap else _CONFIGS[key]
+
+
+def _blocks(device: torch.device, dot: torch.dtype, kernel: str,
+            softcap: bool = False) -> tuple[int, int, int, int, int]:
+    """The launch configuration of ``kernel`` on ``device`` (its compute capability, read at
+    launch; the interpreter's small tiles on CPU)."""
+    if _interpreting(device):
+        return _INTERPRETER_CONFIG
+    arch = arch_of(torch.cuda.get_device_capability(device))
+    return launch_config(kernel, dot, _precision(dot), arch, softcap)
 
 
 def _dot_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -209,6 +290,13 @@ def _precision(dot: torch.dtype) -> str:
     if dot == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def _scales(temperature: float, logit_scale: float, softcap: float) -> tuple[float, float]:
+    """(inv_temperature, cap_scale) of the kernels: (s/T, 1) without a cap, (s/c, c/T) with."""
+    if softcap > 0:
+        return logit_scale / softcap, softcap / temperature
+    return logit_scale / temperature, 1.0
 
 
 def _scored_order(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,10 +322,14 @@ def triton_linear_logps_forward(
     ignore_index: int,
     temperature: float,
     splits: int = 0,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps, lse), float32 ``[N]``, of 2-D ``hidden [N, H]``; 0 at ignored tokens.
 
-    ``splits`` vocab splits run in parallel per token tile (0: chosen from the grid size).
+    ``splits`` vocab splits run in parallel per token tile (0: chosen from the grid size);
+    ``softcap`` 0: none.
     """
     hidden, weight, bias = _operands(hidden, weight, bias)
     n, h_dim = hidden.shape
@@ -249,7 +341,7 @@ def triton_linear_logps_forward(
         return logps, lse
     labels = labels.contiguous()
     dot = _dot_dtype(hidden, weight)
-    block_n, block_v, block_h, warps, stages = _blocks(device, dot)
+    block_n, block_v, block_h, warps, stages = _blocks(device, dot, "forward", softcap > 0)
     n_tiles = triton.cdiv(n, block_n)
     v_tiles = triton.cdiv(vocab, block_v)
     if splits <= 0:
@@ -266,8 +358,10 @@ def triton_linear_logps_forward(
     _linear_logps_fwd_kernel[(n_tiles, splits)](
         hidden, weight, bias if bias is not None else hidden, labels, order, count,
         parts[0], parts[1], parts[2],
-        n, vocab, h_dim, hidden.stride(0), weight.stride(0), 1.0 / temperature, tiles_per_split,
-        HAS_BIAS=bias is not None, DOT=_TL_DTYPES[dot], PRECISION=_precision(dot),
+        n, vocab, h_dim, hidden.stride(0), weight.stride(0), *_scales(temperature, logit_scale,
+                                                                      softcap),
+        tiles_per_split, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
+        DOT=_TL_DTYPES[dot], PRECISION=_precision(dot),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps, num_stages=stages,
     )
     part_max, part_sum, part_label = parts
@@ -304,6 +398,9 @@ def triton_linear_logps_backward(
     need_weight: bool,
     need_bias: bool,
     vocab_chunk: int = 0,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes; None where not needed.
 
@@ -328,7 +425,7 @@ def triton_linear_logps_backward(
     grad_b = torch.zeros((vocab,), **f32) if need_bias else None
     if launch:
         dot = _dot_dtype(hidden, weight)
-        block_n, block_v, block_h, warps, stages = _blocks(device, dot)
+        block_n, block_v, block_h, warps, stages = _blocks(device, dot, "backward", softcap > 0)
         labels = labels.contiguous()
         order, count = _scored_order(labels, ignore_index)
         grad_logps, lse = grad_logps.contiguous(), lse.contiguous()
@@ -349,9 +446,11 @@ def triton_linear_logps_backward(
                 grad_h if grad_h is not None else dummy,
                 chunk_w if chunk_w is not None else dummy,
                 grad_b[v0:v1] if grad_b is not None else dummy,
-                v1 - v0, v0, h_dim, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-                HAS_BIAS=bias is not None, NEED_H=need_hidden, NEED_W=need_weight,
-                NEED_B=need_bias, DOT=_TL_DTYPES[dot], PRECISION=_precision(dot),
+                v1 - v0, v0, h_dim, hidden.stride(0), weight.stride(0),
+                *_scales(temperature, logit_scale, softcap),
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, NEED_H=need_hidden,
+                NEED_W=need_weight, NEED_B=need_bias, DOT=_TL_DTYPES[dot],
+                PRECISION=_precision(dot),
                 BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps,
                 num_stages=stages,
             )

@@ -5,9 +5,12 @@
                       = Σ_t token_logps[b, t] / max(1, #scored tokens of b)   (reduction="mean")
 
 Labels are the shifted next tokens: ``labels[..., t]`` is the token that follows position ``t``;
-``ignore_index`` marks prompt and padding positions. The full-vocabulary log-softmax is never
-materialized: the forward streams each row once and keeps only its log-sum-exp, and the backward
-writes ``grad · (onehot − softmax) / T`` from it (see ``triton_logprobs.py`` for the derivation).
+``ignore_index`` marks prompt and padding positions. With ``shift=True`` they are a causal LM's
+unshifted ``labels`` instead, shifted here without touching the logits (``labels.py``, where the
+``shift`` / ``ignore_index`` / ``reduction`` conventions of all four ops are written down).
+The full-vocabulary log-softmax is never materialized: the forward streams each row once and
+keeps only its log-sum-exp, and the backward writes ``grad · (onehot − softmax) / T`` from it
+(see ``triton_logprobs.py`` for the derivation).
 Accumulation is fp32 for every input dtype; the outputs are float32 (float64 for float64 logits).
 """
 
@@ -20,6 +23,7 @@ from torch import Tensor
 
 from . import checks
 from . import ops as _ops  # noqa: F401  (registers the fastpo:: ops)
+from .labels import prepare_labels
 
 
 class SequenceLogps(NamedTuple):
@@ -44,6 +48,9 @@ def token_logps(
     temperature: float = 1.0,
     inplace_backward: bool = False,
     with_logits_sum: bool = False,
+    shift: bool = False,
+    reduction: str = "none",
+    sequence_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probability of each label token: [B, T, V] or [N, V] logits -> [B, T] or [N].
 
@@ -63,7 +70,16 @@ def token_logps(
             buffer instead, exactly as with ``inplace_backward=False``.
         with_logits_sum: also return, per token, the sum over the vocabulary of the raw logits
             (0 where ignored), computed in the same pass (for TRL's ``logits/*`` metrics).
+        shift: ``labels`` are unshifted (a causal LM's ``labels``): position ``t`` is scored
+            against ``labels[..., t + 1]``, the last position is not scored (see
+            :mod:`fastpo.kernels.labels`); the logits are used as given, no slice needed.
+        reduction: only ``"none"`` (per-token values); per-sequence reductions are
+            :func:`sequence_logps`'s.
+        sequence_ids: packed input only, with ``shift``: each token's sequence (``-1`` for none),
+            so that no shift crosses a sequence boundary.
     """
+    labels = prepare_labels(labels, ignore_index, shift=shift, reduction=reduction,
+                            per_token=True, sequence_ids=sequence_ids)
     _check(logits, labels, ignore_index, temperature)
     logps, _lse, logits_sum = torch.ops.fastpo.logps_forward(
         logits, labels, ignore_index, float(temperature), with_logits_sum, inplace_backward
@@ -140,15 +156,19 @@ def sequence_logps(
     with_logits_sum: bool = False,
     sequence_ids: Tensor | None = None,
     num_sequences: int | None = None,
+    shift: bool = False,
 ) -> SequenceLogps:
     """Per-sequence log-probs of the label tokens, their token counts and optional logit sums.
 
     ``reduction="mean"`` divides by the number of scored tokens; a sequence with none gets 0
     (never NaN). ``logits_sum`` (with ``with_logits_sum``) is, per sequence, the sum over scored
     tokens of the sum over the vocabulary of the logits. For packed input pass ``sequence_ids``
-    (and ``num_sequences`` to avoid reading the ids on the host). Other arguments as in
-    :func:`token_logps`.
+    (and ``num_sequences`` to avoid reading the ids on the host); with ``shift=True`` the last
+    token of each packed sequence is not scored (its next label belongs to another sequence).
+    Other arguments as in :func:`token_logps`.
     """
+    labels = prepare_labels(labels, ignore_index, shift=shift, reduction=reduction,
+                            per_token=False, sequence_ids=sequence_ids)
     checks.check_reduction(reduction)
     out = token_logps(logits, labels, ignore_index=ignore_index, temperature=temperature,
                       inplace_backward=inplace_backward, with_logits_sum=with_logits_sum)

@@ -8,7 +8,7 @@ shared memory within the architecture's limit, ``HGMMA`` (wgmma) in the sm_90 do
 tensor-core operands, 128-bit global loads in the streaming kernels. A row listed in
 ``KNOWN_FAILURES`` must still fail (strict xfail), so a fix is noticed and the entry removed.
 
-The whole matrix (28 compiles today) runs once, in a subprocess without ``TRITON_INTERPRET``,
+The whole matrix (32 compiles today) runs once, in a subprocess without ``TRITON_INTERPRET``,
 in ~25 s on 2 busy cores (seconds with Triton's compile cache warm). Missing bundled tools are a
 failure, not a skip: the triton wheel ships them.
 """
@@ -91,7 +91,7 @@ def test_launch_specialization_is_the_jit_s():
 
 def test_a_launch_that_does_not_match_the_kernel_is_named():
     case = cr.KernelCase("fastpo.kernels.triton_logprobs", "_logps_forward_kernel", "stream",
-                         lambda v: ({"logits_ptr": cr.F32, "bogus": 3}, {}))
+                         lambda v, a: ({"logits_ptr": cr.F32, "bogus": 3}, {}))
     with pytest.raises(ValueError, match=r"_logps_forward_kernel.*missing \['labels_ptr'.*"
                                          r"unknown \['bogus'\]"):
         cr.specialize(case, "fp32", "sm_90")

@@ -102,6 +102,36 @@ def test_dispatcher_uses_the_model(monkeypatch):
     assert seen[-1] == ("forward", Shape(32, 16, 100, 4), False)
     linear_logprobs._design("backward", hidden, weight.bfloat16(), None, "auto", True)
     assert seen[-1] == ("backward", Shape(32, 16, 100, 2), True)
+    linear_logprobs._design("backward", hidden, weight, None, "auto", False, True, False, 7)
+    assert seen[-1] == ("backward", Shape(32, 16, 100, 4, need_weight=False, scored=7), False)
     assert linear_logprobs._design("backward", hidden, weight, None, "gemm") == "gemm"
     monkeypatch.setattr(linear_logprobs, "_use_triton", lambda h, w: False)
     assert linear_logprobs._design("forward", hidden, weight, None, "auto") == "chunked"
+
+
+def test_rows_charged_with_and_without_the_num_scored_hint():
+    """No hint: the gemm design computes (and is charged for) every row; with the hint, only the
+    scored ones, plus their gather."""
+    half = Shape(32768, 4096, 128256, scored=16384)
+    for phase in ("forward", "backward"):
+        dense = cost.predict("gemm", phase, LLAMA8B_32K, H100)
+        compact = cost.predict("gemm", phase, half, H100)
+        assert dense.flops == 2 * compact.flops and dense.model_flops == 2 * compact.model_flops
+        assert compact.time_s < 0.6 * dense.time_s
+    assert cost.predict("gemm", "backward", LLAMA8B_32K, H100).flops == 6 * NVH
+    # the hint that every row is scored costs the gather of the forward on top
+    every = Shape(32768, 4096, 128256, scored=32768)
+    assert cost.predict("gemm", "forward", every, H100).hbm_bytes > \
+        cost.predict("gemm", "forward", LLAMA8B_32K, H100).hbm_bytes
+    assert Shape(10, 4, 5).rows == 10 and Shape(10, 4, 5, scored=3).rows == 3
+
+
+def test_tile_shapes_are_the_launchers_on_sm90():
+    from fastpo.kernels.linear_logprobs_triton import launch_config
+
+    for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float16, "ieee"),
+                             (torch.float32, "ieee"), (torch.float32, "tf32")):
+        for kernel in ("forward", "backward"):
+            block_n, block_v, *_ = launch_config(kernel, dtype, precision, 90)
+            assert (block_n, block_v) == (cost.TILE_BLOCK_N[dtype.itemsize],
+                                          cost.TILE_BLOCK_V[dtype.itemsize])

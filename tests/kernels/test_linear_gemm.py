@@ -230,3 +230,77 @@ def test_interpreter_bf16_conversion_truncates():
     exact = -g / 3
     assert out[0, 0] != exact.bfloat16()[0]  # not round-to-nearest
     assert abs(float(out[0, 0]) - float(exact)) < 2**-7 * abs(float(exact))
+
+
+# --------------------------------------------------------------------------- rows: every row / hint
+
+
+def _gemm_run(hidden, weight, bias, labels, rows, **kw):
+    ins = [leaf(hidden), leaf(weight), leaf(bias)]
+    with use_cpu_backend(rows):
+        out = linear_token_logps(ins[0], ins[1], labels, bias=ins[2], temperature=0.8,
+                                 chunk_tokens=4, chunk_vocab=24, design="gemm", **kw)
+        out.backward(torch.linspace(-1, 2, out.numel()).reshape(out.shape))
+    return out, ins
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_with_and_without_the_num_scored_hint(rows, dtype, monkeypatch):
+    """Default: every row is computed (no host count, no sync); ``num_scored``: the scored rows
+    compacted on the device. Both against float64, with -inf logits (a banned-token bias) and
+    ignored rows whose hidden states are NaN / inf: exact zeros there, nothing leaks into the
+    weight and bias gradients."""
+    import fastpo.kernels.linear_logprobs as lin
+
+    hidden, weight, bias, labels = make_case(b=2, t=9, h=21, v=97, dtype=dtype)
+    scored_labels = set(labels[labels != IGNORE].tolist())
+    bias[[v for v in range(97) if v not in scored_labels][:15]] = float("-inf")
+    seen = []
+    real = lin.gemm_linear_logps_backward
+
+    def spy(*args, rows=None, **kwargs):
+        seen.append(rows)
+        return real(*args, rows=rows, **kwargs)
+
+    monkeypatch.setattr(lin, "gemm_linear_logps_backward", spy)
+    ignored = labels == IGNORE
+    count = int((~ignored).sum())
+    ref_in = [leaf(x.double()) for x in (hidden, weight, bias)]
+    want = reference(*ref_in[:2], labels, ref_in[2], 0.8)
+    want.backward(torch.linspace(-1, 2, want.numel(), dtype=torch.float64).reshape(want.shape))
+    results = {}
+    for hint in (None, count):
+        got, ins = _gemm_run(hidden, weight, bias, labels, rows, num_scored=hint)
+        assert_matches(got, ins, want, ref_in, dtype)
+        assert torch.equal(got[ignored], torch.zeros(int(ignored.sum())))
+        assert torch.equal(ins[0].grad[ignored], torch.zeros_like(ins[0].grad[ignored]))
+        results[hint] = (got, [t.grad for t in ins])
+    assert seen[0] is None  # no hint: every row
+    assert torch.equal(seen[1], (~ignored).reshape(-1).nonzero().squeeze(1))  # the scored rows
+
+    poisoned = hidden.clone()
+    poisoned[0, 1] = float("nan")  # prompt positions: ignored
+    poisoned[1, -1] = float("inf")  # padding
+    assert ignored[0, 1] and ignored[1, -1]
+    for hint in (None, count):
+        got, ins = _gemm_run(poisoned, weight, bias, labels, rows, num_scored=hint)
+        for a, b in zip((got, *(t.grad for t in ins)), (results[hint][0], *results[hint][1])):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("design", ["gemm", "auto"])
+def test_a_wrong_num_scored_hint_is_refused(design):
+    hidden, weight, bias, labels = make_case(b=2, t=6, h=8, v=30)
+    count = int((labels != IGNORE).sum())
+    for hint in (count - 1, count + 1, 0):
+        with pytest.raises(ValueError, match=rf"num_scored={hint} does not match the labels: "
+                                             rf"{count} of 12 labels are scored"):
+            linear_token_logps(hidden, weight, labels, bias=bias, num_scored=hint, design=design)
+    for bad in (-1, 13, 2.0, True):
+        with pytest.raises(ValueError, match=r"num_scored must be None or an int in \[0, 12\]"):
+            linear_token_logps(hidden, weight, labels, num_scored=bad)
+    out = linear_sequence_logps(hidden, weight, labels, num_scored=count, design=design)
+    want = reference(hidden, weight, labels).sum(-1)
+    torch.testing.assert_close(out.logps.double(), want, rtol=1e-5, atol=1e-4)

@@ -1,0 +1,161 @@
+"""``import fastpo``: the public names, their documentation, and what importing costs."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import textwrap
+import typing
+from pathlib import Path
+
+import pytest
+
+import fastpo
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLIC = {
+    "sequence_logps", "token_logps", "linear_sequence_logps", "linear_token_logps",
+    "SequenceLogps", "backend_info", "preference_loss", "kto_loss", "cpo_loss", "orpo_loss",
+    "patch_trainer",
+    "FusedLinearDPOLoss", "FusedLinearCPOLoss", "FusedLinearSimPOLoss", "FusedLinearORPOLoss",
+    "FusedLinearKTOLoss",
+    "fused_linear_dpo_loss", "fused_linear_cpo_loss", "fused_linear_simpo_loss",
+    "fused_linear_orpo_loss", "fused_linear_kto_loss",
+}
+HEAVY = ("trl", "transformers", "deepspeed", "peft", "datasets", "pydantic", "yaml",
+         "safetensors", "liger_kernel")
+TRAIN_PACKAGES = ("transformers", "peft", "deepspeed", "datasets", "safetensors", "yaml",
+                  "pydantic", "tqdm", "psutil")
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter from outside the repository (the installed package)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, cwd=ROOT / "tests", timeout=300)
+
+
+def test_all_is_the_public_surface_sorted():
+    assert set(fastpo.__all__) == PUBLIC
+    assert list(fastpo.__all__) == sorted(fastpo.__all__)
+    extra = {name for name in dir(fastpo) if not name.startswith("_")} - PUBLIC
+    assert extra == {"engine", "kernels"}, f"public names outside __all__: {extra}"
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_every_public_name_is_documented_and_typed(name):
+    obj = getattr(fastpo, name)
+    assert inspect.getdoc(obj) and len(inspect.getdoc(obj)) > 40, f"{name} has no docstring"
+    if inspect.isclass(obj):
+        if issubclass(obj, tuple):  # SequenceLogps: a typed NamedTuple
+            assert set(typing.get_type_hints(obj)) == set(obj._fields)
+            return
+        functions = [obj.__init__, obj.forward]
+    else:
+        functions = [obj]
+    for fn in functions:
+        hints = typing.get_type_hints(fn)
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        missing = [p.name for p in params if p.name not in hints]
+        assert not missing, f"{name}.{fn.__name__}: parameters without a type hint: {missing}"
+        assert "return" in hints, f"{name}.{fn.__name__} has no return type"
+
+
+def test_the_names_are_the_submodules_objects():
+    from fastpo import kernels
+    from fastpo.engine import fused_linear_losses, loss_modules, losses
+
+    assert fastpo.sequence_logps is kernels.sequence_logps
+    assert fastpo.linear_sequence_logps is kernels.linear_sequence_logps
+    assert fastpo.preference_loss is losses.preference_loss
+    assert fastpo.FusedLinearDPOLoss is loss_modules.FusedLinearDPOLoss
+    assert fastpo.fused_linear_kto_loss is fused_linear_losses.fused_linear_kto_loss
+
+
+def test_patch_trainer_mirrors_the_integration_signature():
+    from fastpo.engine.integrations.trl import patch_trainer
+
+    ours = inspect.signature(fastpo.patch_trainer).parameters
+    theirs = inspect.signature(patch_trainer).parameters
+    assert [(p.name, p.kind, p.default) for p in ours.values()] == \
+        [(p.name, p.kind, p.default) for p in theirs.values()]
+
+
+def test_packages_resolve_to_the_source_folders():
+    assert Path(fastpo.__file__).resolve() == ROOT / "api" / "__init__.py"
+    assert Path(fastpo.kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
+    assert Path(fastpo.engine.__file__).resolve() == ROOT / "engine" / "__init__.py"
+    assert not (ROOT / "fastpo").exists(), "a fastpo/ folder at the root shadows the package"
+
+
+def test_import_is_light_and_patch_trainer_is_lazy():
+    result = run_python(f"""
+        import sys
+        import fastpo
+        fastpo.patch_trainer, fastpo.FusedLinearDPOLoss, fastpo.kto_loss
+        print(sorted(m for m in {HEAVY!r} if m in sys.modules))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"import fastpo imported {result.stdout.strip()}"
+
+
+def test_without_the_train_extra_losses_work_and_the_trainer_names_the_extra():
+    block = "; ".join(f"sys.modules[{m!r}] = None" for m in TRAIN_PACKAGES)
+    result = run_python(f"""
+        import sys
+        {block}
+        import torch
+        import fastpo
+        import fastpo.engine.losses, fastpo.engine.loss_modules, fastpo.engine.fused_linear_losses
+        out = fastpo.preference_loss(torch.tensor([-1.0]), torch.tensor([-2.0]),
+                                     torch.tensor([-1.5]), torch.tensor([-1.5]), beta=0.1)
+        print("loss", round(float(out.loss), 4))
+        for name in ("fastpo.engine.train", "fastpo.engine.config", "fastpo.engine.model_io"):
+            try:
+                __import__(name)
+            except ModuleNotFoundError as exc:
+                print(type(exc).__name__, exc)
+            else:
+                print("imported", name)
+    """)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "loss 0.6444", lines  # -log σ(0.1 · ((−1+1.5) − (−2+1.5)))
+    assert lines[1].startswith("MissingExtraError fastpo.engine.train needs the 'train' extra: "
+                               "pip install 'fastpo[train]' ("), lines
+    assert lines[2].startswith("MissingExtraError fastpo.engine.config needs the 'train' extra"), \
+        lines
+    assert lines[3].startswith("MissingExtraError fastpo.engine.model_io needs the 'train' "
+                               "extra"), lines
+
+
+def test_a_missing_package_outside_the_extras_is_not_renamed(tmp_path):
+    from fastpo.engine import _extras
+
+    assert _extras.extra_for(ModuleNotFoundError("No module named 'x'", name="x")) is None
+    assert _extras.extra_for(ModuleNotFoundError("", name="pydantic.main")) == ("train",
+                                                                                "pydantic")
+    assert _extras.extra_for(ModuleNotFoundError("", name="trl")) == ("trl", "trl")
+    assert _extras.extra_for(ImportError("cannot import name 'x'")) is None
+
+
+def test_bare_kernels_import_is_the_installed_package(tmp_path):
+    """With the repository root on sys.path (``python -m`` from a checkout), transformers' probe
+    for a hub package named ``kernels`` imports this folder by that bare name: it must get the
+    installed ``fastpo.kernels``, not a second copy whose op registrations replace the first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import fastpo.kernels, kernels\n"
+        "import transformers.integrations.hub_kernels\n"
+        "assert kernels is fastpo.kernels\n"
+        "assert not [m for m in sys.modules if m.startswith('kernels.')], sys.modules.keys()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(root)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
