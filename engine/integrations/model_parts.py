@@ -32,9 +32,10 @@ How the parts are found, without naming any architecture's attributes (no ``mode
 The ``[tokens, vocab]`` logits are never built when the head is a plain ``nn.Linear``: its weight
 goes to :func:`fastpo.kernels.linear_sequence_logps` (gathered under DeepSpeed ZeRO-3). Any other
 head (a PEFT adapter on the lm_head, a quantized head) runs as a module, on the scored positions
-only, and :func:`fastpo.kernels.token_logps` takes its logits; so does a model that soft-caps its
-logits (Gemma-2's ``final_logit_softcapping``). A model that scales its logits (``logit_scale``,
-``logits_scaling``, ...) keeps the fused path with the scale folded into the temperature.
+only, and :func:`fastpo.kernels.token_logps` takes its logits. A model that scales its logits
+(``logit_scale``, ``logits_scaling``, ...) or soft-caps them (Gemma-2's
+``final_logit_softcapping``) keeps the fused path: the op applies the same transform
+(``logit_scale=``, ``softcap=``).
 """
 
 from __future__ import annotations
@@ -163,12 +164,13 @@ def completion_logps(model: nn.Module, labels: Tensor, *, temperature: float = 1
     if fused_linear and not plain:
         raise ValueError(f"fused_linear=True but the head is a {type(head).__name__}, "
                          "not a plain torch.nn.Linear with a float weight")
-    if fused_linear and cap is not None:
-        raise ValueError("fused_linear=True but the model soft-caps its logits")
-    if fused_linear is not False and plain and cap is None and scale > 0:
+    if fused_linear and not scale > 0:
+        raise ValueError(f"fused_linear=True but the model's logit scale {scale} is not > 0")
+    if fused_linear is not False and plain and scale > 0:
         with gathered_lm_head(head) as (weight, bias):
             return kernels.linear_sequence_logps(hidden, weight, labels, bias=bias,
-                                                 temperature=temperature / scale)
+                                                 temperature=temperature, logit_scale=scale,
+                                                 softcap=cap)
     scored = labels != IGNORE_INDEX
     logits = transform_logits(head(hidden[scored]), logit_scale=scale, softcap=cap,
                               temperature=1.0)

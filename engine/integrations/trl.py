@@ -150,8 +150,6 @@ def _choose_path(head: torch.nn.Module, settings: HeadSettings, fused_linear: bo
         reasons.append("the lm_head weight is a sharded DTensor (FSDP2)")
     elif hasattr(weight, "ds_id") and _zero3_gather() is None:
         reasons.append("ZeRO-3 sharded lm_head and no fastpo gather helper")
-    if settings.softcap is not None:
-        reasons.append("the model soft-caps its logits")
     if settings.logit_scale <= 0:
         reasons.append(f"logit scale {settings.logit_scale} is not positive")
     if fused_linear is False:
@@ -193,7 +191,8 @@ def _linear_path(head: torch.nn.Linear, hidden: Tensor, labels: Tensor, mask: Te
         b = None if bias is None else bias.to(dtype)
         log_probs = linear_token_logps(
             hidden.to(dtype), w, labels, bias=b, ignore_index=IGNORE_INDEX,
-            temperature=settings.temperature / settings.logit_scale)
+            temperature=settings.temperature, logit_scale=settings.logit_scale,
+            softcap=settings.softcap)
         stats = {}
         wanted = settings.outputs & set(STATISTICS)
         if wanted:
@@ -203,7 +202,8 @@ def _linear_path(head: torch.nn.Linear, hidden: Tensor, labels: Tensor, mask: Te
                                                         None if b is None else b.detach()),
                 labels[mask], vocab_size=w.shape[0], which=wanted,
                 transform=functools.partial(transform_logits, logit_scale=settings.logit_scale,
-                                            softcap=None, temperature=settings.temperature))
+                                            softcap=settings.softcap,
+                                            temperature=settings.temperature))
             stats = {k: scatter_scored(v, mask) for k, v in scored.items()}
     return log_probs.float(), stats
 

@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 
+from fastpo import kernels
 from fastpo.engine.assets import tiny_llama_config
 from fastpo.engine.integrations import model_parts
 from fastpo.engine.integrations.model_parts import completion_logps
@@ -177,8 +178,10 @@ def test_peft_reference_is_the_adapter_switched_off(monkeypatch, targets):
                              fused_linear=True)
 
 
-def test_softcapped_model_takes_the_logits_path():
-    """Gemma-2 soft-caps its logits: the helper must apply the same cap as the model."""
+@pytest.mark.parametrize("fused_linear", [None, True, False])
+def test_softcapped_model(fused_linear, monkeypatch):
+    """Gemma-2 soft-caps its logits: the fused op (the default) and the logits path apply the
+    same cap as the model, forward and gradient."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
@@ -187,11 +190,23 @@ def test_softcapped_model_takes_the_logits_path():
                           head_dim=16, final_logit_softcapping=2.0, initializer_range=0.2)
     model = Gemma2ForCausalLM(config).float()
     ids, mask, labels = _batch()
-    out = completion_logps(model, labels, input_ids=ids, attention_mask=mask)
-    torch.testing.assert_close(out.logps.double(), _logits_path(model, ids, mask, labels)[0],
-                               rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="soft-caps"):
-        completion_logps(model, labels, input_ids=ids, attention_mask=mask, fused_linear=True)
+    calls = []
+    real = kernels.linear_sequence_logps
+    monkeypatch.setattr(kernels, "linear_sequence_logps",
+                        lambda *a, **k: calls.append(k) or real(*a, **k))
+    out = completion_logps(model, labels, input_ids=ids, attention_mask=mask,
+                           fused_linear=fused_linear)
+    assert len(calls) == (fused_linear is not False)
+    if calls:
+        assert calls[0]["softcap"] == 2.0 and calls[0]["logit_scale"] == 1.0
+    head = model.get_output_embeddings().weight
+    out.logps.sum().backward()
+    ours = head.grad.clone()
+    model.zero_grad()
+    want = _logits_path(model, ids, mask, labels)[0]
+    want.sum().backward()
+    torch.testing.assert_close(out.logps.double(), want.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours, head.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_inputs():

@@ -276,3 +276,34 @@ def test_head_statistics_against_float64():
                                torch.logsumexp(2 * logp, -1), rtol=1e-5, atol=1e-5)
     assert torch.equal(stats["is_top1"], x.argmax(-1) == labels)
     assert not stats["is_top1"][3] and stats["is_top1"][4]
+
+
+@pytest.mark.parametrize("softcap, logit_scale", [(3.0, 0.7), (None, 1.6), (1.5, 1.0)])
+def test_softcapped_and_scaled_heads_keep_the_fused_path(softcap, logit_scale):
+    """A Gemma-2 / Cohere style head (TRL's soft-cap and logit scale settings) takes the fused
+    linear path, and its log-probs, gradients and statistics match the logits path."""
+    settings = fastpo_trl.HeadSettings(
+        temperature=0.8, logit_scale=logit_scale, softcap=softcap,
+        outputs=frozenset({"log_probs", "entropy", "mean_logits", "is_top1"}))
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 53, bias=False)
+    head.weight.data.mul_(4.0)
+    assert fastpo_trl._choose_path(head, settings, None) == ("linear", "")
+    hidden = torch.randn(2, 7, 16)
+    labels = torch.randint(0, 53, (2, 7))
+    labels[:, :2] = -100
+    mask = labels != -100
+    results = []
+    for path in (fastpo_trl._linear_path, fastpo_trl._logits_path):
+        h = hidden.clone().requires_grad_(True)
+        head.zero_grad()
+        logps, stats = path(head, h, labels, mask, settings)
+        logps.sum().backward()
+        results.append((logps.detach(), h.grad, head.weight.grad.clone(), stats))
+    (lp, gh, gw, st), (lp2, gh2, gw2, st2) = results
+    torch.testing.assert_close(lp, lp2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, gh2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, gw2, rtol=1e-4, atol=1e-5)
+    assert st.keys() == st2.keys() == {"entropy", "mean_logits", "is_top1"}
+    for key in st:
+        torch.testing.assert_close(st[key], st2[key], rtol=1e-5, atol=1e-5)
