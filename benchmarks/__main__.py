@@ -1,6 +1,6 @@
 """Benchmark entry point.
 
-    python -m benchmarks run --suite kernels|e2e|all --device cpu|cuda [--quick | --smoke]
+    python -m benchmarks run --suite kernels|e2e|e2e-real|all --device cpu|cuda [--quick | --smoke]
                              [--reps N] [--threads N] [--only TEXT] [--profile] [--out DIR]
     python -m benchmarks report DIR/results.json     markdown tables (for RESULTS.md)
     python -m benchmarks plot DIR/results.json       PNG plots of time and memory
@@ -40,6 +40,8 @@ from benchmarks.harness import (
 )
 
 SUITES = ("kernels", "e2e")
+# not in "all": minutes of real training (python -m benchmarks run --suite e2e-real [--quick])
+EXTRA_SUITES = {"e2e-real": "e2e_real"}
 TOOLS = {"compile-report": "benchmarks.compile_report", "gpu": "benchmarks.gpu"}
 
 
@@ -48,7 +50,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="measure a suite")
-    run.add_argument("--suite", choices=(*SUITES, "all"), default="all")
+    run.add_argument("--suite", choices=(*SUITES, *EXTRA_SUITES, "all"), default="all")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     run.add_argument("--quick", action="store_true", help="short run (< 3 min on 2 CPU cores)")
     run.add_argument("--smoke", action="store_true",
@@ -93,7 +95,7 @@ def _worker() -> int:
 
 def collect_cases(args: argparse.Namespace, out_dir: Path) -> list[CaseSpec]:
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
-    suites = SUITES if args.suite == "all" else (args.suite,)
+    suites = SUITES if args.suite == "all" else (EXTRA_SUITES.get(args.suite, args.suite),)
     specs: list[CaseSpec] = []
     for name in suites:
         module = importlib.import_module(f"benchmarks.suites.{name}")

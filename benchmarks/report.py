@@ -8,7 +8,7 @@ from typing import Any
 from benchmarks.harness import Result
 
 # The implementation every other one is compared with, per workload family.
-BASELINES = {"logits": "torch", "hidden": "naive", "dpo_step": "trl"}
+BASELINES = {"logits": "torch", "hidden": "naive", "dpo_step": "trl", "dpo_lora_real": "trl"}
 # Parameters that describe an implementation's setting, not the workload (not part of the group).
 IMPL_PARAMS = ("compiled",)
 

@@ -31,9 +31,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .attention import SegmentPlan, packed_plan
 from .data import TokenizedDataset, TokenizedExample, TokenizedPair
+from .sampler import length_grouped_order, shuffle_batches
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_WINDOW_ITEMS = 4  # items per micro-batch assumed by a length-grouping window under a
+#                           token budget alone (no item cap)
 
 
 @dataclass
@@ -68,6 +73,9 @@ class PreferenceBatch:
     shared_prompt_tokens: int = 0  # prompt tokens that run once for both sequences of a pair
     segment_ids: Tensor | None = None  # [R, L] int64
     branch_ids: Tensor | None = None  # [R, L] int64
+    # packed and shared-prompt rows: the pieces each row is cut into for segment attention
+    # (fastpo.engine.attention), so the forward skips the blocks a dense mask would exclude
+    attention_plan: SegmentPlan | None = None
 
     @property
     def num_sequence_tokens(self) -> int:
@@ -86,6 +94,15 @@ class PreferenceBatch:
         for name, value in moved.items():
             if isinstance(value, Tensor):
                 moved[name] = value.to(device, non_blocking=non_blocking)
+        return PreferenceBatch(**moved)
+
+    def pin_memory(self) -> PreferenceBatch:
+        """A copy whose tensors are in page-locked host memory, so that ``.to(cuda,
+        non_blocking=True)`` is a true asynchronous copy (from pageable memory it is not)."""
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, Tensor):
+                moved[name] = value.pin_memory()
         return PreferenceBatch(**moved)
 
     @property
@@ -160,7 +177,7 @@ def collate_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Se
             position_ids[0, start: start + n] = torch.arange(n)
         target_index.append(torch.arange(start + p - 1, start + n - 1) + r * width)
 
-    cu_seqlens = None
+    cu_seqlens = attention_plan = None
     max_seqlen = max(lengths)
     attention_mask = None
     if padding_free:
@@ -170,6 +187,7 @@ def collate_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Se
             max_seqlen = max(max_seqlen, tail)
         bounds = [0, *(st + n for st, n in zip(starts, lengths))] + ([width] if tail else [])
         cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
+        attention_plan = packed_plan(lengths, width)
     else:
         attention_mask = (sequence_ids >= 0).long()
     completion_tokens = torch.tensor([n - p for n, p in zip(lengths, prompt_lengths)],
@@ -180,7 +198,7 @@ def collate_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Se
         target_sequence=torch.repeat_interleave(torch.arange(num_sequences), completion_tokens),
         completion_tokens=completion_tokens, num_sequences=num_sequences, num_pairs=0,
         packed=padding_free, num_tokens=total, max_seqlen=max_seqlen, cu_seqlens=cu_seqlens,
-        ignore_index=ignore_index)
+        ignore_index=ignore_index, attention_plan=attention_plan)
 
 
 def collate_pairs(pairs: Sequence[TokenizedPair], *, pad_token_id: int,
@@ -331,7 +349,8 @@ def plan_batches(dataset: TokenizedDataset, *, pairs_per_batch: int | None = Non
                  max_tokens_per_batch: int | None = None, shuffle: bool = True, seed: int = 0,
                  epoch: int = 0, padding_free: bool = False, with_kl: bool = True,
                  drop_last: bool = False, num_shards: int = 1, shard_index: int = 0,
-                 share_prompt: bool = False) -> list[list[int]]:
+                 share_prompt: bool = False, group_by_length: int | None = None
+                 ) -> list[list[int]]:
     """All batches of one epoch, as lists of dataset indices (deterministic in seed and epoch).
 
     Items (pairs or examples) are taken in a seeded random order (or in order) and grouped while
@@ -341,6 +360,8 @@ def plan_batches(dataset: TokenizedDataset, *, pairs_per_batch: int | None = Non
     with fewer than ``pairs_per_batch`` items. With ``num_shards`` > 1 (data-parallel ranks) the
     batch list is cut to a multiple of ``num_shards`` and shard ``k`` gets batches ``k, k + n, …``.
     ``share_prompt`` counts a pair as one ``[prompt | chosen | rejected]`` row.
+    ``group_by_length`` (a window, in micro-batches): items of similar length are batched together
+    within each window of the shuffle, and the batches shuffled (:mod:`fastpo.engine.sampler`).
     """
     for name, value in (("pairs_per_batch", pairs_per_batch),
                         ("max_tokens_per_batch", max_tokens_per_batch)):
@@ -355,6 +376,9 @@ def plan_batches(dataset: TokenizedDataset, *, pairs_per_batch: int | None = Non
     if shuffle:
         random.Random(f"fastpo-batches:{seed}:{epoch}").shuffle(order)
     shapes = _item_shapes(dataset, with_kl, share_prompt)
+    if group_by_length is not None:
+        window = group_by_length * (pairs_per_batch or DEFAULT_WINDOW_ITEMS)
+        order = length_grouped_order(order, lambda i: shapes[i][1], window=window)
 
     batches: list[list[int]] = []
     current: list[int] = []
@@ -378,6 +402,8 @@ def plan_batches(dataset: TokenizedDataset, *, pairs_per_batch: int | None = Non
         batches.append(current)
     if drop_last and pairs_per_batch is not None and batches and len(batches[-1]) < pairs_per_batch:
         batches.pop()
+    if group_by_length is not None and shuffle:
+        batches = shuffle_batches(batches, seed=seed, epoch=epoch)
     if oversized:
         logger.warning("%d item(s) exceed max_tokens_per_batch=%d alone and form their own "
                        "batches", oversized, max_tokens_per_batch)
@@ -390,7 +416,8 @@ def iterate_batches(dataset: TokenizedDataset, *, pairs_per_batch: int | None = 
                     max_tokens_per_batch: int | None = None, shuffle: bool = True, seed: int = 0,
                     epoch: int = 0, start_index: int = 0, padding_free: bool = False,
                     with_kl: bool = True, drop_last: bool = False, num_shards: int = 1,
-                    shard_index: int = 0, share_prompt: bool = False) -> Iterator[list[int]]:
+                    shard_index: int = 0, share_prompt: bool = False,
+                    group_by_length: int | None = None) -> Iterator[list[int]]:
     """Batches of one epoch from batch ``start_index`` on (resume: store epoch + batch index)."""
     if not isinstance(start_index, int) or start_index < 0:
         raise ValueError(f"start_index must be a non-negative int, got {start_index!r}")
@@ -398,5 +425,5 @@ def iterate_batches(dataset: TokenizedDataset, *, pairs_per_batch: int | None = 
                            max_tokens_per_batch=max_tokens_per_batch, shuffle=shuffle, seed=seed,
                            epoch=epoch, padding_free=padding_free, with_kl=with_kl,
                            drop_last=drop_last, num_shards=num_shards, shard_index=shard_index,
-                           share_prompt=share_prompt)
+                           share_prompt=share_prompt, group_by_length=group_by_length)
     yield from batches[start_index:]

@@ -91,8 +91,42 @@ class DataConfig(_Section):
     max_length: int | None = Field(1024, gt=1)
     max_prompt_length: int | None = Field(512, gt=0)
     truncation_mode: Literal["keep_end", "keep_start", "drop"] = "keep_end"
-    padding_free: bool = False
-    share_prompt: bool = False  # pair = one [prompt | chosen | rejected] row: the prompt runs once
+    # batch layout (fastpo.engine.layout): auto = the cheapest valid one for the data, estimated
+    # from its lengths; padded | packed | shared ([prompt | chosen | rejected] rows: the prompt
+    # runs once; pairs only) | shared_packed. padding_free / share_prompt, when set, fix that
+    # half of the choice (true/false); null leaves it to the layout
+    layout: Literal["auto", "padded", "packed", "shared", "shared_packed"] = "auto"
+    padding_free: bool | None = None
+    share_prompt: bool | None = None
+    # length-aware batching (fastpo.engine.sampler): items of similar length batched together
+    # within windows of length_window micro-batches of the seeded shuffle; auto = on for the
+    # layouts that pad rows (padded, shared), off for packed rows (nothing to save)
+    group_by_length: bool | Literal["auto"] = "auto"
+    length_window: int = Field(50, gt=0)
+
+    def length_grouping(self) -> int | None:
+        """The grouping window (micro-batches) for plan_batches, None when off; call after the
+        layout is resolved (``padding_free`` known)."""
+        on = (not self.padding_free) if self.group_by_length == "auto" else self.group_by_length
+        return self.length_window if on else None
+
+    def layout_conflict(self) -> str | None:
+        """An explicit layout that padding_free / share_prompt contradict, named."""
+        if self.layout == "auto":
+            return None
+        from .layout import LAYOUTS
+
+        packed, shared = LAYOUTS[self.layout]
+        for key, value, implied in (("padding_free", self.padding_free, packed),
+                                    ("share_prompt", self.share_prompt, shared)):
+            if value is not None and value != implied:
+                return (f"data.layout {self.layout!r} means data.{key}: "
+                        f"{str(implied).lower()}, but data.{key} is {str(value).lower()}")
+        return None
+
+    def wants_shared_prompt(self) -> bool:
+        """Whether the layout is fixed to shared-prompt rows (by layout or share_prompt)."""
+        return bool(self.share_prompt) or self.layout in ("shared", "shared_packed")
 
 
 # ------------------------------------------------------------------------------------- loss
@@ -324,12 +358,18 @@ def combination_problems(cfg: TrainConfig) -> list[str]:
         problems.append("reference.mode 'precomputed' with deepspeed.zero_stage 3: precomputing "
                         "hashes and runs the whole (gathered) reference model before training; "
                         "use zero_stage <= 2, or a 'separate' reference (sharded under ZeRO-3)")
-    if cfg.data.share_prompt and cfg.loss.method == "kto":
-        problems.append("data.share_prompt applies to paired losses; loss.method 'kto' trains on "
-                        "unpaired examples")
-    if cfg.data.share_prompt and cfg.model.attn_implementation not in ("sdpa", "eager"):
-        problems.append(f"data.share_prompt needs model.attn_implementation 'sdpa' or 'eager' (a "
-                        f"custom attention mask), not {cfg.model.attn_implementation!r}")
+    conflict = cfg.data.layout_conflict()
+    if conflict:
+        problems.append(conflict)
+    shared_key = "data.share_prompt" if cfg.data.share_prompt else "data.layout " + repr(
+        cfg.data.layout)
+    if cfg.data.wants_shared_prompt() and cfg.loss.method == "kto":
+        problems.append(f"{shared_key} applies to paired losses (shared-prompt rows); "
+                        "loss.method 'kto' trains on unpaired examples")
+    if cfg.data.wants_shared_prompt() and cfg.model.attn_implementation not in ("sdpa", "eager"):
+        problems.append(f"{shared_key} (shared-prompt rows) needs model.attn_implementation "
+                        f"'sdpa' or 'eager' (segment attention or a custom attention mask), not "
+                        f"{cfg.model.attn_implementation!r}")
     if ds.offload_param != "none" and ds.zero_stage != 3:
         problems.append("deepspeed.offload_param needs deepspeed.zero_stage 3")
     if ds.offload_optimizer != "none" and ds.zero_stage == 0:

@@ -208,6 +208,9 @@ def _method_brings_its_defaults(data: dict[str, Any], file_method: Any,
     if (loss.get("method") == "kto" and isinstance(section, dict)
             and ("data", "share_prompt") not in overridden):
         section.pop("share_prompt", None)
+        if section.get("layout") in ("shared", "shared_packed") \
+                and ("data", "layout") not in overridden:
+            section.pop("layout")
 
 
 def load_config(path: str | Path | None = None, *,

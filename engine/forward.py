@@ -14,6 +14,7 @@ and applies the from-logits op instead. Per-sequence sums are a segment sum over
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -23,6 +24,7 @@ from fastpo import kernels
 from fastpo.kernels.linear_logprobs import linear_token_logps
 from fastpo.kernels.zero3 import gathered_lm_head
 
+from . import attention as segment_attention
 from .batch import PreferenceBatch
 from .shared_prompt import shared_prompt_attention_mask
 
@@ -50,15 +52,29 @@ def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     return weight, getattr(head, "bias", None)
 
 
-def _check_head_config(model: nn.Module, use_fused_linear: bool) -> float | None:
+def _check_head_config(model: nn.Module) -> tuple[float, float | None]:
+    """(logit scale, soft-cap or None) the model applies to its head's logits: Cohere's
+    ``logit_scale`` (z·s), then Gemma-2's ``final_logit_softcapping`` (c·tanh(z/c)); both paths
+    apply them (the fused op takes them as ``logit_scale`` / ``softcap``)."""
     config = getattr(model, "config", None)
     cap = getattr(config, "final_logit_softcapping", None)
-    if cap is not None and use_fused_linear:
-        raise ValueError(f"{type(model).__name__} soft-caps its logits (final_logit_softcapping="
-                         f"{cap}); the fused linear op does not: use use_fused_linear=False")
-    if getattr(config, "logit_scale", None) not in (None, 1, 1.0):
-        raise ValueError(f"{type(model).__name__} scales its logits (logit_scale); not supported")
-    return cap
+    scale = getattr(config, "logit_scale", None)
+    scale = 1.0 if scale is None else scale
+    for name, value in (("logit_scale", scale), ("final_logit_softcapping", cap)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{type(model).__name__}: config.{name}={value!r} is not a finite "
+                             "number > 0")
+    return float(scale), (None if cap is None else float(cap))
+
+
+def _head_logits(h: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
+                 cap: float | None) -> Tensor:
+    """The model's logits of the hidden rows ``h``: ``(h Wᵀ + b)·s``, soft-capped."""
+    logits = torch.nn.functional.linear(h, weight, bias)
+    if scale != 1.0:
+        logits = logits * scale
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def _compute_dtype(model: nn.Module, device_type: str) -> torch.dtype:
@@ -88,7 +104,13 @@ def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> Tensor:
         "position_ids": batch.position_ids,
         "use_cache": False,  # a cache would switch off the packed-sequence detection
     }
-    if batch.prompt_shared:
+    config = getattr(model, "config", None)
+    plan = batch.attention_plan
+    if plan is not None and segment_attention.applies(config, plan, batch.max_seqlen):
+        # packed / shared-prompt rows: attention per piece, the masked blocks never computed
+        kwargs.update(segment_attention.forward_kwargs(plan, batch.input_ids.shape[0],
+                                                       batch.input_ids.device))
+    elif batch.prompt_shared:
         dtype = _compute_dtype(model, batch.input_ids.device.type)
         kwargs["attention_mask"] = shared_prompt_attention_mask(
             batch, getattr(model, "config", None), dtype=dtype)
@@ -101,6 +123,8 @@ def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> Tensor:
             kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen,
                           max_length_k=batch.max_seqlen)
     out = body(**kwargs)
+    if segment_attention.PLAN_KWARG in kwargs:
+        segment_attention.check_ran(plan, model)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if hidden.shape[:2] != batch.input_ids.shape:
         raise RuntimeError(f"decoder returned hidden states of shape {tuple(hidden.shape)} for "
@@ -128,15 +152,13 @@ class ForwardLogps(NamedTuple):
 
 
 def _log_sum_sq_probs(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
-                      cap: float | None, chunk: int = 1024) -> Tensor:
+                      cap: float | None, chunk: int = 1024, scale: float = 1.0) -> Tensor:
     """Per token ``log Σ_v softmax(z / T)_v² = lse(2z / T) − 2·lse(z / T)``, chunked, no grad."""
     out = []
     with torch.no_grad():
         for part in h.detach().split(chunk):
-            z = torch.nn.functional.linear(part, weight.detach(), None if bias is None
-                                           else bias.detach()).float()
-            if cap is not None:
-                z = torch.tanh(z / cap) * cap
+            z = _head_logits(part, weight.detach(), None if bias is None else bias.detach(),
+                             scale, cap).float()
             z = z / temperature
             out.append(torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
@@ -156,7 +178,7 @@ def forward_logps(model: nn.Module, batch: PreferenceBatch, *, use_fused_linear:
     if with_tail_logps and batch.target_tail is None:
         raise ValueError("tail logps need a pair batch (collate_pairs / collate_batch)")
     model = unwrap_model(model)
-    cap = _check_head_config(model, use_fused_linear)
+    scale, cap = _check_head_config(model)
     output_head(model)  # a clear error for a model without output embeddings
     hidden = final_hidden_states(model, batch)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
@@ -170,23 +192,29 @@ def forward_logps(model: nn.Module, batch: PreferenceBatch, *, use_fused_linear:
         if use_fused_linear:
             token_logps = linear_token_logps(h, weight, labels, bias=bias,
                                              ignore_index=batch.ignore_index,
-                                             temperature=temperature)
-            if with_logits_sum:
+                                             temperature=temperature, softcap=cap,
+                                             logit_scale=scale)
+            if with_logits_sum and cap is not None:  # no closed form under tanh: chunked
+                with torch.no_grad():
+                    b = None if bias is None else bias.detach()
+                    logits_sum_tokens = torch.cat([
+                        _head_logits(part, weight.detach(), b, scale, cap).float().sum(-1)
+                        for part in h.detach().split(1024)])
+            elif with_logits_sum:
                 with torch.no_grad():
                     # Σ_v (h Wᵀ + b)_v = h · (Σ_v W_v) + Σ_v b_v: a mat-vec, no logits
                     logits_sum_tokens = h.detach().float() @ weight.detach().float().sum(0)
                     if bias is not None:
                         logits_sum_tokens = logits_sum_tokens + bias.detach().float().sum()
+                    logits_sum_tokens = logits_sum_tokens * scale
         else:
-            logits = torch.nn.functional.linear(h, weight, bias)
-            if cap is not None:
-                logits = torch.tanh(logits / cap) * cap
+            logits = _head_logits(h, weight, bias, scale, cap)
             token_logps = kernels.token_logps(logits, labels, ignore_index=batch.ignore_index,
                                               temperature=temperature)
             if with_logits_sum:
                 logits_sum_tokens = logits.detach().float().sum(-1)
         if with_log_sum_sq_probs:
-            sum_sq = _log_sum_sq_probs(h, weight, bias, temperature, cap)
+            sum_sq = _log_sum_sq_probs(h, weight, bias, temperature, cap, scale=scale)
     token_logps = token_logps.float()
     segments, count = batch.target_sequence, batch.num_sequences
     logps = _segment_sum(token_logps, segments, count)

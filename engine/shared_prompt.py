@@ -15,8 +15,10 @@ Each completion token therefore sees exactly the context it sees in the concaten
 the same positions, so log-probs and gradients are the same (the prompt's gradient is the sum of
 the two branches', as before) — up to float summation order. The model processes ``p + c + r``
 tokens per pair instead of ``2p + c + r``. Used by ``collate_pairs(..., share_prompt=True)``;
-SDPA and eager attention (a custom 4-D mask); not flash-attention, whose varlen kernel has no
-such mask, nor sliding-window layers shorter than the segment.
+SDPA (segment attention, :mod:`fastpo.engine.attention`: ``[prompt | chosen]`` causal, then the
+rejected tokens over ``[prompt | rejected]``, no mask over the whole row) and eager attention (a
+custom 4-D mask, also SDPA's fallback); not flash-attention, whose varlen kernel has no such
+mask, nor sliding-window layers shorter than the segment.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .attention import shared_prompt_plan
 from .batch import PreferenceBatch, _check_ids
 from .data import TokenizedPair
 
@@ -117,6 +120,9 @@ def collate_shared_prompt_pairs(pairs: Sequence[TokenizedPair], *, pad_token_id:
     batch.shared_prompt_tokens = sum(len(p.prompt_ids) for p in pairs)
     batch.segment_ids = segment_ids
     batch.branch_ids = branch_ids
+    sizes = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    batch.attention_plan = shared_prompt_plan([sizes] if padding_free else [[s] for s in sizes],
+                                              width)
     batch.target_tail = torch.cat([torch.arange(n) >= m for n, m in zip(completions, shared)])
     return batch
 

@@ -51,6 +51,7 @@ from .config import TrainConfig
 from .config_loading import to_yaml
 from .forward import forward_logps
 from .interrupts import StopSignals
+from .layout import resolve_layout
 from .logging_utils import RunLogger, StepMetrics, gather_ranks, peak_memory_mb, setup_logging
 from .model_io import export_model, load_dtype, load_policy, load_tokenizer, model_path, vocab_size
 from .objective import Objective, summarize_eval
@@ -134,6 +135,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg, self.base_path)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer)
+        resolve_layout(cfg, self.train_set, model_path=self.base_path,  # data.layout: auto
+                       device_type=rt.device.type, with_kl=self.objective_with_kl())
         self.epoch_batches: dict[int, list[list[int]]] = {}
         opt = cfg.optimization
         per_epoch = len(self._batches(0)) // opt.gradient_accumulation_steps
@@ -202,7 +205,7 @@ class Trainer:
                 self.train_set, pairs_per_batch=opt.pairs_per_batch(),
                 max_tokens_per_batch=opt.max_tokens_per_batch,
                 shuffle=True, seed=self.cfg.seed, epoch=epoch, padding_free=data.padding_free,
-                share_prompt=data.share_prompt,
+                share_prompt=data.share_prompt, group_by_length=data.length_grouping(),
                 with_kl=self.objective_with_kl(), num_shards=self.rt.world_size,
                 shard_index=self.rt.rank)}
         return self.epoch_batches[epoch]

@@ -81,8 +81,8 @@ def test_choosing_a_method_brings_its_default_loss_type(capsys, method, loss_typ
     printed = yaml.safe_load(out)
     cfg = load_config(overrides=["--loss.method", method])
     assert printed["loss"]["method"] == method and cfg.loss.resolved_loss_types() == [loss_type]
-    # the default job's share_prompt belongs to paired losses: kto drops it, the others keep it
-    assert printed["data"]["share_prompt"] is (method != "kto")
+    # the default job's layout is auto for every method (auto never gives kto shared-prompt rows)
+    assert printed["data"]["layout"] == "auto" and printed["data"]["share_prompt"] is None
 
 
 def test_config_path_that_is_a_folder_or_not_utf8(capsys, tmp_path):

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from fastpo.engine import batch as B
+from fastpo.engine.attention import CAUSAL
+from fastpo.engine.attention import PAD as PAD_PIECE
 from fastpo.engine.data import DataStats, TokenizedDataset, TokenizedExample, TokenizedPair
 
 PAD = 0
@@ -83,8 +85,13 @@ def test_collate_pairs_layout(padding_free, multiple):
             bounds.append(batch.input_ids.shape[1])
         assert batch.cu_seqlens.tolist() == bounds and batch.cu_seqlens.dtype == torch.int32
         assert batch.max_seqlen == max(b - a for a, b in itertools.pairwise(bounds))
+        # segment attention: one causal piece per sequence, in order, then the tail padding
+        pieces = batch.attention_plan.rows[0]
+        assert [(p.kind, p.length) for p in pieces] == [(CAUSAL, n) for n in lengths] + (
+            [(PAD_PIECE, batch.input_ids.shape[1] - sum(lengths))] if len(bounds) > 7 else [])
+        assert (batch.sequence_ids[0] >= 0).sum() == sum(lengths)
     else:
-        assert batch.input_ids.shape[0] == 6
+        assert batch.input_ids.shape[0] == 6 and batch.attention_plan is None
         assert torch.equal(batch.attention_mask, (batch.sequence_ids >= 0).long())
         assert batch.attention_mask.sum(1).tolist() == lengths
 

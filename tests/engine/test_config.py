@@ -34,7 +34,7 @@ def test_default_job_is_smollm2_lora_dpo():
     assert cfg.data.train is None and cfg.optimization.max_steps
     # the main job is the DeepSpeed entrypoint, on one process as on many
     assert cfg.uses_deepspeed(world_size=1) and cfg.uses_deepspeed(world_size=2)
-    assert cfg.data.share_prompt and cfg.model.attn_implementation == "sdpa"
+    assert cfg.data.layout == "auto" and cfg.model.attn_implementation == "sdpa"
 
 
 def test_yaml_and_overrides_are_typed(tmp_path):

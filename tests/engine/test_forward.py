@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from fastpo import kernels
+from fastpo.engine import attention as A
 from fastpo.engine import batch as B
 from fastpo.engine import data
 from fastpo.engine import forward as F
@@ -84,11 +86,17 @@ def test_engine_logps_equal_plain_forward(tiny_model, tokenizer, pairs, packed, 
     assert torch.equal(rejected.num_tokens, out.sequence.num_tokens[4:])
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("packed", [False, True, "dense"], ids=["padded", "packed",
+                                                                  "packed-dense-mask"])
 def test_engine_gradients_equal_plain(tiny_model, tokenizer, pairs, packed):
-    batch = collate(pairs, [1, 2, 5], tokenizer, packed)
+    batch = collate(pairs, [1, 2, 5], tokenizer, bool(packed))
     weights = torch.linspace(-1.0, 2.0, batch.num_sequences)
-    (F.sequence_logps_from_model(tiny_model, batch).logps * weights).sum().backward()
+    with A.dense_attention() if packed == "dense" else contextlib.nullcontext():
+        (F.sequence_logps_from_model(tiny_model, batch).logps * weights).sum().backward()
+    if packed is True:  # the segment path ran (and the dense one did not)
+        assert batch.attention_plan.calls == tiny_model.config.num_hidden_layers
+    elif packed == "dense":
+        assert batch.attention_plan.calls == 0
     engine_grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
     tiny_model.zero_grad()
     reference = copy.deepcopy(tiny_model)
@@ -106,13 +114,19 @@ def test_engine_gradients_equal_plain(tiny_model, tokenizer, pairs, packed):
     assert engine_grads["lm_head.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("attention", ["segments", "dense"])
 def test_packed_and_padded_agree_and_attention_stays_inside_sequences(tiny_model, tokenizer,
-                                                                       pairs):
+                                                                       pairs, attention):
+    """Packed rows through segment attention (per-sequence SDPA) and through the dense fallback
+    (transformers' block-diagonal mask from the position ids)."""
     indices = [0, 1, 2, 3, 4, 5, 6, 7]
-    with torch.no_grad():
+    dense = attention == "dense"
+    with torch.no_grad(), (A.dense_attention() if dense else contextlib.nullcontext()):
         padded = F.sequence_logps_from_model(tiny_model, collate(pairs, indices, tokenizer, False))
         packed_batch = collate(pairs, indices, tokenizer, True)
         packed = F.sequence_logps_from_model(tiny_model, packed_batch)
+        runs = tiny_model.config.num_hidden_layers
+        assert packed_batch.attention_plan.calls == (0 if dense else runs)
         close(packed.logps, padded.logps)
         assert torch.equal(packed.num_tokens, padded.num_tokens)
 
@@ -128,6 +142,7 @@ def test_packed_and_padded_agree_and_attention_stays_inside_sequences(tiny_model
         # control: one continuous position range (a single segment) does leak, and it shows
         leaky = copy.copy(edited)
         leaky.position_ids = torch.arange(edited.input_ids.shape[1])[None]
+        leaky.attention_plan = None
         leaked = F.sequence_logps_from_model(tiny_model, leaky)
         assert (leaked.logps[1:] - after.logps[1:]).abs().max() > 0.1
 
@@ -202,31 +217,43 @@ def test_tied_embeddings(tiny_config, tokenizer, pairs):
     assert model.model.embed_tokens.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "phi", "gemma2"])
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "phi", "gemma2", "cohere"])
 def test_other_architectures(arch):
-    """GPT-2 (tied wte), Qwen2, Phi (lm_head bias) and Gemma2 (final logit soft-capping: from-
-    logits path only) through the engine, padded and packed, against their own full forward."""
-    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, PhiConfig, Qwen2Config
+    """GPT-2 (tied wte), Qwen2, Phi (lm_head bias), Gemma2 (final logit soft-capping) and Cohere
+    (logit scale), both transforms in the fused op too, through the engine, padded and packed,
+    fused and from logits, against their own full forward (logps and the logits sums)."""
+    from transformers import (
+        AutoModelForCausalLM,
+        CohereConfig,
+        Gemma2Config,
+        GPT2Config,
+        PhiConfig,
+        Qwen2Config,
+    )
 
     small = {"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 64,
              "num_hidden_layers": 2, "num_attention_heads": 4}
     config = {"gpt2": lambda: GPT2Config(vocab_size=1000, n_embd=32, n_layer=2, n_head=2),
               "qwen2": lambda: Qwen2Config(num_key_value_heads=2, **small),
               "phi": lambda: PhiConfig(**small),
-              "gemma2": lambda: Gemma2Config(num_key_value_heads=2, head_dim=8, **small)}[arch]()
+              "gemma2": lambda: Gemma2Config(num_key_value_heads=2, head_dim=8,
+                                             final_logit_softcapping=1.0, initializer_range=0.3,
+                                             **small),
+              "cohere": lambda: CohereConfig(num_key_value_heads=2, logit_scale=0.37,
+                                             **small)}[arch]()
     config._attn_implementation = "eager" if arch == "gemma2" else "sdpa"
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     pairs = [data.TokenizedPair([1, 2, 3], [4, 5, 6, 7], [8, 9]),
              data.TokenizedPair([10, 11], [12], [13, 14, 15])]
-    fused = arch != "gemma2"
     for packed in (False, True):
         batch = B.collate_pairs(pairs, pad_token_id=0, padding_free=packed)
-        out = F.sequence_logps_from_model(model, batch, use_fused_linear=fused)
-        close(out.logps, plain_logps(model, batch)["logps"])
-    if not fused:
-        with pytest.raises(ValueError, match="soft-caps its logits"):
-            F.sequence_logps_from_model(model, batch)
+        plain = plain_logps(model, batch)
+        for fused in (True, False):
+            out = F.sequence_logps_from_model(model, batch, use_fused_linear=fused,
+                                              with_logits_sum=True)
+            close(out.logps, plain["logps"])
+            close(out.logits_sum, plain["logits_sum"])
 
 
 # ------------------------------------------------------------------------------- references

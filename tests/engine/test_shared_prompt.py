@@ -3,10 +3,13 @@ gradients as the concatenated batch, with the mask, positions and targets spelle
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fastpo.engine.attention import BRANCH, CAUSAL, PAD, dense_attention
 from fastpo.engine.batch import collate_pairs, plan_batches
 from fastpo.engine.data import DataStats, TokenizedDataset, TokenizedPair
 from fastpo.engine.forward import forward_logps
@@ -44,15 +47,20 @@ def run(model, batch, fused: bool):
     return out, grads
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa-dense-mask", "eager"])
 @pytest.mark.parametrize("padding_free", [False, True], ids=["rows", "one-row"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-linear", "from-logits"])
 def test_same_logps_and_gradients_as_the_concatenated_batch(attn, padding_free, fused):
-    model = tiny_llama(attn)
+    """sdpa: segment attention (per-piece SDPA, fastpo.engine.attention); sdpa-dense-mask: the
+    fallback's 4-D boolean mask; eager: the additive mask."""
+    model = tiny_llama(attn.removesuffix("-dense-mask"))
     pairs = make_pairs(model.config.vocab_size)
     ref, ref_grads = run(model, collate_pairs(pairs, pad_token_id=0), fused)
     batch = collate_pairs(pairs, pad_token_id=0, share_prompt=True, padding_free=padding_free)
-    out, grads = run(model, batch, fused)
+    with dense_attention() if attn == "sdpa-dense-mask" else contextlib.nullcontext():
+        out, grads = run(model, batch, fused)
+    runs = model.config.num_hidden_layers if attn == "sdpa" else 0
+    assert batch.attention_plan.calls == runs
     torch.testing.assert_close(out.sequence.logps, ref.sequence.logps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.tail_logps, ref.tail_logps, rtol=1e-5, atol=1e-5)
     assert torch.equal(out.sequence.num_tokens, ref.sequence.num_tokens)
@@ -78,6 +86,10 @@ def test_layout_positions_targets_and_mask():
     assert batch.completion_tokens.tolist() == [2, 1, 3, 1]
     assert batch.num_pairs == 2 and batch.num_sequences == 4 and batch.prompt_shared
     assert batch.indices.tolist() == [4, 7]
+    # segment attention: [prompt | chosen] causal, rejected over its prompt, then padding
+    plan = batch.attention_plan
+    assert [[(p.kind, p.length, p.prompt) for p in row] for row in plan.rows] == [
+        [(CAUSAL, 5, 0), (BRANCH, 3, 3)], [(CAUSAL, 2, 0), (BRANCH, 1, 1), (PAD, 5, 0)]]
 
     config = LlamaConfig(attn_implementation="sdpa")
     mask = shared_prompt_attention_mask(batch, config, torch.float32)
