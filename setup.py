@@ -27,6 +27,10 @@ PACKAGES = {
     "fastpo": "api",
     "fastpo.kernels": "kernels",
     "fastpo.engine": "engine",
+    "fastpo.engine.losses": "engine/losses",
+    "fastpo.engine.data": "engine/data",
+    "fastpo.engine.model": "engine/model",
+    "fastpo.engine.train": "engine/train",
     "fastpo.engine.integrations": "engine/integrations",
 }
 
@@ -122,10 +126,10 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"fastpo.engine": ["*.yaml"]},
+    package_data={"fastpo.engine.train": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require=extras_require,
-    entry_points={"console_scripts": ["fastpo-train=fastpo.engine.cli:main"]},
+    entry_points={"console_scripts": ["fastpo-train=fastpo.engine.train.cli:main"]},
 )

@@ -22,21 +22,21 @@ This package's source folder is ``api/`` (mapped to ``fastpo`` by ``setup.py``),
 
 from typing import Any as _Any
 
-from fastpo.engine.fused_linear_losses import (
+from fastpo.engine.losses import cpo_loss, kto_loss, orpo_loss, preference_loss
+from fastpo.engine.losses.fused_linear import (
     fused_linear_cpo_loss,
     fused_linear_dpo_loss,
     fused_linear_kto_loss,
     fused_linear_orpo_loss,
     fused_linear_simpo_loss,
 )
-from fastpo.engine.loss_modules import (
+from fastpo.engine.losses.modules import (
     FusedLinearCPOLoss,
     FusedLinearDPOLoss,
     FusedLinearKTOLoss,
     FusedLinearORPOLoss,
     FusedLinearSimPOLoss,
 )
-from fastpo.engine.losses import cpo_loss, kto_loss, orpo_loss, preference_loss
 from fastpo.kernels import (
     SequenceLogps,
     backend_info,

@@ -51,7 +51,7 @@ ARCHS = {"sm_80": 80, "sm_90": 90}
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "tf32": torch.float32}  # tf32: fp32 tensors with allow_tf32 (dot kernels only)
-KERNEL_MODULES = ("fastpo.kernels.triton_logprobs", "fastpo.kernels.linear_logprobs_triton")
+KERNEL_MODULES = ("fastpo.kernels.logprobs_triton", "fastpo.kernels.linear_logprobs_triton")
 # @triton.jit functions that are called from kernels, never launched
 DEVICE_FUNCTIONS = {"_row_offset", "_logit_tile", "_token_tile", "_tanh"}
 # the anchor shape of every launch below
@@ -101,7 +101,7 @@ class KernelCase:
 
 def _logits_launch(variant: str, *, backward: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """From logits: a shifted [B, T, V] view of 32 × 1024 × 128256 logits (vocab stride 1)."""
-    from fastpo.kernels import triton_logprobs as m
+    from fastpo.kernels import logprobs_triton as m
 
     dtype = DTYPES[variant]
     block = m._block(VOCAB)
@@ -122,8 +122,8 @@ def _gemm_rows_launch(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """From logits as the gemm design of the fused linear op calls it in its backward: an fp32
     ``[C, S]`` logits tile (C 2048 tokens, S 16384 vocab entries: its plan at the anchor) and
     the softmax gradient written into a separate buffer in the GEMM operand dtype."""
-    from fastpo.kernels import triton_logprobs as m
-    from fastpo.kernels.linear_cost import gemm_plan
+    from fastpo.kernels import logprobs_triton as m
+    from fastpo.kernels.linear_logprobs_cost import gemm_plan
 
     chunk, width = gemm_plan(TOKENS, HIDDEN, VOCAB, DTYPES[variant].itemsize)
     block = m._block(width)
@@ -177,12 +177,12 @@ def _linear_bwd_launch(variant: str, arch: str,
 
 DOT_VARIANTS = ("fp32", "tf32", "bf16", "fp16")
 KERNELS: list[KernelCase] = [
-    KernelCase("fastpo.kernels.triton_logprobs", "_logps_forward_kernel", "stream",
+    KernelCase("fastpo.kernels.logprobs_triton", "_logps_forward_kernel", "stream",
                lambda v, a: _logits_launch(v, backward=False)),
-    KernelCase("fastpo.kernels.triton_logprobs", "_logps_backward_kernel", "stream",
+    KernelCase("fastpo.kernels.logprobs_triton", "_logps_backward_kernel", "stream",
                lambda v, a: _logits_launch(v, backward=True)),
     # the gemm design's softmax gradient: fp32 logits in, the GEMM operand dtype out
-    KernelCase("fastpo.kernels.triton_logprobs", "_logps_backward_kernel", "stream",
+    KernelCase("fastpo.kernels.logprobs_triton", "_logps_backward_kernel", "stream",
                lambda v, a: _gemm_rows_launch(v), ("bf16", "fp16"),
                tag="fp32 logits, gemm"),
     KernelCase("fastpo.kernels.linear_logprobs_triton", "_linear_logps_fwd_kernel", "dot",

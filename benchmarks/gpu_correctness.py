@@ -2,7 +2,7 @@
 
 Part of ``python -m benchmarks gpu``: on a CUDA device the ops run the compiled Triton kernels
 (never the interpreter), so this is what the CPU test suite cannot check. References: the float64
-``token_logps_reference`` of ``fastpo.kernels.reference`` (from logits) and ``hidden @ Wᵀ`` →
+``token_logps_reference`` of ``fastpo.kernels.logprobs_torch`` (from logits) and ``hidden @ Wᵀ`` →
 ``log_softmax`` in float64 (fused linear), differentiated by autograd; the tolerances are those
 of ``tests/kernels/test_logprobs.py`` and ``tests/kernels/test_linear_logprobs.py``.
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fastpo.kernels import linear_token_logps, token_logps
-from fastpo.kernels.reference import token_logps_reference
+from fastpo.kernels.logprobs_torch import token_logps_reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = {torch.float32: 2**-23, torch.bfloat16: 2**-7, torch.float16: 2**-10}

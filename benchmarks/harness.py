@@ -287,6 +287,36 @@ def _profile(workload: Workload, device: str, path: str) -> str:
     return path
 
 
+# --------------------------------------------------------------------------- inputs
+
+
+def masked_labels(batch: int, seq: int, vocab: int, *, prompt: int | tuple[int, int],
+                  pad: int | tuple[int, int], seed: int = 0) -> Any:
+    """Random shifted labels ``[batch, seq]`` (int64, CPU) shaped like a preference batch: each
+    row's prompt prefix and trailing padding are ``-100``, the rest a random token.
+
+    ``prompt`` / ``pad``: a length for every row, or a ``(low, high)`` range each row draws its
+    length from (``torch.randint``: ``high`` excluded), prompt first, from a generator seeded
+    with ``seed``, so that one call always gives the same labels.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def length(spec: int | tuple[int, int]) -> int:
+        if isinstance(spec, int):
+            return spec
+        return int(torch.randint(spec[0], spec[1], (1,), generator=gen))
+
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    for row in range(batch):
+        labels[row, :length(prompt)] = -100
+        tail = length(pad)
+        if tail:
+            labels[row, seq - tail:] = -100
+    return labels
+
+
 # --------------------------------------------------------------------------- running cases
 
 

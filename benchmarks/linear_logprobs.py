@@ -55,6 +55,7 @@ from benchmarks.harness import (
     RESULT_MARKER,
     Workload,
     machine_info,
+    masked_labels,
     measure,
     worker_env,
 )
@@ -68,19 +69,6 @@ HEADLINE = {
     "cuda": {"batch": 32, "seq": 1024, "hidden": 4096, "vocab": 128256, "dtype": "bf16",
              "impls": "naive,liger,fastpo,cce,matmul"},
 }
-
-
-def make_labels(batch: int, seq: int, vocab: int, prompt: float, seed: int = 0) -> torch.Tensor:
-    """Shifted labels with a prompt prefix and a little trailing padding set to -100."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
-    labels[:, :int(prompt * seq)] = -100
-    if prompt > 0:
-        for row in range(batch):
-            pad = int(torch.randint(0, max(1, seq // 16), (1,), generator=gen))
-            if pad:
-                labels[row, seq - pad:] = -100
-    return labels
 
 
 def dpo_loss(seq_logps: torch.Tensor) -> torch.Tensor:
@@ -100,7 +88,10 @@ def build(cfg: dict[str, Any]) -> Workload:
     weight = torch.randn(cfg["vocab"], cfg["hidden"], generator=gen) * cfg["hidden"] ** -0.5
     hidden = hidden.to(device, dtype).requires_grad_(True)
     weight = weight.to(device, dtype).requires_grad_(True)
-    labels = make_labels(cfg["batch"], cfg["seq"], cfg["vocab"], cfg["prompt"]).to(device)
+    # the first cfg["prompt"] of each row is prompt and, with a prompt, ~1/16 is trailing padding
+    seq = cfg["seq"]
+    labels = masked_labels(cfg["batch"], seq, cfg["vocab"], prompt=int(cfg["prompt"] * seq),
+                           pad=(0, max(1, seq // 16)) if cfg["prompt"] > 0 else 0).to(device)
     scored = labels != -100
 
     if impl.startswith("liger"):

@@ -41,19 +41,6 @@ IMPLS = ("torch", "trl", "fastpo", "fastpo_inplace", "native_op")
 MARKER = "NATIVE_CPU_RESULT "
 
 
-def make_labels(batch: int, seq: int, vocab: int, *, seed: int = 0) -> torch.Tensor:
-    """Shifted labels: a prompt of 64-191 positions and 0-127 trailing padding per row are -100."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
-    for row in range(batch):
-        prompt = int(torch.randint(64, 192, (1,), generator=gen))
-        pad = int(torch.randint(0, 128, (1,), generator=gen))
-        labels[row, :prompt] = -100
-        if pad:
-            labels[row, seq - pad:] = -100
-    return labels
-
-
 class _NativeSequenceSum(torch.autograd.Function):
     """Per-token logps straight from ``torch.ops.fastpo_native`` (2-D logits)."""
 
@@ -108,7 +95,8 @@ def build(impl: str, dtype: str) -> harness.Workload:
     batch, seq, vocab = SHAPE
     gen = torch.Generator().manual_seed(1)
     logits = (torch.randn(batch, seq, vocab, generator=gen) * 2.0).to(DTYPES[dtype])
-    labels = make_labels(batch, seq, vocab)
+    # a prompt of 64-191 positions and 0-127 trailing padding per row are -100
+    labels = harness.masked_labels(batch, seq, vocab, prompt=(64, 192), pad=(0, 128))
     forward_backward, setup = logits_forward_backward(logits, _impl_fn(impl, labels),
                                                       restore=impl == "fastpo_inplace")
 

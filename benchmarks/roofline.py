@@ -2,9 +2,9 @@
 
     python -m benchmarks.roofline            Markdown table for H100 and H200
 
-The numbers come from ``fastpo.kernels.linear_cost``, the same model the op's dispatcher uses to
-choose a design per call; they are predictions at data-sheet peak rates, not measurements. Rows
-per shape and GPU: each design's forward (what a no-grad reference pass costs) and forward +
+The numbers come from ``fastpo.kernels.linear_logprobs_cost``, the same model the op's dispatcher
+uses to choose a design per call; they are predictions at data-sheet peak rates, not measurements.
+Rows per shape and GPU: each design's forward (what a no-grad reference pass costs) and forward +
 backward, and the dispatcher's pick (``auto``: a design per phase). "% peak" divides the executed
 matmul FLOPs by the time; "model %" divides the FLOPs of a step that keeps its logits (2·N·V·H
 forward, 6·N·V·H forward + backward) — the TFLOP/s measure of ``benchmarks.linear_logprobs``.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastpo.kernels import linear_cost as lc
+from fastpo.kernels import linear_logprobs_cost as lc
 
 ANCHORS = (
     ("Llama-3-8B head × 32k", lc.Shape(32768, 4096, 128256)),
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args(argv)
-    print(f"Predicted by the roofline of fastpo.kernels.linear_cost (atomics at "
+    print(f"Predicted by the roofline of fastpo.kernels.linear_logprobs_cost (atomics at "
           f"{lc.ATOMIC_EFFICIENCY:g}× HBM bandwidth, {lc.LAUNCH_S * 1e6:g} µs per launch, "
           f"gemm working budget {lc.GEMM_BUDGET_BYTES / 2**30:g} GiB); unmeasured.\n")
     print(table())

@@ -19,7 +19,8 @@ with ``KTOTrainer`` twice from the same seed: as TRL ships it, and through
 ``fastpo.engine.integrations.patch_trainer`` with TRL's chunked log-prob function made to fail
 (so every log-prob of the patched run is fastpo's). "ok" means every value TRL logged at every
 step (loss, rewards, logps, grad_norm, ...) agrees within rel 2e-4 / abs 2e-5, as in
-``tests/engine/test_trl_integration.py``, and both policy and reference went through fastpo.
+``tests/engine/integrations/test_trl_integration.py``, and both policy and reference went
+through fastpo.
 For a release below ``MIN_TRL_VERSION`` the worker checks that ``patch_trainer`` refuses it with
 the message naming the minimum. Prints a Markdown table (and notes) at the end.
 """
@@ -208,7 +209,7 @@ def _worker(steps: int, expect: str) -> dict:
     import trl
     from packaging.version import Version
 
-    from fastpo.engine.assets import default_tokenizer_dir, tiny_llama_config
+    from fastpo.engine.data.assets import default_tokenizer_dir, tiny_llama_config
     from fastpo.engine.integrations import trl as fastpo_trl
     from fastpo.engine.integrations.trl_compat import MIN_TRL_VERSION
 

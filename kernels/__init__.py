@@ -4,6 +4,7 @@
     sequence_logps(logits, labels)     the same reduced per sequence (sum or mean) + token counts
     linear_token_logps(hidden, weight, labels)     the same from hidden states and the lm_head
     linear_sequence_logps(hidden, weight, labels)  weight, logits never materialized whole
+    segment_sum(values, sequence_ids, n)           per-sequence sums of per-token values
     backend_info()                     which implementation each device uses
 """
 
@@ -18,7 +19,13 @@ if __name__ != "fastpo.kernels":
     _sys.modules[__name__] = _importlib.import_module("fastpo.kernels")
 else:
     from .linear_logprobs import linear_sequence_logps, linear_token_logps
-    from .logprobs import SequenceLogps, reduce_sequences, sequence_logps, token_logps
+    from .logprobs import (
+        SequenceLogps,
+        reduce_sequences,
+        segment_sum,
+        sequence_logps,
+        token_logps,
+    )
     from .ops import backend_info, set_cpu_backend, use_cpu_backend
 
 __all__ = [
@@ -27,6 +34,7 @@ __all__ = [
     "linear_sequence_logps",
     "linear_token_logps",
     "reduce_sequences",
+    "segment_sum",
     "sequence_logps",
     "set_cpu_backend",
     "token_logps",

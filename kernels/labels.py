@@ -23,9 +23,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import LABEL_DTYPES, check_ignore_index
+from .checks import (
+    check_ignore_index,
+    check_label_dtype,
+    check_reduction,
+    check_sequence_ids_layout,
+    check_tensors,
+)
 
-SEQUENCE_REDUCTIONS = ("sum", "mean")
 TOKEN_REDUCTIONS = ("none",)
 
 
@@ -52,10 +57,8 @@ def shift_labels(labels: Tensor, ignore_index: int = -100, *,
     device. ``sequence_ids`` (packed input, same shape): positions whose next token is in another
     sequence, or that are in no sequence (``-1``), get ``ignore_index``.
     """
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
-    if labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+    check_tensors(labels=labels)
+    check_label_dtype(labels)
     if labels.dim() == 0:
         raise ValueError("labels must have at least one dimension to be shifted, got a scalar")
     check_ignore_index(ignore_index)
@@ -65,17 +68,7 @@ def shift_labels(labels: Tensor, ignore_index: int = -100, *,
     shifted = torch.cat([labels[..., 1:], fill], dim=-1)
     if sequence_ids is None:
         return shifted
-    if not isinstance(sequence_ids, Tensor):
-        raise TypeError(f"sequence_ids must be a tensor, got {type(sequence_ids).__name__}")
-    if tuple(sequence_ids.shape) != tuple(labels.shape):
-        raise ValueError(f"sequence_ids shape {tuple(sequence_ids.shape)} does not match labels "
-                         f"shape {tuple(labels.shape)}")
-    if sequence_ids.device != labels.device:
-        raise ValueError(f"sequence_ids are on {sequence_ids.device} but labels are on "
-                         f"{labels.device}")
-    if sequence_ids.dtype.is_floating_point or sequence_ids.dtype.is_complex \
-            or sequence_ids.dtype == torch.bool:
-        raise TypeError(f"sequence_ids must be an integer tensor, got {sequence_ids.dtype}")
+    check_sequence_ids_layout(sequence_ids, labels)
     current, following = sequence_ids[..., :-1], sequence_ids[..., 1:]
     same = torch.cat([(current == following) & (current >= 0),
                       torch.zeros_like(fill, dtype=torch.bool)], dim=-1)
@@ -89,10 +82,8 @@ def prepare_labels(labels: Tensor, ignore_index: int, *, shift: bool, reduction:
     check_shift(shift)
     if per_token:
         check_token_reduction(reduction)
-    elif not isinstance(reduction, str) or reduction not in SEQUENCE_REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of "
-                         f"{SEQUENCE_REDUCTIONS} (per-token values: token_logps / "
-                         "linear_token_logps)")
+    else:
+        check_reduction(reduction)
     if not shift:
         return labels
     return shift_labels(labels, ignore_index, sequence_ids=sequence_ids)

@@ -12,27 +12,27 @@ its tile (the soft-cap's derivative 1 − tanh²(a/c) chained in its backward).
 This is the from-logits op of ``logprobs.py`` fused with the lm_head matmul, so that the
 ``[N, V]`` logits of a large vocabulary (32k tokens × 128k × 4 bytes = 16 GB) never exist. This
 module holds the public API, the autograd wiring and the choice of a design; the designs live in
-``linear_logprobs_triton.py`` (tile), ``linear_gemm.py`` (gemm) and ``linear_chunked.py`` (the
-CPU path).
+``linear_logprobs_triton.py`` (tile), ``linear_logprobs_gemm.py`` (gemm) and
+``linear_logprobs_chunked.py`` (the CPU path).
 
 Designs. Where the Triton backend runs (CUDA tensors; CPU tensors under
 ``use_cpu_backend("triton")`` and Triton's interpreter, how the GPU code is tested without a GPU)
-two designs exist, chosen per call and per phase by the roofline model of ``linear_cost.py``
-(``design="auto"``) or forced with ``design="tile"`` / ``"gemm"``:
+two designs exist, chosen per call and per phase by the roofline model of
+``linear_logprobs_cost.py`` (``design="auto"``) or forced with ``design="tile"`` / ``"gemm"``:
 
     tile   the fused Triton kernels of ``linear_logprobs_triton.py``: a forward that never writes
            a logit (the model's pick for the forward: no-grad reference passes, small N) and a
            backward that adds tile shares with fp32 atomics (atomic-bound at large N); ignored
            tokens are dropped on the device (a sort and a count, no host synchronization);
-    gemm   ``linear_gemm.py``: cuBLAS GEMMs on token chunks × vocab slices from a memory budget
-           (1 GiB beyond the returned gradients at the Llama-3-8B head × 32k tokens), a Triton
-           row kernel for the log-sum-exp and the softmax gradient, grad_h / grad_W as GEMMs with
-           fp32 accumulation; the model's pick for the backward at every anchor shape.
+    gemm   ``linear_logprobs_gemm.py``: cuBLAS GEMMs on token chunks × vocab slices from a memory
+           budget (1 GiB beyond the returned gradients at the Llama-3-8B head × 32k tokens), a
+           Triton row kernel for the log-sum-exp and the softmax gradient, grad_h / grad_W as GEMMs
+           with fp32 accumulation; the model's pick for the backward at every anchor shape.
 
 ``deterministic=True`` rules out atomics: the backward takes the gemm design (``"tile"`` with it is
 an error); the forward of both designs has none. Other CPU tensors (and float64 anywhere) run the
-chunked path of ``linear_chunked.py`` unless ``design="gemm"`` asks for the GEMM design (its row
-passes then in PyTorch); ``"tile"`` needs the Triton backend.
+chunked path of ``linear_logprobs_chunked.py`` unless ``design="gemm"`` asks for the GEMM design
+(its row passes then in PyTorch); ``"tile"`` needs the Triton backend.
 
 Scored tokens and the ``num_scored`` hint. No op call waits for the device (no host
 synchronization). The GEMM loops are sized on the host, and the number of scored tokens is a
@@ -51,33 +51,30 @@ path gathers the scored rows with ``nonzero`` (free on a CPU) and needs no hint.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from . import checks
 from . import ops as _ops
+from .dtypes import accumulation_dtype
 from .labels import prepare_labels
-from .linear_chunked import (
+from .linear_logprobs_chunked import (
     MAX_CHUNK_TOKENS,
     TILE_BYTES,
-    acc_dtype,
     choose_chunks,
     chunked_linear_logps_backward,
     chunked_linear_logps_forward,
 )
-from .linear_cost import Shape, choose_design, device_spec
-from .linear_gemm import gemm_linear_logps_backward, gemm_linear_logps_forward
+from .linear_logprobs_cost import Shape, choose_design, device_spec
+from .linear_logprobs_gemm import gemm_linear_logps_backward, gemm_linear_logps_forward
 from .logprobs import SequenceLogps, reduce_sequences, sequence_totals
 
-__all__ = ["MAX_CHUNK_TOKENS", "TILE_BYTES", "choose_chunks", "linear_sequence_logps",
-           "linear_token_logps"]
-DESIGNS = ("auto", "gemm", "tile")
+__all__ = ["MAX_CHUNK_TOKENS", "TILE_BYTES", "choose_chunks", "linear_logits_sum",
+           "linear_sequence_logps", "linear_token_logps"]
 
 
 def _use_triton(hidden: Tensor, weight: Tensor) -> bool:
-    if acc_dtype(hidden, weight) == torch.float64:
+    if accumulation_dtype(hidden, weight) == torch.float64:
         return False
     return _ops.resolve_backend(hidden.device) == "triton"
 
@@ -103,29 +100,13 @@ def _design(phase: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, des
     return choose_design(phase, shape, device_spec(name), deterministic=deterministic)
 
 
-def _check_num_scored(labels: Tensor, ignore_index: int, num_scored: int) -> None:
-    """The device count of scored labels equals the caller's hint, without a host
-    synchronization (``torch._assert_async``; immediate on CPU, as a ``ValueError``)."""
-    if num_scored < 0:
-        return
-    count = (labels != ignore_index).sum()
-
-    def describe() -> str:  # CPU only: the count is in host memory
-        return (f"num_scored={num_scored} does not match the labels: {int(count)} of "
-                f"{labels.numel()} labels are scored (not ignore_index={ignore_index})")
-
-    checks._assert_none(count != num_scored,
-                        f"fastpo: num_scored={num_scored} does not match the number of labels "
-                        f"that are not ignore_index={ignore_index}", describe)
-
-
 def _gemm_rows(labels: Tensor, ignore_index: int, num_scored: int) -> Tensor | None:
     """Rows for the gemm design: None (every row, the default) or, with the host-known count
     ``num_scored`` >= 0, the scored rows compacted on the device by ``nonzero_static`` (its output
     size is the host's: no synchronization) after the device-side check of the count."""
     if num_scored < 0:
         return None
-    _check_num_scored(labels, ignore_index, num_scored)
+    checks.check_num_scored(labels, ignore_index, num_scored)
     return torch.nonzero_static(labels != ignore_index, size=num_scored,
                                 fill_value=0).squeeze(1)
 
@@ -165,8 +146,9 @@ def linear_logps_forward(
             triton_rows=_use_triton(hidden, weight), chunk_tokens=chunk_tokens,
             chunk_vocab=chunk_vocab, **transform)
     else:
-        _check_num_scored(flat, ignore_index, num_scored)  # whatever the design: a wrong hint
-        if chosen == "tile":                               # is refused at the first call
+        # whatever the design, a wrong hint is refused at the first call
+        checks.check_num_scored(flat, ignore_index, num_scored)
+        if chosen == "tile":
             from .linear_logprobs_triton import triton_linear_logps_forward
 
             logps, lse = triton_linear_logps_forward(hidden, weight, bias, flat, ignore_index,
@@ -181,7 +163,7 @@ def linear_logps_forward(
 @linear_logps_forward.register_fake
 def _(hidden, weight, bias, labels, ignore_index, temperature, chunk_tokens=0, chunk_vocab=0,
       design="auto", deterministic=False, num_scored=-1, logit_scale=1.0, softcap=0.0):
-    dtype = acc_dtype(hidden, weight, bias)
+    dtype = accumulation_dtype(hidden, weight, bias)
     return (hidden.new_empty(labels.shape, dtype=dtype),
             hidden.new_empty(labels.shape, dtype=dtype))
 
@@ -280,73 +262,17 @@ linear_logps_forward.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------- public API
 
 
-def _check_transform(logit_scale: float, softcap: float | None) -> None:
-    """``logit_scale`` a finite number > 0; ``softcap`` None or a finite number > 0."""
-    for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
-        if value is None and name == "softcap":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a float{' or None' if name == 'softcap' else ''}, "
-                            f"got {type(value).__name__}")
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be finite and > 0, got {value!r}"
-                             + (" (None: no soft-cap)" if name == "softcap" else ""))
-
-
 def _check(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
            ignore_index: int, temperature: float, chunk_tokens: int, chunk_vocab: int,
-           design: str = "auto", deterministic: bool = False,
-           num_scored: int | None = None, logit_scale: float = 1.0,
-           softcap: float | None = None) -> None:
-    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, Tensor):
-        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
-    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in checks.FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must have shape [N, H] or [B, T, H], got {tuple(hidden.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden shape "
-                         f"{tuple(hidden.shape)}: expected weight of shape [V, {hidden.shape[-1]}]"
-                         " (a ZeRO-3 partitioned weight must be gathered first: "
-                         "fastpo.kernels.zero3.gathered_lm_head)")
-    if weight.shape[0] == 0:
-        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden shape "
-                         f"{tuple(hidden.shape)}: expected labels of shape "
-                         f"{tuple(hidden.shape[:-1])}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias shape {tuple(bias.shape)} does not match weight shape "
-                         f"{tuple(weight.shape)}: expected ({weight.shape[0]},)")
-    for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+           design: str, deterministic: bool, num_scored: int | None, logit_scale: float,
+           softcap: float | None) -> None:
+    checks.check_linear_inputs(hidden, weight, labels, bias)
     checks.check_temperature(temperature)
-    _check_transform(logit_scale, softcap)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    for name, value in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0 (0 = automatic), got {value!r}")
-    if design not in DESIGNS:
-        raise ValueError(f"unknown design {design!r}; expected one of {DESIGNS}")
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    if design == "tile" and deterministic:
-        raise ValueError("design='tile' adds gradient shares with atomics and cannot be "
-                         "deterministic; use design='gemm' or 'auto' with deterministic=True")
-    if num_scored is not None and (not isinstance(num_scored, int) or isinstance(num_scored, bool)
-                                   or not 0 <= num_scored <= labels.numel()):
-        raise ValueError(f"num_scored must be None or an int in [0, {labels.numel()}] (the "
-                         f"number of labels that are not ignore_index), got {num_scored!r}")
+    checks.check_ignore_index(ignore_index)
+    checks.check_linear_options(logit_scale=logit_scale, softcap=softcap,
+                                chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab,
+                                design=design, deterministic=deterministic,
+                                num_scored=num_scored, num_labels=labels.numel())
     if design == "tile" and not _use_triton(hidden, weight):
         raise ValueError("design='tile' needs the Triton backend (CUDA tensors, or CPU tensors "
                          "under use_cpu_backend('triton')) and no float64 input; got "
@@ -449,7 +375,6 @@ def linear_sequence_logps(
     """
     labels = prepare_labels(labels, ignore_index, shift=shift, reduction=reduction,
                             per_token=False, sequence_ids=sequence_ids)
-    checks.check_reduction(reduction)
     per_token = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                    temperature=temperature, chunk_tokens=chunk_tokens,
                                    chunk_vocab=chunk_vocab, design=design,
@@ -460,14 +385,52 @@ def linear_sequence_logps(
                                      sequence_ids=sequence_ids, num_sequences=num_sequences)
     logits_sum = None
     if with_logits_sum:
-        with torch.no_grad():
-            acc = per_token.dtype
-            column_sum = weight.sum(dim=0, dtype=acc)
-            row_sums = hidden.to(acc) @ column_sum
-            if bias is not None:
-                row_sums = row_sums + bias.sum(dtype=acc)
-            row_sums = torch.where(scored, row_sums, torch.zeros((), dtype=acc,
-                                                                 device=row_sums.device))
-            logits_sum, _ = reduce_sequences(row_sums, scored, sequence_ids=sequence_ids,
-                                             num_sequences=num_sequences)
+        row_sums = linear_logits_sum(hidden, weight, bias)
+        row_sums = torch.where(scored, row_sums, torch.zeros_like(row_sums))
+        logits_sum, _ = reduce_sequences(row_sums, scored, sequence_ids=sequence_ids,
+                                         num_sequences=num_sequences)
     return SequenceLogps(totals, counts, logits_sum)
+
+
+def linear_logits_sum(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_tokens: int = 1024,
+) -> Tensor:
+    """Per row of ``hidden`` (``[N, H]`` or ``[B, T, H]`` → ``[N]`` or ``[B, T]``), the sum over
+    the vocabulary of the head's logits ``z = (h Wᵀ + b)·s``, soft-capped ``c·tanh(z / c)`` with
+    ``softcap=c``; no gradient (a metric: TRL's ``logits/*``).
+
+    Without a soft-cap in closed form, ``(h · Σ_v W_v + Σ_v b_v)·s``: a mat-vec, no logits. With
+    one (no closed form under tanh) the logits are built ``chunk_tokens`` rows at a time, in the
+    inputs' dtype as the model computes them, and summed in the accumulation dtype. Returns
+    float32 (float64 when an input is float64).
+    """
+    checks.check_linear_head(hidden, weight, bias)
+    checks.check_logit_transform(logit_scale, softcap)
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
+    acc = accumulation_dtype(hidden, weight, bias)
+    with torch.no_grad():
+        if softcap is None:
+            sums = hidden.to(acc) @ weight.sum(dim=0, dtype=acc)
+            if bias is not None:
+                sums = sums + bias.sum(dtype=acc)
+            return sums * logit_scale if logit_scale != 1.0 else sums
+        op = torch.promote_types(hidden.dtype, weight.dtype)
+        if bias is not None:
+            op = torch.promote_types(op, bias.dtype)
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        w, b = weight.to(op), None if bias is None else bias.to(op)
+        parts = []
+        for part in rows.split(chunk_tokens):
+            z = torch.nn.functional.linear(part.to(op), w, b).to(acc)
+            if logit_scale != 1.0:
+                z = z * logit_scale
+            parts.append((torch.tanh(z / softcap) * softcap).sum(-1))
+        sums = torch.cat(parts) if parts else rows.new_zeros(0, dtype=acc)
+        return sums.view(hidden.shape[:-1])

@@ -221,7 +221,7 @@ def _interpreting(device: torch.device) -> bool:
 #   at BLOCK_H 64). The 128×128 tile is kept because the atomic traffic grows as its inverse.
 # - sm_90 half: 128×128 tiles on wgmma; BLOCK_H 64 in the forward, 32 in the backward (207
 #   registers instead of 254 at the cap, and 99 KB of shared memory instead of 165 KB).
-# The tile shapes on sm_90 are those of the cost model (``linear_cost.TILE_BLOCK_N/V``).
+# The tile shapes on sm_90 are those of the cost model (``linear_logprobs_cost.TILE_BLOCK_N/V``).
 _CONFIGS: dict[tuple[str, str, int], tuple[int, int, int, int, int]] = {
     ("forward", "fp32", 80): (64, 64, 16, 8, 2),
     ("forward", "fp32", 90): (64, 64, 16, 8, 2),

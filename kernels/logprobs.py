@@ -10,7 +10,7 @@ unshifted ``labels`` instead, shifted here without touching the logits (``labels
 ``shift`` / ``ignore_index`` / ``reduction`` conventions of all four ops are written down).
 The full-vocabulary log-softmax is never materialized: the forward streams each row once and
 keeps only its log-sum-exp, and the backward writes ``grad · (onehot − softmax) / T`` from it
-(see ``triton_logprobs.py`` for the derivation).
+(see ``logprobs_triton.py`` for the derivation).
 Accumulation is fp32 for every input dtype; the outputs are float32 (float64 for float64 logits).
 """
 
@@ -87,6 +87,31 @@ def token_logps(
     return (logps, logits_sum) if with_logits_sum else logps
 
 
+def _segment_sum(values: Tensor, sequence_ids: Tensor, num_sequences: int) -> Tensor:
+    """The segment sum, ids already checked; tokens of id -1 are dropped."""
+    ids = sequence_ids.reshape(-1).long()
+    keep = ids >= 0
+    flat = values.reshape(-1)
+    ids = torch.where(keep, ids, torch.zeros_like(ids))
+    flat = torch.where(keep, flat, torch.zeros_like(flat))
+    return flat.new_zeros(num_sequences).index_add(0, ids, flat)
+
+
+def segment_sum(values: Tensor, sequence_ids: Tensor, num_sequences: int) -> Tensor:
+    """Per-sequence sums of per-token values: ``out[s] = Σ_{i : sequence_ids[i] = s} values[i]``.
+
+    ``values`` and ``sequence_ids`` (integer) have one shape; ``-1`` marks a token of no sequence
+    (dropped). Returns ``[num_sequences]`` in the dtype of ``values``, differentiable w.r.t. them.
+    An id outside ``[-1, num_sequences)`` is an error (no host synchronization on a GPU, see
+    :mod:`fastpo.kernels.checks`). The per-sequence reductions of the ops use the same sum.
+    """
+    checks.check_tensors(values=values)
+    checks.check_sequence_ids_layout(sequence_ids, values, name="values")
+    checks.check_num_sequences(num_sequences)
+    checks.check_sequence_ids(sequence_ids, num_sequences)
+    return _segment_sum(values, sequence_ids, num_sequences)
+
+
 def reduce_sequences(
     token_values: Tensor,
     scored: Tensor,
@@ -110,22 +135,12 @@ def reduce_sequences(
                              f"input has {token_values.shape[0]} rows (one sequence per row); "
                              "pass the packed sequence_ids for another layout")
         return token_values.sum(-1), scored.sum(-1)
-    if not isinstance(sequence_ids, Tensor):
-        raise TypeError(f"sequence_ids must be a tensor, got {type(sequence_ids).__name__}")
-    if tuple(sequence_ids.shape) != tuple(token_values.shape):
-        raise ValueError(f"sequence_ids shape {tuple(sequence_ids.shape)} does not match labels "
-                         f"shape {tuple(token_values.shape)}")
+    checks.check_sequence_ids_layout(sequence_ids, token_values)
     checks.check_sequence_ids(sequence_ids, num_sequences)
     if num_sequences is None:
         num_sequences = int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0
-    ids = sequence_ids.reshape(-1).long()
-    keep = ids >= 0
-    ids = torch.where(keep, ids, torch.zeros_like(ids))
-    values = torch.where(keep, token_values.reshape(-1), torch.zeros_like(token_values.reshape(-1)))
-    counts = (scored.reshape(-1) & keep).long()
-    sums = values.new_zeros(num_sequences).index_add(0, ids, values)
-    totals = counts.new_zeros(num_sequences).index_add(0, ids, counts)
-    return sums, totals
+    return (_segment_sum(token_values, sequence_ids, num_sequences),
+            _segment_sum(scored.long(), sequence_ids, num_sequences))
 
 
 def sequence_totals(
@@ -169,7 +184,6 @@ def sequence_logps(
     """
     labels = prepare_labels(labels, ignore_index, shift=shift, reduction=reduction,
                             per_token=False, sequence_ids=sequence_ids)
-    checks.check_reduction(reduction)
     out = token_logps(logits, labels, ignore_index=ignore_index, temperature=temperature,
                       inplace_backward=inplace_backward, with_logits_sum=with_logits_sum)
     per_token, per_token_sum = out if with_logits_sum else (out, None)

@@ -3,14 +3,13 @@
 Importing the extension registers ``torch.ops.fastpo_native.logps_forward`` / ``logps_backward``
 (the CPU implementation of the token-logprob op, see ``csrc/logprobs.cpp``). This module never
 raises on import: when the extension is missing or does not load (no compiler at install time, a
-torch it was not built against), ``AVAILABLE`` is False, ``UNAVAILABLE_REASON`` says why, and
-:func:`warn_unavailable` emits one warning the first time a caller needs the kernel.
+torch it was not built against), ``AVAILABLE`` is False and ``UNAVAILABLE_REASON`` says why;
+the dispatcher (``ops.py``) warns once, the first time a CPU op needs the kernel.
 """
 
 from __future__ import annotations
 
 import importlib
-import warnings
 from types import ModuleType
 
 import torch
@@ -32,21 +31,6 @@ def _try_load() -> tuple[ModuleType | None, str | None]:
 
 _module, UNAVAILABLE_REASON = _try_load()
 AVAILABLE: bool = _module is not None
-_warned = [False]
-
-
-def load() -> ModuleType | None:
-    """The loaded extension module, or None when it is unavailable."""
-    return _module
-
-
-def warn_unavailable() -> None:
-    """One warning line, the first time only, when the native kernel cannot be used."""
-    if AVAILABLE or _warned[0]:
-        return
-    _warned[0] = True
-    warnings.warn(f"fastpo: native CPU kernel unavailable ({UNAVAILABLE_REASON}); the CPU path "
-                  "uses the chunked PyTorch implementation", RuntimeWarning, stacklevel=2)
 
 
 def cpu_capability() -> str | None:

@@ -31,7 +31,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from . import checks, reference
+from . import checks, logprobs_torch
+from .dtypes import accumulation_dtype
 
 CPU_BACKENDS = ("auto", "native", "torch", "triton")
 _state = {"cpu_backend": os.environ.get("FASTPO_CPU_BACKEND", "auto"), "warned": False}
@@ -139,10 +140,6 @@ def overlaps_itself(t: Tensor) -> bool:
     return False
 
 
-def _float_dtype(logits: Tensor) -> torch.dtype:
-    return reference.accumulation_dtype(logits.dtype)
-
-
 # --------------------------------------------------------------------------- forward
 
 
@@ -160,7 +157,7 @@ def logps_forward(
     logits = _unit_vocab_stride(logits)
     backend = resolve_backend(logits.device)
     if backend == "triton":
-        from .triton_logprobs import triton_logps_forward
+        from .logprobs_triton import triton_logps_forward
 
         return triton_logps_forward(logits, labels, ignore_index, temperature, with_logits_sum)
     flat_labels = labels.reshape(-1).to(torch.int64)
@@ -172,8 +169,8 @@ def logps_forward(
             outs.append(torch.ops.fastpo_native.logps_forward(view, lab, ignore_index,
                                                               float(temperature), with_logits_sum))
         else:
-            outs.append(reference.chunked_logps_forward(view, lab, ignore_index, temperature,
-                                                        with_logits_sum))
+            outs.append(logprobs_torch.chunked_logps_forward(view, lab, ignore_index,
+                                                             temperature, with_logits_sum))
     logps, lse, logits_sum = (torch.cat(parts) for parts in zip(*outs))
     sum_shape = labels.shape if with_logits_sum else (0,)
     return logps.view(labels.shape), lse.view(labels.shape), logits_sum.view(sum_shape)
@@ -181,7 +178,7 @@ def logps_forward(
 
 @logps_forward.register_fake
 def _(logits, labels, ignore_index, temperature, with_logits_sum, inplace_backward=False):
-    dtype = _float_dtype(logits)
+    dtype = accumulation_dtype(logits)
     sum_shape = labels.shape if with_logits_sum else (0,)
     per_row = labels.shape
     return (logits.new_empty(per_row, dtype=dtype), logits.new_empty(per_row, dtype=dtype),
@@ -196,7 +193,7 @@ def _backward_into(grad_logps, logits, labels, lse, ignore_index, temperature, o
     itself (the in-place backward; logits then must not overlap themselves)."""
     backend = resolve_backend(logits.device)
     if backend == "triton":
-        from .triton_logprobs import triton_logps_backward
+        from .logprobs_triton import triton_logps_backward
 
         return triton_logps_backward(grad_logps, logits, labels, lse, ignore_index,
                                      temperature, out)
@@ -214,8 +211,8 @@ def _backward_into(grad_logps, logits, labels, lse, ignore_index, temperature, o
             torch.ops.fastpo_native.logps_backward(
                 g.float(), out_view, lab, row_lse.float(), ignore_index, float(temperature), True)
         else:
-            reference.chunked_logps_backward(g, view, lab, row_lse, ignore_index, temperature,
-                                             out_view)
+            logprobs_torch.chunked_logps_backward(g, view, lab, row_lse, ignore_index,
+                                                  temperature, out_view)
     return out
 
 

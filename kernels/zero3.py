@@ -46,13 +46,33 @@ from torch import Tensor, nn
 
 
 def is_zero3_parameter(param: Tensor | None) -> bool:
-    """True for a parameter managed (partitioned) by DeepSpeed ZeRO-3."""
+    """True for a parameter managed (partitioned) by DeepSpeed ZeRO-3: the one test of it."""
     return param is not None and hasattr(param, "ds_id")
+
+
+def full_shape(param: Tensor) -> tuple[int, ...]:
+    """The whole shape of a parameter, also of a ZeRO-3 partitioned one (whose local data is an
+    empty shard: its whole shape is ``ds_shape``)."""
+    shape = getattr(param, "ds_shape", None) if is_zero3_parameter(param) else None
+    return tuple(shape) if shape is not None else tuple(param.shape)
+
+
+def find_lm_head(model: nn.Module) -> nn.Module:
+    """The output head of a causal LM, ``model.get_output_embeddings()``; ``TypeError`` naming the
+    model when it has none (a decoder body, say)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"{type(model).__name__} has no output embeddings "
+                        "(get_output_embeddings()); pass the causal LM with its lm_head, not its "
+                        "decoder body")
+    return head
 
 
 def resolve_lm_head(model_or_module: nn.Module | Tensor) -> tuple[Tensor, Tensor | None]:
     """(weight, bias) of an lm_head: a model with ``get_output_embeddings()``, a module with a
-    ``weight`` (``nn.Linear``, ``nn.Embedding``), or a weight tensor itself."""
+    ``weight`` (``nn.Linear``, ``nn.Embedding``), or a weight tensor itself. The weight is 2-D
+    ``[V, H]`` (a ZeRO-3 partitioned one by its :func:`full_shape`)."""
     if isinstance(model_or_module, Tensor):
         return model_or_module, None
     if not isinstance(model_or_module, nn.Module):
@@ -65,9 +85,10 @@ def resolve_lm_head(model_or_module: nn.Module | Tensor) -> tuple[Tensor, Tensor
         if found is not None:
             head = found
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, Tensor):
+    if not isinstance(weight, Tensor) or len(full_shape(weight)) != 2:
         raise TypeError(f"{type(model_or_module).__name__} has no output embeddings with a weight "
-                        "(get_output_embeddings() returned nothing usable and it has no .weight)")
+                        "[V, H] (get_output_embeddings() returned nothing usable and it has no "
+                        "2-D .weight); pass the causal LM with its lm_head, not its decoder body")
     bias = getattr(head, "bias", None)
     return weight, bias if isinstance(bias, Tensor) else None
 

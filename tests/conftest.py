@@ -23,7 +23,7 @@ def tokenizer():
     """SmolLM2-135M-Instruct's tokenizer (vocab 49152, chat template, EOS = pad = <|im_end|>)."""
     from transformers import AutoTokenizer
 
-    from fastpo.engine.assets import default_tokenizer_dir
+    from fastpo.engine.data.assets import default_tokenizer_dir
 
     return AutoTokenizer.from_pretrained(str(default_tokenizer_dir()))
 
@@ -35,7 +35,7 @@ def tiny_config(tokenizer):
     ``initializer_range=0.1`` (not 0.02) so that the random model's predictions depend visibly on
     the context: a test that compares logps then notices attention leaking across sequences.
     """
-    from fastpo.engine.assets import tiny_llama_config
+    from fastpo.engine.data.assets import tiny_llama_config
 
     return tiny_llama_config(len(tokenizer), initializer_range=0.1,
                              pad_token_id=tokenizer.pad_token_id,
@@ -56,7 +56,7 @@ def tiny_model(tiny_config):
 @pytest.fixture(scope="session")
 def demo_pairs_path():
     """The 300 real sharegpt-style pairs of the llamafactory demo set (fetched once, cached)."""
-    from fastpo.engine.assets import demo_preference_data
+    from fastpo.engine.data.assets import demo_preference_data
 
     return demo_preference_data()
 

@@ -24,7 +24,7 @@ def save_tiny_llama(path: Path, tokenizer, **config: object) -> Path:
     ``config`` overrides ``tiny_llama_config`` settings (e.g. ``tie_word_embeddings=True``)."""
     from transformers import LlamaForCausalLM
 
-    from fastpo.engine.assets import tiny_llama_config
+    from fastpo.engine.data.assets import tiny_llama_config
 
     config = tiny_llama_config(len(tokenizer), initializer_range=0.1,
                                pad_token_id=tokenizer.pad_token_id,
@@ -54,8 +54,8 @@ def job(tiny_dir, pairs_file, out, **sections) -> dict:
 
 def run(data: dict, **kw):
     """Train the job dict (validated like a config file)."""
-    from fastpo.engine.config_loading import config_from_dict
     from fastpo.engine.train import train
+    from fastpo.engine.train.config_loading import config_from_dict
 
     return train(config_from_dict(data), **kw)
 

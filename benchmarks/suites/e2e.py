@@ -185,11 +185,11 @@ def _trl_workload(spec: CaseSpec, *, patched: bool) -> Workload:
 
 
 def _fastpo_workload(spec: CaseSpec, *, layout: str) -> Workload:
-    from fastpo.engine.batch import collate_pairs
-    from fastpo.engine.data import TokenizedPair
-    from fastpo.engine.forward import forward_logps, split_pairs
+    from fastpo.engine.data.batch import collate_pairs
+    from fastpo.engine.data.dataset import TokenizedPair
     from fastpo.engine.losses import preference_loss
-    from fastpo.engine.reference import FrozenReference
+    from fastpo.engine.model.forward import forward_logps, split_pairs
+    from fastpo.engine.model.reference import FrozenReference
 
     params, device = spec.params, spec.device
     policy, ref_model = make_models(params, device)

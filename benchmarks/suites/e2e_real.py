@@ -1,13 +1,13 @@
 """Real-data suite (``--suite e2e-real``): TRL's DPOTrainer against fastpo-train in each layout.
 
-The job, the same for every row: SmolLM2-135M-Instruct (the embedded weights, ``engine/assets``)
-with LoRA (r 16, α 32, every linear layer of the blocks), sigmoid DPO (β 0.1), AdamW (lr 3e-4),
-4 pairs per step, fp32 on CPU (bf16 on CUDA), on the real ``dpo_en_demo`` pairs whose prompt +
-completion fit 512 tokens (the others are dropped, nothing is truncated). Each row runs in its own
-process (the harness), takes ``steps`` optimizer steps per timed call over the first ``steps``
-micro-batches of the epoch's seeded shuffle (the same pairs in the same order for every row,
-reset at each call), after one warm-up call; tokens/s counts prompt + completion tokens of every
-sequence (a shared prompt counts twice, as in a concatenated batch) over the timed calls.
+The job, the same for every row: SmolLM2-135M-Instruct (the embedded weights,
+``engine/data/assets``) with LoRA (r 16, α 32, every linear layer of the blocks), sigmoid DPO (β
+0.1), AdamW (lr 3e-4), 4 pairs per step, fp32 on CPU (bf16 on CUDA), on the real ``dpo_en_demo``
+pairs whose prompt + completion fit 512 tokens (the others are dropped, nothing is truncated). Each
+row runs in its own process (the harness), takes ``steps`` optimizer steps per timed call over the
+first ``steps`` micro-batches of the epoch's seeded shuffle (the same pairs in the same order for
+every row, reset at each call), after one warm-up call; tokens/s counts prompt + completion tokens
+of every sequence (a shared prompt counts twice, as in a concatenated batch) over the timed calls.
 
     trl                    TRL's ``DPOTrainer.compute_loss`` + backward + AdamW, as shipped (its
                            reference = the adapter disabled), no gradient checkpointing
@@ -65,7 +65,7 @@ def cases(device: str, size: str) -> list[CaseSpec]:
 def job_config(layout: str, params: dict[str, Any], device: str, out_dir: str,
                group_by_length: bool = False):
     """The fastpo-train config of the job (the default job at 512 tokens, no truncation)."""
-    from fastpo.engine.config_loading import load_config
+    from fastpo.engine.train.config_loading import load_config
 
     overrides = [
         ("data.max_length", params["max_length"]), ("data.max_prompt_length",
@@ -123,7 +123,7 @@ def _fastpo_workload(spec: CaseSpec, layout: str, group_by_length: bool = False)
 
 def _profile_workload(spec: CaseSpec) -> Workload:
     """One ``auto`` step with each stage timed (the device synchronised between stages)."""
-    from fastpo.engine import forward as fwd
+    from fastpo.engine.model import forward as fwd
 
     trainer = _fastpo_trainer(spec, "auto")
     indices = trainer._batches(0)[0]
@@ -195,10 +195,10 @@ def _trl_workload(spec: CaseSpec) -> Workload:
     from transformers import AutoModelForCausalLM
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from fastpo.engine.assets import default_model_dir
-    from fastpo.engine.batch import plan_batches
-    from fastpo.engine.model_io import load_tokenizer, model_path
-    from fastpo.engine.reference_setup import load_datasets
+    from fastpo.engine.data.assets import default_model_dir
+    from fastpo.engine.data.batch import plan_batches
+    from fastpo.engine.train.job import load_datasets
+    from fastpo.engine.train.model_loading import load_tokenizer, model_path
 
     params, device = spec.params, spec.device
     cfg = job_config("padded", params, device, tempfile.mkdtemp(prefix="fastpo-bench-trl-"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks import linear_logprobs
-from benchmarks.harness import CaseSpec, SkipCase, Workload
+from benchmarks.harness import CaseSpec, SkipCase, Workload, masked_labels
 from benchmarks.suites import kernels
 
 CUDA_ONLY = {**kernels.CUDA_ONLY, "quack": "quack's kernels need a CUDA device",
@@ -47,7 +47,7 @@ def _build_logits(spec: CaseSpec) -> Workload:
     logits = torch.empty(p["B"], p["T"], p["V"], dtype=kernels.DTYPES[p["dtype"]], device=device)
     for b in range(p["B"]):  # on the device, a row at a time: no fp32 copy of the whole tensor
         logits[b] = torch.randn(p["T"], p["V"], generator=gen, device=device) * 2.0
-    labels = kernels.make_labels(p["B"], p["T"], p["V"], device=device)
+    labels = kernels.quarter_prompt_labels(p["B"], p["T"], p["V"], device=device)
     fn = _logits_fn(spec.impl, labels)
     nbytes = logits.numel() * logits.element_size()
     tokens = p["B"] * p["T"]
@@ -80,7 +80,8 @@ def _build_linear_forward(spec: CaseSpec, cfg: dict) -> Workload:
     hidden = torch.randn(cfg["batch"], cfg["seq"], cfg["hidden"], generator=gen).to(device, dtype)
     weight = (torch.randn(cfg["vocab"], cfg["hidden"], generator=gen)
               * cfg["hidden"] ** -0.5).to(device, dtype)
-    labels = linear_logprobs.make_labels(cfg["batch"], cfg["seq"], cfg["vocab"], 0.0).to(device)
+    labels = masked_labels(cfg["batch"], cfg["seq"], cfg["vocab"], prompt=0,
+                           pad=0).to(device)  # every token scored
     if impl == "naive":
         def fn() -> torch.Tensor:
             logp = (hidden @ weight.t()).float().log_softmax(-1)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import CaseSpec, SkipCase, Workload
+from benchmarks.harness import CaseSpec, SkipCase, Workload, masked_labels
 
 BETA = 0.1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,17 +109,11 @@ def cases(device: str, size: str) -> list[CaseSpec]:
 # --------------------------------------------------------------------------- inputs
 
 
-def make_labels(batch: int, seq: int, vocab: int, *, device: str, seed: int = 0) -> torch.Tensor:
+def quarter_prompt_labels(batch: int, seq: int, vocab: int, *, device: str,
+                          seed: int = 0) -> torch.Tensor:
     """Shifted labels: a prompt quarter and ~1/16 trailing padding per row are ``-100``."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
-    prompt = max(1, seq // 4)
-    labels[:, :prompt] = -100
-    for row in range(batch):
-        pad = int(torch.randint(0, max(1, seq // 16), (1,), generator=gen))
-        if pad:
-            labels[row, seq - pad:] = -100
-    return labels.to(device)
+    return masked_labels(batch, seq, vocab, prompt=max(1, seq // 4), pad=(0, max(1, seq // 16)),
+                         seed=seed).to(device)
 
 
 def _dpo_loss(seq_logps: torch.Tensor) -> torch.Tensor:
@@ -167,7 +161,7 @@ def _build_logits(spec: CaseSpec) -> Workload:
     dtype = DTYPES[p["dtype"]]
     gen = torch.Generator().manual_seed(1)
     logits = (torch.randn(p["B"], p["T"], p["V"], generator=gen) * 2.0).to(device, dtype)
-    labels = make_labels(p["B"], p["T"], p["V"], device=device)
+    labels = quarter_prompt_labels(p["B"], p["T"], p["V"], device=device)
     fn = _logits_fn(spec.impl, labels)
     n_elem = logits.numel() * logits.element_size()
     tokens = p["B"] * p["T"]
@@ -255,7 +249,7 @@ def _build_hidden(spec: CaseSpec) -> Workload:
     gen = torch.Generator().manual_seed(2)
     hidden = torch.randn(p["B"], p["T"], p["H"], generator=gen).to(device, dtype)
     weight = (torch.randn(p["V"], p["H"], generator=gen) * p["H"] ** -0.5).to(device, dtype)
-    labels = make_labels(p["B"], p["T"], p["V"], device=device)
+    labels = quarter_prompt_labels(p["B"], p["T"], p["V"], device=device)
     tokens = p["B"] * p["T"]
 
     if spec.impl == "liger_dpo":

@@ -31,9 +31,9 @@ import pytest
 import torch
 from trainer_helpers import job
 
-from fastpo.engine import cli
-from fastpo.engine.checkpoint import MANIFEST, STATE_FILE, sha256_file, validate_checkpoint
-from fastpo.engine.logging_utils import read_jsonl
+from fastpo.engine.train import cli
+from fastpo.engine.train.checkpoint import MANIFEST, STATE_FILE, sha256_file, validate_checkpoint
+from fastpo.engine.train.metrics_log import read_jsonl
 
 DS_DIR = "deepspeed"
 MODEL_STATES = f"{DS_DIR}/mp_rank_00_model_states.pt"
@@ -56,14 +56,14 @@ class Payload:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, tiny_dir, pairs_file):
     """(job dict, checkpoint root) of a 2-step ZeRO-2 LoRA job checkpointed at steps 1 and 2."""
-    from fastpo.engine.config_loading import config_from_dict
     from fastpo.engine.train import train
+    from fastpo.engine.train.config_loading import config_from_dict
 
     out = tmp_path_factory.mktemp("adversarial-job")
     data = job(tiny_dir, pairs_file, out, deepspeed={"enabled": True, "zero_stage": 2},
                model={"lora": {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}},
                checkpoint={"every_steps": 1, "keep_last": 2, "export": "none"})
-    from fastpo.engine import integrity
+    from fastpo.engine.train import integrity
 
     read_back = []
 
@@ -179,7 +179,7 @@ def test_same_size_corruption_falls_back_with_a_warning(case, capsys, caplog, re
     status, err = resume(case, case["newest"], capsys)
     assert status == 2 and reason in err
     # --resume (latest): the previous checkpoint, with a warning naming the bad file
-    with caplog.at_level(logging.WARNING, logger="fastpo.engine.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fastpo.engine.train.checkpoint"):
         status = cli.main(["--config", str(case["config"]), "--resume"])
     err = capsys.readouterr().err
     assert status == 0, err
@@ -229,33 +229,34 @@ def test_edited_reference_cache_is_refused(tiny_model, tokenizer, demo_pairs_pat
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from fastpo.engine import reference as R
-    from fastpo.engine.data import load_preference_records, tokenize_pairs
+    from fastpo.engine.data.dataset import load_preference_records, tokenize_pairs
+    from fastpo.engine.model import reference as R
+    from fastpo.engine.model import reference_cache as RC
 
     records = load_preference_records(demo_pairs_path)[:4]
     pairs = tokenize_pairs(records, tokenizer, max_length=40, max_prompt_length=20)
     path = tmp_path / "ref.safetensors"
     ref = R.FrozenReference(tiny_model)
-    key = R.reference_cache_key(tiny_model, pairs)
-    cached = R.precompute_reference_logps(ref, pairs, path, key=key,
+    key = RC.reference_cache_key(tiny_model, pairs)
+    cached = RC.precompute_reference_logps(ref, pairs, path, key=key,
                                           pad_token_id=tokenizer.pad_token_id)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    assert meta["values_sha256"] == R.values_checksum(cached.tensors)
+    assert meta["values_sha256"] == RC.values_checksum(cached.tensors)
     # one value changed, metadata (key included) kept: refused on load and on reuse
     tensors = {k: v.clone() for k, v in cached.tensors.items()}
     tensors["chosen_logps"][1] += 0.5
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ValueError, match=r"its values do not match the sha256 stored with them"):
-        R.CachedReference(path, key=key)
+        RC.CachedReference(path, key=key)
     with pytest.raises(ValueError, match=r"ref.safetensors: its values do not match"):
-        R.precompute_reference_logps(ref, pairs, path, key=key,
+        RC.precompute_reference_logps(ref, pairs, path, key=key,
                                      pad_token_id=tokenizer.pad_token_id)
     # a cache without a checksum (older fastpo) and a damaged file are refused too
     save_file(tensors, str(path), metadata={k: v for k, v in meta.items()
                                             if k != "values_sha256"})
     with pytest.raises(ValueError, match=r"has no checksum of its values"):
-        R.CachedReference(path, key=key)
+        RC.CachedReference(path, key=key)
     path.write_bytes(path.read_bytes()[:-8])  # data cut short, header intact
     with pytest.raises(ValueError, match=r"ref.safetensors: not a readable safetensors file"):
-        R.CachedReference(path, key=key)
+        RC.CachedReference(path, key=key)

@@ -15,12 +15,13 @@ import pytest
 import torch
 import yaml
 
-from fastpo.engine import cli, data
-from fastpo.engine.config import ConfigError
-from fastpo.engine.config_loading import load_config
+from fastpo.engine.data import dataset as data
+from fastpo.engine.data.formats import DataFormatError
 from fastpo.engine.errors import InputError
-from fastpo.engine.formats import DataFormatError
 from fastpo.engine.losses import kto_loss, preference_loss
+from fastpo.engine.train import cli
+from fastpo.engine.train.config import ConfigError
+from fastpo.engine.train.config_loading import load_config
 
 PAIR = {"prompt": "Q: the sky is", "chosen": " blue.", "rejected": " green."}
 
@@ -104,7 +105,7 @@ def test_traceback_on_request(monkeypatch):
 
 def test_exit_status_in_a_subprocess():
     proc = subprocess.run(
-        [sys.executable, "-m", "fastpo.engine.cli", "--print-config",
+        [sys.executable, "-m", "fastpo.engine.train.cli", "--print-config",
          "--optimization.learning_rate", ".inf"],
         capture_output=True, text=True, timeout=120,
         env={**os.environ, "FASTPO_TRACEBACK": "0"})
@@ -324,8 +325,8 @@ def test_input_errors_are_value_errors():
 @pytest.mark.parametrize("chosen_items, rejected_items", [(3, 0), (0, 2)])
 def test_kto_held_out_with_one_kind_reports_no_nan(chosen_items, rejected_items):
     """A held-out KTO split with one kind only: that side's keys are left out, never NaN."""
-    from fastpo.engine.objective import EVAL_KEYS, summarize_eval
-    from fastpo.engine.reports import eval_text
+    from fastpo.engine.train.objective import EVAL_KEYS, summarize_eval
+    from fastpo.engine.train.reports import eval_text
 
     values = dict.fromkeys(EVAL_KEYS, 0.0)
     values.update(items=chosen_items + rejected_items, loss=1.5, correct=1.0,

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastpo.kernels as K
 from fastpo.kernels import checks, native, ops
-from fastpo.kernels.reference import token_logps_reference
+from fastpo.kernels.logprobs_torch import token_logps_reference
 
 IGNORE = -100
 BACKENDS = ["native", "torch", "triton"]

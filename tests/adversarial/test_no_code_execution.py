@@ -99,7 +99,7 @@ def test_the_scan_catches_each_construct(snippet, what):
 
 
 def test_allowed_forms_pass_and_remote_code_is_off_by_default():
-    from fastpo.engine.config import ModelConfig
+    from fastpo.engine.train.config import ModelConfig
 
     allowed = ("import yaml, torch\nyaml.safe_load(t)\nmodel.eval()  # eval() is a method\n"
                "torch.load(p, weights_only=True)\n"

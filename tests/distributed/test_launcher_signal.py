@@ -24,8 +24,8 @@ import pytest
 import yaml
 from trainer_helpers import job, merge
 
-from fastpo.engine.checkpoint import LATEST, STATE_FILE, validate_checkpoint
-from fastpo.engine.logging_utils import read_jsonl
+from fastpo.engine.train.checkpoint import LATEST, STATE_FILE, validate_checkpoint
+from fastpo.engine.train.metrics_log import read_jsonl
 
 pytestmark = pytest.mark.distributed
 

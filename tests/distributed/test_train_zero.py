@@ -21,16 +21,16 @@ import pytest
 import torch
 from trainer_helpers import merge, save_tiny_llama
 
-from fastpo.engine.checkpoint import validate_checkpoint
-from fastpo.engine.config_loading import config_from_dict
 from fastpo.engine.train import Callback, train
+from fastpo.engine.train.checkpoint import validate_checkpoint
+from fastpo.engine.train.config_loading import config_from_dict
 
 pytestmark = pytest.mark.distributed
 
 SCRIPT = """
 import json, sys
 import torch
-from fastpo.engine.config_loading import config_from_dict
+from fastpo.engine.train.config_loading import config_from_dict
 from fastpo.engine.train import train
 sys.path[:0] = [sys.argv[-3], sys.argv[-3] + '/..']  # this file's folder and tests/
 from test_train_zero import FirstGradients, SignalOnRank

@@ -90,7 +90,7 @@ def test_launch_specialization_is_the_jit_s():
 
 
 def test_a_launch_that_does_not_match_the_kernel_is_named():
-    case = cr.KernelCase("fastpo.kernels.triton_logprobs", "_logps_forward_kernel", "stream",
+    case = cr.KernelCase("fastpo.kernels.logprobs_triton", "_logps_forward_kernel", "stream",
                          lambda v, a: ({"logits_ptr": cr.F32, "bogus": 3}, {}))
     with pytest.raises(ValueError, match=r"_logps_forward_kernel.*missing \['labels_ptr'.*"
                                          r"unknown \['bogus'\]"):
@@ -127,7 +127,7 @@ def test_report_table(compiled):
     rows, proc = compiled
     table = cr.markdown(list(rows.values()))
     assert table.count("\n") == len(rows) + 1
-    assert re.search(r"\| `triton_logprobs\._logps_forward_kernel` \| bf16 \| sm_90 \| \d+ \| 0 "
+    assert re.search(r"\| `logprobs_triton\._logps_forward_kernel` \| bf16 \| sm_90 \| \d+ \| 0 "
                      r"\| 0 \|", table)
     # the command's status: 0 exactly when every failing row is a known one
     unexpected = [r for r in rows.values() if r["failures"] and not cr.known_failure(r)]

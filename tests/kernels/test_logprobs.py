@@ -7,7 +7,7 @@ import torch
 
 import fastpo.kernels as K
 from fastpo.kernels import ops
-from fastpo.kernels.reference import token_logps_reference
+from fastpo.kernels.logprobs_torch import token_logps_reference
 
 BACKENDS = ["triton", "torch", "native"]
 # One unit in the last place, relative: the rounding bound of a result stored in that dtype (one

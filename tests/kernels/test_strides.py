@@ -15,7 +15,7 @@ import torch
 
 import fastpo.kernels as K
 from fastpo.kernels import ops
-from fastpo.kernels.reference import token_logps_reference
+from fastpo.kernels.logprobs_torch import token_logps_reference
 
 B, T, V = 2, 3, 37
 N = B * T

@@ -1,0 +1,402 @@
+"""Preference data: load user files, tokenize prompt and completions exactly, split train/eval.
+
+    records = load_preference_records("pairs.jsonl")          # JSON, JSONL, Parquet, datasets dir
+    data = tokenize_pairs(records, tokenizer, max_length=1024, max_prompt_length=512)
+    data.stats.log()                                          # kept / truncated / dropped, once
+    train, held_out = split_train_eval(data, 0.1, seed=0)
+
+Files are read by :mod:`fastpo.engine.data.files`, rows checked by
+:mod:`fastpo.engine.data.formats`.
+The prompt and each completion are tokenized separately and concatenated, so the completion
+tokens are exactly the tokens the loss scores: conversational prompts are rendered with the chat
+template and the generation prompt (``<|im_start|>assistant\\n``), the completion is the rest of
+the rendered conversation up to and including its EOS (template text after the last EOS, such as
+a trailing newline, is not part of it), and EOS is appended to a completion that does not end
+with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .files import PreferenceRecords, load_preference_records  # noqa: F401  (re-exported)
+from .formats import (
+    DataFormatError,
+    Messages,
+    is_empty_completion,
+    is_paired,
+    normalize_record,
+    pairs_to_unpaired,
+)
+
+logger = logging.getLogger(__name__)
+
+TRUNCATION_MODES = ("keep_end", "keep_start", "drop")
+DROP_REASONS = {
+    "identical": "chosen identical to rejected",
+    "empty_completion": "empty completion",
+    "empty_prompt": "empty prompt",
+    "too_long": "cannot fit max_length",
+    "identical_after_truncation": "chosen identical to rejected after truncation",
+}
+_TOKENIZE_CHUNK = 512
+
+
+# -------------------------------------------------------------------------------- tokenized
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of one preference pair; both completions end with EOS unless truncated."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the two sequences (prompt + chosen, prompt + rejected)."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Token ids of one unpaired (KTO) example; ``label`` is True for a desirable completion."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+@dataclass
+class DataStats:
+    """What tokenization kept, truncated and dropped (by reason)."""
+
+    rows: int = 0
+    kept: int = 0
+    truncated_prompt: int = 0
+    truncated_completion: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    _logged: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def num_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def summary(self) -> str:
+        text = (f"preference data: {self.rows} rows, {self.kept} kept "
+                f"({self.truncated_prompt} with truncated prompt, "
+                f"{self.truncated_completion} with truncated completions), "
+                f"{self.num_dropped} dropped")
+        if self.dropped:
+            text += ": " + ", ".join(f"{DROP_REASONS.get(k, k)} {n}"
+                                     for k, n in sorted(self.dropped.items()))
+        return text
+
+    def log(self, log: logging.Logger | None = None) -> None:
+        """Log the summary at INFO level, the first time only."""
+        if not self._logged:
+            (log or logger).info(self.summary())
+            self._logged = True
+
+
+@dataclass
+class TokenizedDataset:
+    """Tokenized pairs (``.pairs``) or unpaired examples (``.examples``), stats, settings."""
+
+    pairs: list[TokenizedPair]
+    examples: list[TokenizedExample]
+    stats: DataStats
+    settings: dict[str, Any]
+
+    @property
+    def paired(self) -> bool:
+        if self.pairs or self.examples:
+            return bool(self.pairs)
+        return bool(self.settings.get("paired", True))
+
+    @property
+    def items(self) -> list[TokenizedPair] | list[TokenizedExample]:
+        return self.pairs if self.paired else self.examples
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> TokenizedPair | TokenizedExample:
+        return self.items[index]
+
+    def num_tokens(self) -> list[int]:
+        """Real tokens of each item (both sequences of a pair), for token-based batching."""
+        return [item.num_tokens for item in self.items]
+
+    def subset(self, indices: Sequence[int]) -> TokenizedDataset:
+        items = self.items
+        chosen = [items[i] for i in indices]
+        return replace(self, pairs=chosen if self.paired else [],
+                       examples=[] if self.paired else chosen)
+
+    def fingerprint(self) -> str:
+        """sha256 of every token id, label and the tokenization settings (not the tokenizer's
+        local path, which differs between machines while the tokens do not)."""
+        digest = hashlib.sha256()
+        settings = {k: v for k, v in self.settings.items() if k != "tokenizer"}
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        for item in self.items:
+            for part in (item.prompt_ids, *(
+                    (item.chosen_ids, item.rejected_ids) if isinstance(item, TokenizedPair)
+                    else (item.completion_ids, [int(item.label)]))):
+                digest.update(len(part).to_bytes(4, "little"))
+                digest.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in part))
+        return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------ tokenizing
+def _render_chat(tokenizer: Any, prompt: Messages, completion: Messages, prompt_text: str,
+                 eos: str, where: str) -> str:
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise DataFormatError(
+            f"{where}: the chat template renders the prompt differently alone (with the "
+            "generation prompt) than inside the whole conversation, so the completion cannot be "
+            "cut at an exact boundary; use a template whose generation prompt is a prefix of the "
+            "rendered assistant turn")
+    text = full[len(prompt_text):]
+    cut = text.rfind(eos)
+    return text[: cut + len(eos)] if cut >= 0 else text
+
+
+def _rejected_text(tokenizer: Any, text: str, label: str, *, special: bool) -> None:
+    """Raise a DataFormatError naming ``label`` (row and field) if the tokenizer rejects
+    ``text``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataFormatError(
+            f"{label} holds a character that is not valid Unicode ({text[exc.start]!r} at "
+            f"character {exc.start}, a lone surrogate); the tokenizer cannot encode it") from None
+    try:
+        tokenizer([text], add_special_tokens=special)
+    except (TypeError, ValueError) as exc:
+        raise DataFormatError(f"{label}: the tokenizer rejects this text ({exc})") from None
+
+
+def _encode(tokenizer: Any, texts: list[str], *, special: bool,
+            labels: Sequence[str] | None = None) -> list[list[int]]:
+    out: list[list[int]] = []
+    for start in range(0, len(texts), _TOKENIZE_CHUNK):
+        chunk = texts[start: start + _TOKENIZE_CHUNK]
+        try:
+            out.extend(tokenizer(chunk, add_special_tokens=special)["input_ids"])
+        except (TypeError, ValueError):
+            if labels is None:
+                raise
+            for offset, text in enumerate(chunk):  # find the text at fault, name its row
+                _rejected_text(tokenizer, text, labels[start + offset], special=special)
+            raise
+    return [list(ids) for ids in out]
+
+
+def _with_origins(records: Sequence[Mapping[str, Any]], unpaired: bool
+                  ) -> tuple[list[dict[str, Any]], list[str], list[tuple[str, ...]]]:
+    """Canonical records, where each came from, and the field names of its completions."""
+    origins = list(getattr(records, "origins", None) or ())
+    if len(origins) != len(records):
+        origins = [f"records[{i}]" for i in range(len(records))]
+    canonical = [normalize_record(r, where) for r, where in zip(records, origins)]
+    fields = [("chosen", "rejected") if is_paired(r) else ("completion",) for r in canonical]
+    if unpaired:
+        converted = pairs_to_unpaired(canonical)
+        origins = [where for where, f in zip(origins, fields) for _ in f]
+        fields = [(name,) for f in fields for name in f]
+        canonical = converted
+    return canonical, origins, fields
+
+
+def check_unpaired_balance(examples: Sequence[TokenizedExample], *, source: str,
+                           stats: DataStats | None = None) -> None:
+    """KTO needs desirable and undesirable examples (its metrics and reference point compare
+    the two): raise a DataFormatError naming ``source`` and the counts when a kind is absent."""
+    desirable = sum(1 for e in examples if e.label)
+    undesirable = len(examples) - desirable
+    if examples and (desirable == 0 or undesirable == 0):
+        missing = "undesirable (label false)" if undesirable == 0 else "desirable (label true)"
+        kept = f" after tokenization ({stats.summary()})" if stats and stats.num_dropped else ""
+        raise DataFormatError(
+            f"{source}: KTO needs both desirable and undesirable examples; got {desirable} "
+            f"desirable and {undesirable} undesirable{kept}: add {missing} examples")
+
+
+def _check_limits(max_length: int | None, max_prompt_length: int | None,
+                  truncation_mode: str) -> None:
+    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if max_length is not None and max_prompt_length is not None and max_prompt_length > max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must not exceed max_length "
+                         f"({max_length})")
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, "
+                         f"got {truncation_mode!r}")
+
+
+def _truncate(prompt: list[int], completions: list[list[int]], *, max_length: int | None,
+              max_prompt_length: int | None, mode: str, stats: DataStats
+              ) -> tuple[list[int], list[list[int]]] | None:
+    """Fit prompt + each completion into the limits, or None (counted) when it cannot."""
+    prompt_limit = max_prompt_length if max_prompt_length is not None else max_length
+    longest = max(len(c) for c in completions)
+    if mode == "drop":
+        if ((prompt_limit is not None and len(prompt) > prompt_limit)
+                or (max_length is not None and len(prompt) + longest > max_length)):
+            stats.dropped["too_long"] += 1
+            return None
+        return prompt, completions
+    if prompt_limit is not None and len(prompt) > prompt_limit:
+        # keep_end keeps the last turns (the question just before the answer)
+        prompt = prompt[-prompt_limit:] if mode == "keep_end" else prompt[:prompt_limit]
+        stats.truncated_prompt += 1
+    if max_length is not None:
+        room = max_length - len(prompt)
+        if room < 1:
+            stats.dropped["too_long"] += 1
+            return None
+        if longest > room:
+            completions = [c[:room] for c in completions]
+            stats.truncated_completion += 1
+    return prompt, completions
+
+
+def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
+                   max_length: int | None = 1024, max_prompt_length: int | None = 512,
+                   truncation_mode: str = "keep_end", unpaired: bool = False) -> TokenizedDataset:
+    """Tokenize canonical records (from :func:`load_preference_records`) into token ids.
+
+    Limits: a prompt longer than ``max_prompt_length`` is cut (``keep_end``: its last tokens;
+    ``keep_start``: its first), then completions are cut so that prompt + completion fits
+    ``max_length``; a row where no completion token fits is dropped. ``truncation_mode="drop"``
+    drops every row over a limit instead. Rows with chosen identical to rejected, an empty
+    completion or an empty prompt are dropped; all of it is counted in ``.stats``. Raises
+    ``DataFormatError`` (a ``ValueError`` naming the file, with the summary) when no row is
+    left, when unpaired data lacks desirable or undesirable examples, or when the tokenizer
+    rejects a text (naming its row and field).
+    ``unpaired=True`` turns pairs into KTO examples (chosen desirable, rejected undesirable).
+    """
+    _check_limits(max_length, max_prompt_length, truncation_mode)
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos_id is None or eos is None:
+        raise ValueError("the tokenizer has no EOS token; completions must end with one")
+    source = getattr(records, "source", None) or "preference data"
+    records, origins, fields = _with_origins(records, unpaired)
+    stats = DataStats(rows=len(records))
+
+    # 1. render text; drop identical / empty rows
+    kept: list[tuple[dict[str, Any], list[str]]] = []
+    labels: list[list[str]] = []  # "<row>: field 'x'" of each text, for the tokenizer's errors
+    for i, record in enumerate(records):
+        keys = ("chosen", "rejected") if is_paired(record) else ("completion",)
+        if len(keys) == 2 and record["chosen"] == record["rejected"]:
+            stats.dropped["identical"] += 1
+            continue
+        if any(is_empty_completion(record[k]) for k in keys):
+            stats.dropped["empty_completion"] += 1
+            continue
+        prompt = record["prompt"]
+        if isinstance(prompt, str):
+            texts = [prompt] + [record[k] for k in keys]
+        else:
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise ValueError("conversational data needs a tokenizer with a chat template")
+            prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False,
+                                                        add_generation_prompt=True)
+            texts = [prompt_text] + [
+                _render_chat(tokenizer, prompt, record[k], prompt_text, eos, origins[i])
+                for k in keys]
+        kept.append((record, texts))
+        labels.append([f"{origins[i]}: field '{name}'" for name in ("prompt", *fields[i])])
+
+    # 2. tokenize in batches: string prompts get the tokenizer's special tokens (BOS), chat
+    #    prompts already hold them in the template, completions never do
+    is_string = [isinstance(r["prompt"], str) for r, _ in kept]
+    prompt_ids: list[list[int]] = [[] for _ in kept]
+    for special in (True, False):
+        ids_list = [i for i, s in enumerate(is_string) if s == special]
+        encoded = _encode(tokenizer, [kept[i][1][0] for i in ids_list], special=special,
+                          labels=[labels[i][0] for i in ids_list])
+        for i, ids in zip(ids_list, encoded):
+            prompt_ids[i] = ids
+    completion_texts = [t for _, texts in kept for t in texts[1:]]
+    completion_ids = iter(_encode(tokenizer, completion_texts, special=False,
+                                  labels=[name for names in labels for name in names[1:]]))
+
+    # 3. EOS, limits
+    pairs: list[TokenizedPair] = []
+    examples: list[TokenizedExample] = []
+    for (record, texts), prompt in zip(kept, prompt_ids):
+        completions = [next(completion_ids) for _ in texts[1:]]
+        completions = [c if c and c[-1] == eos_id else [*c, eos_id] for c in completions]
+        if not prompt:
+            stats.dropped["empty_prompt"] += 1
+            continue
+        fitted = _truncate(prompt, completions, max_length=max_length,
+                           max_prompt_length=max_prompt_length, mode=truncation_mode,
+                           stats=stats)
+        if fitted is None:
+            continue
+        prompt, completions = fitted
+        if is_paired(record):
+            if completions[0] == completions[1]:
+                stats.dropped["identical_after_truncation"] += 1
+                continue
+            pairs.append(TokenizedPair(prompt, completions[0], completions[1]))
+        else:
+            examples.append(TokenizedExample(prompt, completions[0], bool(record["label"])))
+    stats.kept = len(pairs) + len(examples)
+    if not stats.kept:
+        raise DataFormatError(f"{source}: no usable preference rows are left: "
+                              f"{stats.summary()}")
+    check_unpaired_balance(examples, source=source, stats=stats)
+    settings = {
+        "paired": bool(pairs),
+        "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+        "vocab_size": len(tokenizer),
+        "eos_token_id": eos_id,
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "truncation_mode": truncation_mode,
+        "unpaired": unpaired,
+    }
+    return TokenizedDataset(pairs, examples, stats, settings)
+
+
+def split_train_eval(dataset: TokenizedDataset, eval_fraction: float, seed: int = 0
+                     ) -> tuple[TokenizedDataset, TokenizedDataset]:
+    """Split into a training set and a held-out set of ``round(eval_fraction · n)`` items.
+
+    The split is a seeded random choice (the same for the same seed and data); both parts keep
+    the dataset order. ``eval_fraction`` 0 gives an empty held-out set.
+    """
+    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) \
+            or not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}")
+    n = len(dataset)
+    n_eval = round(eval_fraction * n)
+    if eval_fraction > 0 and n >= 2:
+        n_eval = min(max(n_eval, 1), n - 1)
+    held_out = set(random.Random(seed).sample(range(n), n_eval))
+    train = [i for i in range(n) if i not in held_out]
+    train_set = dataset.subset(train)
+    if not dataset.paired:
+        check_unpaired_balance(train_set.examples,
+                               source=f"the training split (eval_fraction {eval_fraction})")
+    return train_set, dataset.subset(sorted(held_out))

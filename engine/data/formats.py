@@ -1,0 +1,220 @@
+"""Preference record formats: recognise, validate and normalise one row of user data.
+
+Every accepted row becomes one of two canonical forms:
+
+    paired:    {"prompt": P, "chosen": C, "rejected": R}           (DPO, IPO, SimPO, ORPO, ...)
+    unpaired:  {"prompt": P, "completion": C, "label": bool}       (KTO)
+
+where ``P``, ``C``, ``R`` are all strings ("standard") or all lists of ``{"role", "content"}``
+messages ("conversational", rendered later with the tokenizer's chat template). Accepted inputs:
+
+    prompt / chosen / rejected            strings or message lists
+    chosen / rejected                     implicit prompt: the longest common prefix of the two
+    conversations / chosen / rejected     sharegpt style, ``{"from", "value"}`` turns
+    prompt / completion / label           KTO's unpaired form
+    messages / label                      unpaired conversation: the last turn is the completion
+
+Errors are :class:`DataFormatError` (a ``ValueError``) naming the row and the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import InputError
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+FORMATS = (
+    "prompt/chosen/rejected",
+    "chosen/rejected (implicit prompt)",
+    "conversations/chosen/rejected (sharegpt)",
+    "prompt/completion/label (unpaired)",
+    "messages/label (unpaired)",
+)
+
+Messages = list[dict[str, str]]
+
+
+class DataFormatError(InputError):
+    """A row of preference data that cannot be used; the message names the row and the field."""
+
+
+def _present(row: Mapping[str, Any], key: str) -> bool:
+    return key in row and row[key] is not None
+
+
+def _messages(value: Any, where: str, field: str, *, sharegpt: bool = False) -> Messages:
+    """Validate a message list (or one sharegpt turn) and return plain role/content dicts."""
+    if isinstance(value, Mapping) and sharegpt:
+        value = [value]
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        kind = "{from, value} turns" if sharegpt else "{role, content} messages"
+        raise DataFormatError(f"{where}: field '{field}' must be a list of {kind}, "
+                              f"got {type(value).__name__}")
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    out: Messages = []
+    for i, message in enumerate(value):
+        name = f"{field}[{i}]"
+        if not isinstance(message, Mapping):
+            raise DataFormatError(f"{where}: field '{name}' must be an object with "
+                                  f"'{role_key}' and '{content_key}', got {type(message).__name__}")
+        for key in (role_key, content_key):
+            if not _present(message, key):
+                raise DataFormatError(f"{where}: field '{name}' has no '{key}'")
+            if not isinstance(message[key], str):
+                raise DataFormatError(f"{where}: field '{name}.{key}' must be a string, "
+                                      f"got {type(message[key]).__name__}")
+        role = message[role_key]
+        if sharegpt:
+            if role not in SHAREGPT_ROLES:
+                raise DataFormatError(f"{where}: field '{name}.from' has unknown role {role!r}; "
+                                      f"valid: {', '.join(SHAREGPT_ROLES)}")
+            role = SHAREGPT_ROLES[role]
+        elif role not in ROLES:
+            raise DataFormatError(f"{where}: field '{name}.role' has unknown role {role!r}; "
+                                  f"valid: {', '.join(ROLES)}")
+        out.append({"role": role, "content": message[content_key]})
+    return out
+
+
+def _text_or_messages(row: Mapping[str, Any], key: str, where: str) -> str | Messages:
+    if not _present(row, key):
+        raise DataFormatError(f"{where}: missing field '{key}'")
+    value = row[key]
+    return value if isinstance(value, str) else _messages(value, where, key)
+
+
+def _check_completion(messages: Messages, where: str, field: str) -> None:
+    if messages and messages[0]["role"] != "assistant":
+        raise DataFormatError(f"{where}: field '{field}' must start with an assistant message, "
+                              f"got role {messages[0]['role']!r}")
+
+
+def _same_kind(values: dict[str, str | Messages], where: str) -> None:
+    kinds = {key: isinstance(value, str) for key, value in values.items()}
+    if len(set(kinds.values())) > 1:
+        strings = [k for k, v in kinds.items() if v]
+        lists = [k for k, v in kinds.items() if not v]
+        raise DataFormatError(f"{where}: fields {', '.join(strings)} are strings but "
+                              f"{', '.join(lists)} are message lists; use one form for all")
+
+
+def _common_text_prefix(a: str, b: str) -> int:
+    """Length of the prompt shared by two implicit-prompt strings, at a word boundary.
+
+    The raw common prefix is shortened so that it does not end inside a word ("The ca|t" vs
+    "The ca|r" → "The") and so that the whitespace before the first differing word belongs to the
+    completions (" cat", " car"), which is how BPE tokenizers see a word after a space.
+    """
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    if 0 < n < min(len(a), len(b)) and a[n - 1].isalnum() and (a[n].isalnum() or b[n].isalnum()):
+        while n > 0 and a[n - 1].isalnum():
+            n -= 1
+    while n > 0 and a[n - 1].isspace():
+        n -= 1
+    return n
+
+
+def _common_message_prefix(a: Messages, b: Messages) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _paired(prompt: str | Messages, chosen: str | Messages, rejected: str | Messages,
+            where: str) -> dict[str, Any]:
+    _same_kind({"prompt": prompt, "chosen": chosen, "rejected": rejected}, where)
+    if not isinstance(chosen, str):
+        _check_completion(chosen, where, "chosen")
+        _check_completion(rejected, where, "rejected")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def normalize_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Recognise the format of one row and return its canonical paired or unpaired form."""
+    if not isinstance(row, Mapping):
+        raise DataFormatError(f"{where}: a record must be an object, got {type(row).__name__}")
+
+    if _present(row, "conversations"):
+        prompt = _messages(row["conversations"], where, "conversations", sharegpt=True)
+        for key in ("chosen", "rejected"):
+            if not _present(row, key):
+                raise DataFormatError(f"{where}: missing field '{key}' (sharegpt format)")
+        chosen = _messages(row["chosen"], where, "chosen", sharegpt=True)
+        rejected = _messages(row["rejected"], where, "rejected", sharegpt=True)
+        return _paired(prompt, chosen, rejected, where)
+
+    if _present(row, "chosen") or _present(row, "rejected"):
+        chosen = _text_or_messages(row, "chosen", where)
+        rejected = _text_or_messages(row, "rejected", where)
+        if _present(row, "prompt"):
+            return _paired(_text_or_messages(row, "prompt", where), chosen, rejected, where)
+        _same_kind({"chosen": chosen, "rejected": rejected}, where)
+        if isinstance(chosen, str):
+            n = _common_text_prefix(chosen, rejected)
+        else:
+            n = _common_message_prefix(chosen, rejected)
+        return _paired(chosen[:n], chosen[n:], rejected[n:], where)
+
+    if _present(row, "label") or _present(row, "completion"):
+        if not _present(row, "label"):
+            raise DataFormatError(f"{where}: missing field 'label' (unpaired format)")
+        label = row["label"]
+        if not isinstance(label, bool):
+            raise DataFormatError(f"{where}: field 'label' must be true or false, "
+                                  f"got {type(label).__name__} {label!r}")
+        if _present(row, "messages"):
+            messages = _messages(row["messages"], where, "messages")
+            if not messages or messages[-1]["role"] != "assistant":
+                raise DataFormatError(f"{where}: field 'messages' must end with an assistant "
+                                      "message (the completion)")
+            return {"prompt": messages[:-1], "completion": messages[-1:], "label": label}
+        prompt = _text_or_messages(row, "prompt", where)
+        completion = _text_or_messages(row, "completion", where)
+        _same_kind({"prompt": prompt, "completion": completion}, where)
+        if not isinstance(completion, str):
+            _check_completion(completion, where, "completion")
+        return {"prompt": prompt, "completion": completion, "label": label}
+
+    fields = ", ".join(sorted(map(str, row))) or "none"
+    raise DataFormatError(f"{where}: unrecognised record (fields: {fields}); expected one of: "
+                          f"{'; '.join(FORMATS)}")
+
+
+def is_paired(record: Mapping[str, Any]) -> bool:
+    """Whether a canonical record is a preference pair (else an unpaired KTO example)."""
+    return "chosen" in record
+
+
+def pairs_to_unpaired(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """KTO form of paired data: each pair gives a desirable and an undesirable example."""
+    out: list[dict[str, Any]] = []
+    for record in records:
+        if not is_paired(record):
+            out.append(dict(record))
+            continue
+        out.append({"prompt": record["prompt"], "completion": record["chosen"], "label": True})
+        out.append({"prompt": record["prompt"], "completion": record["rejected"], "label": False})
+    return out
+
+
+def is_empty_completion(completion: str | Messages) -> bool:
+    """A completion with no text (whitespace only, or assistant turns without content)."""
+    if isinstance(completion, str):
+        return not completion.strip()
+    return not any(message["content"].strip() for message in completion)

@@ -1,0 +1,85 @@
+"""The segment plan of a batch: the pieces of each packed or shared-prompt row.
+
+Built on the host at collate time (:mod:`.batch`, :mod:`.shared_prompt`) and carried by the
+batch; the model's segment attention (:mod:`fastpo.engine.model.attention`) runs one attention
+call per piece. A piece is CAUSAL (a sequence, or a ``[prompt | chosen]`` run: self-attention
+over its own tokens), BRANCH (a shared-prompt pair's rejected completion: queries over the first
+``prompt`` keys of the preceding causal piece, then causal over its own) or PAD (no attention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+CAUSAL, BRANCH, PAD = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One run of a row: ``kind`` CAUSAL (self-attention), BRANCH (queries over the first
+    ``prompt`` keys of the previous piece, then causal over their own) or PAD; ``length`` tokens."""
+
+    kind: int
+    length: int
+    prompt: int = 0
+
+
+@dataclass(eq=False)
+class SegmentPlan:
+    """The pieces of every row of a batch (host integers; built at collate time)."""
+
+    width: int
+    rows: tuple[tuple[Piece, ...], ...]
+    calls: int = field(default=0, compare=False)  # attention calls that ran the plan
+
+    def __post_init__(self) -> None:
+        for r, pieces in enumerate(self.rows):
+            if sum(p.length for p in pieces) != self.width:
+                raise ValueError(f"segment plan row {r}: pieces cover "
+                                 f"{sum(p.length for p in pieces)} tokens of {self.width}")
+            for i, p in enumerate(pieces):
+                if p.kind == BRANCH and (i == 0 or pieces[i - 1].kind != CAUSAL
+                                         or not 0 < p.prompt <= pieces[i - 1].length):
+                    raise ValueError(f"segment plan row {r}: branch piece {i} needs a preceding "
+                                     f"causal piece of at least {p.prompt} tokens")
+
+    @property
+    def num_pieces(self) -> int:
+        return sum(p.kind != PAD for row in self.rows for p in row)
+
+
+def packed_plan(lengths: Sequence[int], width: int) -> SegmentPlan:
+    """One row of sequences of ``lengths`` tokens, then padding up to ``width``."""
+    pieces = [Piece(CAUSAL, n) for n in lengths]
+    if width > sum(lengths):
+        pieces.append(Piece(PAD, width - sum(lengths)))
+    return SegmentPlan(width, (tuple(pieces),))
+
+
+def shared_prompt_plan(rows: Sequence[Sequence[tuple[int, int, int]]], width: int
+                       ) -> SegmentPlan:
+    """Rows of ``(prompt, chosen, rejected)`` pairs laid out ``[p | c | r]`` one after the
+    other, then padding up to ``width``."""
+    planned = []
+    for pairs in rows:
+        pieces = []
+        for p, c, r in pairs:
+            pieces += [Piece(CAUSAL, p + c), Piece(BRANCH, r, prompt=p)]
+        used = sum(p + c + r for p, c, r in pairs)
+        if width > used:
+            pieces.append(Piece(PAD, width - used))
+        planned.append(tuple(pieces))
+    return SegmentPlan(width, tuple(planned))
+
+
+def attention_pairs(plan: SegmentPlan) -> int:
+    """Query-key pairs the plan computes (the diagonal included), for cost estimates."""
+    total = 0
+    for row in plan.rows:
+        for p in row:
+            if p.kind == CAUSAL:
+                total += p.length * (p.length + 1) // 2
+            elif p.kind == BRANCH:
+                total += p.length * p.prompt + p.length * (p.length + 1) // 2
+    return total

@@ -1,0 +1,41 @@
+"""fastpo.engine.losses: preference losses, pure functions of per-sequence log-probs.
+
+The layer above the kernels and below everything else: it imports torch and ``fastpo.kernels``
+only (never data, models or the trainer), so ``pip install fastpo`` without extras runs it.
+
+    registry.py        preference_loss (TRL's DPO ``loss_type`` names, alone or weighted),
+                       the registry of loss types, and the re-exports below
+    pairwise.py        the reference-based pairwise formulas, one pure function each
+    reference_free.py  cpo_loss, orpo_loss
+    unpaired.py        kto_loss
+    inputs.py          input checks, dtypes, the output type
+    metrics.py         rewards, margins, accuracies
+    fused_linear.py    fused_linear_*_loss: hidden states + lm_head straight to the loss
+    modules.py         FusedLinear*Loss: the same as ``nn.Module``
+"""
+
+from .registry import (
+    CPO_LOSS_TYPES,
+    KTO_LOSS_TYPES,
+    LOSS_TYPES,
+    KTOLossOutput,
+    LossSpec,
+    PreferenceLossOutput,
+    cpo_loss,
+    kto_loss,
+    orpo_loss,
+    preference_loss,
+)
+
+__all__ = [
+    "CPO_LOSS_TYPES",
+    "KTO_LOSS_TYPES",
+    "LOSS_TYPES",
+    "KTOLossOutput",
+    "LossSpec",
+    "PreferenceLossOutput",
+    "cpo_loss",
+    "kto_loss",
+    "orpo_loss",
+    "preference_loss",
+]

@@ -1,0 +1,238 @@
+"""Policy forward: per-sequence completion log-probs from a causal LM, one forward per batch.
+
+    out = sequence_logps_from_model(model, batch)             # SequenceLogps, S sequences
+    chosen, rejected = split_pairs(out, batch.num_pairs)
+
+The decoder body (``model.get_decoder()``) runs to the final hidden states; only the hidden
+states at scored positions (``batch.target_index``: completion tokens, never prompt or padding)
+go to the output head, through the fused linear log-prob op with the model's output-embedding
+weight, so the ``[tokens, vocab]`` logits never exist whole and the model's own ``lm_head``
+forward never runs. ``use_fused_linear=False`` builds the logits of the scored positions only
+and applies the from-logits op instead. Per-sequence sums are a segment sum over
+``batch.target_sequence``; the same code serves padded and packed batches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from fastpo import kernels
+from fastpo.kernels.linear_logprobs import linear_logits_sum, linear_token_logps
+from fastpo.kernels.zero3 import gathered_lm_head, resolve_lm_head
+
+from ..data.batch import PreferenceBatch
+from ..data.shared_prompt import shared_prompt_attention_mask
+from . import attention as segment_attention
+
+SequenceLogps = kernels.SequenceLogps
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DeepSpeed engine or DDP wrapper (hooks stay on the submodules)."""
+    while type(model).__name__ in ("DeepSpeedEngine", "DistributedDataParallel") and hasattr(
+            model, "module"):
+        model = model.module
+    return model
+
+
+def _check_head_config(model: nn.Module) -> tuple[float, float | None]:
+    """(logit scale, soft-cap or None) the model applies to its head's logits: Cohere's
+    ``logit_scale`` (z·s), then Gemma-2's ``final_logit_softcapping`` (c·tanh(z/c)); both paths
+    apply them (the fused op takes them as ``logit_scale`` / ``softcap``)."""
+    config = getattr(model, "config", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    scale = 1.0 if scale is None else scale
+    for name, value in (("logit_scale", scale), ("final_logit_softcapping", cap)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{type(model).__name__}: config.{name}={value!r} is not a finite "
+                             "number > 0")
+    return float(scale), (None if cap is None else float(cap))
+
+
+def _head_logits(h: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
+                 cap: float | None) -> Tensor:
+    """The model's logits of the hidden rows ``h``: ``(h Wᵀ + b)·s``, soft-capped."""
+    logits = torch.nn.functional.linear(h, weight, bias)
+    if scale != 1.0:
+        logits = logits * scale
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def _compute_dtype(model: nn.Module, device_type: str) -> torch.dtype:
+    """The dtype of the model's activations (autocast's, else its input embedding's)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embed, "weight", None)
+    return weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() \
+        else torch.float32
+
+
+def uses_varlen_attention(attn_implementation: str | None) -> bool:
+    """Whether the attention takes packed sequences as ``cu_seqlens`` (flash-attention 2/3 and
+    hub flash kernels); SDPA, eager and flex read them from the position ids instead."""
+    return "flash" in (attn_implementation or "")
+
+
+def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> Tensor:
+    """Run the decoder body on the batch and return the final hidden states ``[R, L, H]``."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if body is None or body is model:
+        raise TypeError(f"{type(model).__name__}: cannot find the decoder body (get_decoder())")
+    kwargs: dict[str, Any] = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "position_ids": batch.position_ids,
+        "use_cache": False,  # a cache would switch off the packed-sequence detection
+    }
+    config = getattr(model, "config", None)
+    plan = batch.attention_plan
+    if plan is not None and segment_attention.applies(config, plan, batch.max_seqlen):
+        # packed / shared-prompt rows: attention per piece, the masked blocks never computed
+        kwargs.update(segment_attention.forward_kwargs(plan, batch.input_ids.shape[0],
+                                                       batch.input_ids.device))
+    elif batch.prompt_shared:
+        dtype = _compute_dtype(model, batch.input_ids.device.type)
+        kwargs["attention_mask"] = shared_prompt_attention_mask(
+            batch, getattr(model, "config", None), dtype=dtype)
+    elif batch.packed and batch.cu_seqlens is not None:
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if uses_varlen_attention(impl):
+            # transformers' flash path takes these kwargs (FlashAttentionKwargs) and runs the
+            # varlen kernel over the packed row instead of inferring them from position_ids
+            cu = batch.cu_seqlens.to(device=batch.input_ids.device, dtype=torch.int32)
+            kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen,
+                          max_length_k=batch.max_seqlen)
+    out = body(**kwargs)
+    if segment_attention.PLAN_KWARG in kwargs:
+        segment_attention.check_ran(plan, model)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if hidden.shape[:2] != batch.input_ids.shape:
+        raise RuntimeError(f"decoder returned hidden states of shape {tuple(hidden.shape)} for "
+                           f"input_ids {tuple(batch.input_ids.shape)}")
+    return hidden
+
+
+class ForwardLogps(NamedTuple):
+    """Everything one forward gives: per-sequence results and per-token log-probs.
+
+    ``token_logps`` ``[N]`` (with grad) follow ``batch.target_index``. ``tail_logps`` ``[S]``:
+    the part of each sequence's logps beyond its pair's shared completion length (LD-DPO's
+    input). ``log_sum_sq_probs`` ``[S]``: ``Σ_t log Σ_v π(v|·)²`` over the scored tokens (WPO
+    weights; detached).
+    """
+
+    sequence: SequenceLogps
+    token_logps: Tensor
+    tail_logps: Tensor | None = None
+    log_sum_sq_probs: Tensor | None = None
+
+
+def _log_sum_sq_probs(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
+                      cap: float | None, chunk: int = 1024, scale: float = 1.0) -> Tensor:
+    """Per token ``log Σ_v softmax(z / T)_v² = lse(2z / T) − 2·lse(z / T)``, chunked, no grad."""
+    out = []
+    with torch.no_grad():
+        for part in h.detach().split(chunk):
+            z = _head_logits(part, weight.detach(), None if bias is None else bias.detach(),
+                             scale, cap).float()
+            z = z / temperature
+            out.append(torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
+    return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+
+
+def forward_logps(model: nn.Module, batch: PreferenceBatch, *, use_fused_linear: bool = True,
+                  temperature: float = 1.0, with_logits_sum: bool = False,
+                  with_tail_logps: bool = False, with_log_sum_sq_probs: bool = False
+                  ) -> ForwardLogps:
+    """One forward of ``model`` on ``batch``: see :func:`sequence_logps_from_model`.
+
+    ``with_tail_logps`` (pair batches) adds LD-DPO's tail sums; ``with_log_sum_sq_probs`` adds
+    WPO's per-sequence ``Σ_t log Σ_v π²`` (one extra head matmul per token chunk, no grad).
+    """
+    if not isinstance(batch, PreferenceBatch):
+        raise TypeError(f"batch must be a PreferenceBatch, got {type(batch).__name__}")
+    if with_tail_logps and batch.target_tail is None:
+        raise ValueError("tail logps need a pair batch (collate_pairs / collate_batch)")
+    model = unwrap_model(model)
+    scale, cap = _check_head_config(model)
+    resolve_lm_head(model)  # a clear error for a model without output embeddings
+    hidden = final_hidden_states(model, batch)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
+    if batch.target_labels is not None:  # shared prompt: a position can be scored twice
+        labels = batch.target_labels
+    else:
+        labels = batch.labels.reshape(-1).index_select(0, batch.target_index)
+    logits_sum_tokens = sum_sq = None
+    # ZeRO-3: the head is gathered for the op and its gradient still reaches the shards
+    with gathered_lm_head(model) as (weight, bias):
+        if use_fused_linear:
+            token_logps = linear_token_logps(h, weight, labels, bias=bias,
+                                             ignore_index=batch.ignore_index,
+                                             temperature=temperature, softcap=cap,
+                                             logit_scale=scale)
+            if with_logits_sum:  # a mat-vec without soft-cap, chunked logits with one
+                logits_sum_tokens = linear_logits_sum(h, weight, bias, logit_scale=scale,
+                                                      softcap=cap).float()
+        else:
+            logits = _head_logits(h, weight, bias, scale, cap)
+            token_logps = kernels.token_logps(logits, labels, ignore_index=batch.ignore_index,
+                                              temperature=temperature)
+            if with_logits_sum:
+                logits_sum_tokens = logits.detach().float().sum(-1)
+        if with_log_sum_sq_probs:
+            sum_sq = _log_sum_sq_probs(h, weight, bias, temperature, cap, scale=scale)
+    token_logps = token_logps.float()
+    segments, count = batch.target_sequence, batch.num_sequences
+    logps = kernels.segment_sum(token_logps, segments, count)
+    logits_sum = None
+    if logits_sum_tokens is not None:
+        logits_sum = kernels.segment_sum(logits_sum_tokens, segments, count)
+    tail = None
+    if with_tail_logps:
+        tail = kernels.segment_sum(token_logps * batch.target_tail, segments, count)
+    return ForwardLogps(
+        SequenceLogps(logps, batch.completion_tokens, logits_sum), token_logps, tail,
+        None if sum_sq is None else kernels.segment_sum(sum_sq, segments, count))
+
+
+def sequence_logps_from_model(model: nn.Module, batch: PreferenceBatch, *,
+                              use_fused_linear: bool = True, temperature: float = 1.0,
+                              with_logits_sum: bool = False) -> SequenceLogps:
+    """Summed completion log-probs of each sequence of the batch (float32 ``[S]``).
+
+    ``logps[s] = Σ_{t scored in s} log softmax((h_t Wᵀ + b) / T)[labels_t]``, ``num_tokens[s]``
+    the scored-token count and, with ``with_logits_sum``, ``logits_sum[s] = Σ_t Σ_v (h_t Wᵀ +
+    b)_v`` (raw logits, for the ``logits/*`` metrics; no gradient).
+    """
+    return forward_logps(model, batch, use_fused_linear=use_fused_linear,
+                         temperature=temperature, with_logits_sum=with_logits_sum).sequence
+
+
+def split_pairs(seq_logps: SequenceLogps, num_pairs: int) -> tuple[SequenceLogps, SequenceLogps]:
+    """``(chosen, rejected)`` of a pair batch's results (sequences ``0..B−1``, ``B..2B−1``)."""
+    n = seq_logps.logps.shape[0]
+    if n != 2 * num_pairs or num_pairs < 1:
+        raise ValueError(f"{n} sequences cannot be split into {num_pairs} chosen/rejected pairs")
+    return _slice(seq_logps, 0, num_pairs), _slice(seq_logps, num_pairs, 2 * num_pairs)
+
+
+def split_unpaired(seq_logps: SequenceLogps, num_examples: int
+                   ) -> tuple[SequenceLogps, SequenceLogps | None]:
+    """``(examples, kl)`` of an unpaired batch; ``kl`` is None when it has no KL sequences."""
+    n = seq_logps.logps.shape[0]
+    if num_examples < 1 or n not in (num_examples, 2 * num_examples):
+        raise ValueError(f"{n} sequences do not hold {num_examples} examples (+ KL sequences)")
+    kl = _slice(seq_logps, num_examples, n) if n == 2 * num_examples else None
+    return _slice(seq_logps, 0, num_examples), kl
+
+
+def _slice(s: SequenceLogps, start: int, stop: int) -> SequenceLogps:
+    return SequenceLogps(s.logps[start:stop], s.num_tokens[start:stop],
+                         None if s.logits_sum is None else s.logits_sum[start:stop])

@@ -1,0 +1,391 @@
+"""The typed configuration of a training job: one pydantic tree (loaded by ``config_loading``).
+
+Sections: ``model`` (policy, LoRA), ``reference`` (how the reference log-probs are obtained and
+whether the reference follows the policy), ``data``, ``loss``, ``optimization``, ``deepspeed``,
+``logging`` (progress, JSONL, TensorBoard, evaluation, early stopping) and ``checkpoint``.
+Every model forbids unknown keys. Cross-field rules that no
+single field can check (ZeRO-3 with a precomputed reference, LoRA with a separate reference ...)
+live in :meth:`TrainConfig._check_combinations`.
+
+Without a config file the embedded default job (``default.yaml`` next to this module) is the
+base: SmolLM2-135M-Instruct + LoRA on the 300 demo pairs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..errors import InputError
+from ..losses import CPO_LOSS_TYPES, KTO_LOSS_TYPES, LOSS_TYPES
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+LOSS_METHODS = ("dpo", "cpo", "simpo", "orpo", "kto")
+DEFAULT_MICRO_BATCH = 4
+
+
+class ConfigError(InputError):
+    """A configuration that cannot be used; the message names the key(s) at fault."""
+
+
+class _Section(BaseModel):
+    # every float of the config is finite: .inf / nan (and "1e999") are refused with the key
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# ------------------------------------------------------------------------------------ model
+class LoraConfig(_Section):
+    """LoRA adapter on the policy (PEFT). The reference is then the policy with it disabled."""
+
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class ModelConfig(_Section):
+    """The policy. ``name_or_path`` null means SmolLM2-135M-Instruct from the package registry."""
+
+    name_or_path: str | None = None
+    tokenizer: str | None = None  # default: the model's folder
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the precision's
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    use_fused_linear: bool = True  # logps from hidden states + lm_head weight (no logits)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+# -------------------------------------------------------------------------------- reference
+class ReferenceConfig(_Section):
+    """Where the reference log-probs come from, and whether the reference follows the policy.
+
+    mode: ``auto`` = ``none`` for reference-free losses, ``adapter_disabled`` with LoRA, else
+    ``separate``; ``precomputed`` caches them once over the training data (keyed by weights,
+    data and tokenization). ``sync_steps`` > 0: TR-DPO soft update every N optimizer steps,
+    ref ← (1 − α)·ref + α·policy. ``rounds`` > 1: iterative DPO, ref ← policy at each round.
+    """
+
+    mode: Literal["auto", "separate", "adapter_disabled", "precomputed", "none"] = "auto"
+    name_or_path: str | None = None  # separate: default = the policy's initial weights
+    device: str | None = None  # e.g. "cpu" to keep a separate reference off the accelerator
+    cache_dir: str | None = None  # precomputed: default <output_dir>/reference_cache
+    sync_steps: int = Field(0, ge=0)
+    sync_alpha: float = Field(0.6, gt=0.0, le=1.0)
+    rounds: int = Field(1, ge=1)
+
+
+# ------------------------------------------------------------------------------------- data
+class DataConfig(_Section):
+    """Preference data. ``train`` null means the 300 English demo pairs (``demo_name``)."""
+
+    train: str | None = None
+    eval: str | None = None  # a separate held-out file; otherwise eval_fraction of train
+    demo_name: str = "dpo_en_demo.json"
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_train_items: int | None = Field(None, gt=0)  # keep only the first N (after the split)
+    max_eval_items: int | None = Field(None, gt=0)
+    max_length: int | None = Field(1024, gt=1)
+    max_prompt_length: int | None = Field(512, gt=0)
+    truncation_mode: Literal["keep_end", "keep_start", "drop"] = "keep_end"
+    # batch layout (fastpo.engine.train.layout): auto = the cheapest valid one for the data,
+    # estimated from its lengths; padded | packed | shared ([prompt | chosen | rejected] rows:
+    # the prompt runs once; pairs only) | shared_packed. padding_free / share_prompt, when set,
+    # fix that half of the choice (true/false); null leaves it to the layout
+    layout: Literal["auto", "padded", "packed", "shared", "shared_packed"] = "auto"
+    padding_free: bool | None = None
+    share_prompt: bool | None = None
+    # length-aware batching (fastpo.engine.data.sampler): items of similar length batched together
+    # within windows of length_window micro-batches of the seeded shuffle; auto = on for the
+    # layouts that pad rows (padded, shared), off for packed rows (nothing to save)
+    group_by_length: bool | Literal["auto"] = "auto"
+    length_window: int = Field(50, gt=0)
+
+    def length_grouping(self) -> int | None:
+        """The grouping window (micro-batches) for plan_batches, None when off; call after the
+        layout is resolved (``padding_free`` known)."""
+        on = (not self.padding_free) if self.group_by_length == "auto" else self.group_by_length
+        return self.length_window if on else None
+
+    def layout_conflict(self) -> str | None:
+        """An explicit layout that padding_free / share_prompt contradict, named."""
+        if self.layout == "auto":
+            return None
+        from .layout import LAYOUTS
+
+        packed, shared = LAYOUTS[self.layout]
+        for key, value, implied in (("padding_free", self.padding_free, packed),
+                                    ("share_prompt", self.share_prompt, shared)):
+            if value is not None and value != implied:
+                return (f"data.layout {self.layout!r} means data.{key}: "
+                        f"{str(implied).lower()}, but data.{key} is {str(value).lower()}")
+        return None
+
+    def wants_shared_prompt(self) -> bool:
+        """Whether the layout is fixed to shared-prompt rows (by layout or share_prompt)."""
+        return bool(self.share_prompt) or self.layout in ("shared", "shared_packed")
+
+
+# ------------------------------------------------------------------------------------- loss
+class LossConfig(_Section):
+    """The loss, with TRL's names. ``method`` picks the family (TRL trainer): ``dpo``
+    (``loss_type`` a list, weighted sum), ``cpo``, ``simpo`` (= cpo + simpo, cpo_alpha 0),
+    ``orpo`` or ``kto`` (unpaired; paired data is split into desirable/undesirable)."""
+
+    method: Literal["dpo", "cpo", "simpo", "orpo", "kto"] = "dpo"
+    loss_type: list[str] | None = None  # default: sigmoid (dpo, cpo), simpo, kto
+    loss_weights: list[float] | None = None
+    beta: float = Field(0.1, gt=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence",
+                               "alpha_divergence"] = "reverse_kl"
+    f_alpha_divergence_coef: float = Field(0.5, ge=0.0, le=1.0)
+    discopop_tau: float = Field(0.05, gt=0.0)
+    reference_free: bool = False
+    ld_alpha: float | None = Field(None, ge=0.0, le=1.0)
+    use_weighting: bool = False
+    cpo_alpha: float | None = None  # default 1.0 (cpo), 0.0 (simpo)
+    simpo_gamma: float = 0.5
+    alphapo_alpha: float = 0.0
+    desirable_weight: float = Field(1.0, gt=0.0)
+    undesirable_weight: float = Field(1.0, gt=0.0)
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def resolved_loss_types(self) -> list[str]:
+        """The loss types, with each method's default filled in."""
+        if self.loss_type:
+            return list(self.loss_type)
+        return {"dpo": ["sigmoid"], "cpo": ["sigmoid"], "simpo": ["simpo"], "orpo": ["orpo"],
+                "kto": ["kto"]}[self.method]
+
+    def resolved_cpo_alpha(self) -> float:
+        if self.cpo_alpha is not None:
+            return self.cpo_alpha
+        return 0.0 if self.method == "simpo" else 1.0
+
+    def needs_reference(self) -> bool:
+        """Whether the loss reads reference log-probs."""
+        if self.method in ("cpo", "simpo", "orpo"):
+            return False
+        if self.method == "kto":
+            return True
+        if self.reference_free:
+            return False
+        return any(LOSS_TYPES[t].needs_reference for t in self.resolved_loss_types())
+
+    def check_names(self) -> None:
+        """Loss types known to the method, one weight per type; raises ConfigError."""
+        types_ = self.resolved_loss_types()
+        valid = {"dpo": list(LOSS_TYPES), "cpo": list(CPO_LOSS_TYPES), "simpo": ["simpo"],
+                 "orpo": ["orpo"], "kto": list(KTO_LOSS_TYPES)}[self.method]
+        for name in types_:
+            if name not in valid:
+                raise ConfigError(f"loss.loss_type: unknown {name!r} for loss.method "
+                                  f"{self.method!r}; valid: {', '.join(valid)}")
+        if self.method != "dpo" and len(types_) != 1:
+            raise ConfigError(f"loss.loss_type: loss.method {self.method!r} takes one loss type, "
+                              f"got {types_}; combined losses are a dpo feature")
+        if self.loss_weights is not None and len(self.loss_weights) != len(types_):
+            raise ConfigError(f"loss.loss_weights has {len(self.loss_weights)} entries for "
+                              f"{len(types_)} loss types {types_}")
+        if "exo_pair" in types_ and self.label_smoothing == 0:
+            raise ConfigError("loss.label_smoothing must be > 0 for exo_pair (e.g. 1e-3)")
+
+
+# ----------------------------------------------------------------------------- optimization
+class OptimizationConfig(_Section):
+    """AdamW, schedule, batch shape and numerics. Batches are per rank: a step sees
+    micro_batch_size × gradient_accumulation_steps × world_size pairs."""
+
+    learning_rate: float = Field(5e-6, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0)
+    micro_batch_size: int | None = Field(None, gt=0)  # pairs (KTO: examples) per rank per
+    #                                 micro-step; null: 4, or no cap beside a token budget
+    max_tokens_per_batch: int | None = Field(None, gt=0)  # a token budget per micro-batch
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0.0)  # 0: no clipping
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    num_epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # overrides num_epochs
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+
+    def pairs_per_batch(self) -> int | None:
+        """The item cap of a micro-batch: micro_batch_size; unset, 4 without a token budget and
+        none with one (the budget alone decides)."""
+        if self.micro_batch_size is None:
+            return None if self.max_tokens_per_batch is not None else DEFAULT_MICRO_BATCH
+        return self.micro_batch_size
+
+
+# -------------------------------------------------------------------------------- deepspeed
+class DeepSpeedSection(_Section):
+    """DeepSpeed. ``enabled: auto`` uses it under a launcher (several ranks), with ZeRO > 0, or
+    with a user JSON (``config_file``); a single plain process uses PyTorch otherwise."""
+
+    enabled: bool | Literal["auto"] = "auto"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: str | None = None
+    config_file: str | None = None  # a DeepSpeed JSON; "auto" values are filled from here
+    communication_backend: str | None = None  # default: the accelerator's (gloo on CPU)
+    cpu_shm_comm: bool = False  # build DeepSpeed's shared-memory op (inference only; slow JIT)
+
+
+# ---------------------------------------------------------------------------------- logging
+class LoggingConfig(_Section):
+    """Progress bar, JSONL (``<output_dir>/metrics.jsonl``), TensorBoard, evaluation."""
+
+    output_dir: str = "runs/fastpo"
+    log_every: int = Field(1, gt=0)
+    progress: Literal["auto", "tqdm", "rich", "none"] = "auto"
+    tensorboard: bool | Literal["auto"] = "auto"
+    eval_every: int = Field(0, ge=0)  # 0: evaluate only before and after training
+    eval_before: bool = True
+    early_stopping_patience: int = Field(0, ge=0)  # evaluations without improvement; 0: off
+    early_stopping_min_delta: float = Field(0.0, ge=0.0)
+
+
+# ------------------------------------------------------------------------------- checkpoint
+class CheckpointConfig(_Section):
+    """Atomic checkpoints every N steps under ``dir`` (default ``<output_dir>/checkpoints``),
+    the last ``keep_last`` kept. ``resume``: true = the latest valid one, or a checkpoint path.
+    ``export``: final ``save_pretrained`` (auto: the adapter with LoRA, else the full model).
+    ``on_signal``: SIGTERM/SIGINT finish the step, write a checkpoint and stop (exit status
+    128 + the signal); false leaves the signals alone."""
+
+    every_steps: int = Field(0, ge=0)
+    keep_last: int = Field(2, gt=0)
+    dir: str | None = None
+    resume: bool | str = False
+    export: Literal["auto", "adapter", "merged", "full", "none"] = "auto"
+    export_dir: str | None = None  # default <output_dir>/final
+    on_signal: bool = True
+
+
+# ------------------------------------------------------------------------------------- root
+class TrainConfig(_Section):
+    """A whole training job."""
+
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainConfig:
+        try:
+            self.loss.check_names()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        problems = combination_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def reference_mode(self) -> str:
+        """The reference mode with ``auto`` resolved."""
+        mode = self.reference.mode
+        if mode != "auto":
+            return mode
+        if not self.loss.needs_reference():
+            return "none"
+        return "adapter_disabled" if self.model.lora.enabled else "separate"
+
+    def uses_deepspeed(self, world_size: int) -> bool:
+        """Whether this job runs through DeepSpeed with ``world_size`` ranks."""
+        ds = self.deepspeed
+        if ds.enabled != "auto":
+            return bool(ds.enabled)
+        return (world_size > 1 or ds.zero_stage > 0 or ds.config_file is not None
+                or self.optimization.precision == "fp16")
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def combination_problems(cfg: TrainConfig) -> list[str]:
+    """Settings that are valid one by one but not together (each message names the keys)."""
+    problems = []
+    lora, ref, ds, opt = cfg.model.lora, cfg.reference, cfg.deepspeed, cfg.optimization
+    mode = cfg.reference_mode()
+    needs_ref = cfg.loss.needs_reference()
+    if lora.enabled and ref.mode == "separate":
+        problems.append("model.lora.enabled with reference.mode 'separate': the policy with its "
+                        "adapter disabled is the reference (no second copy); use "
+                        "reference.mode 'adapter_disabled' (or 'auto')")
+    if ref.mode == "adapter_disabled" and not lora.enabled:
+        problems.append("reference.mode 'adapter_disabled' needs model.lora.enabled: true")
+    if ref.name_or_path is not None and mode != "separate":
+        problems.append(f"reference.name_or_path is only used with reference.mode 'separate' "
+                        f"(the mode here is {mode!r})")
+    if needs_ref and mode == "none":
+        problems.append(f"loss {cfg.loss.method}/{cfg.loss.resolved_loss_types()} needs reference "
+                        "log-probs but reference.mode is 'none' (set loss.reference_free: true "
+                        "for a reference-free DPO)")
+    if not needs_ref and mode not in ("none",):
+        problems.append(f"loss {cfg.loss.method}/{cfg.loss.resolved_loss_types()} uses no "
+                        f"reference; reference.mode {mode!r} would run one for nothing "
+                        "(use 'auto' or 'none')")
+    follows = ref.sync_steps > 0 or ref.rounds > 1
+    if follows and mode in ("none", "precomputed"):
+        problems.append(f"reference.sync_steps / reference.rounds make the reference follow the "
+                        f"policy, which a reference.mode {mode!r} cannot do")
+    if mode == "precomputed" and ds.zero_stage == 3:
+        problems.append("reference.mode 'precomputed' with deepspeed.zero_stage 3: precomputing "
+                        "hashes and runs the whole (gathered) reference model before training; "
+                        "use zero_stage <= 2, or a 'separate' reference (sharded under ZeRO-3)")
+    conflict = cfg.data.layout_conflict()
+    if conflict:
+        problems.append(conflict)
+    shared_key = "data.share_prompt" if cfg.data.share_prompt else "data.layout " + repr(
+        cfg.data.layout)
+    if cfg.data.wants_shared_prompt() and cfg.loss.method == "kto":
+        problems.append(f"{shared_key} applies to paired losses (shared-prompt rows); "
+                        "loss.method 'kto' trains on unpaired examples")
+    if cfg.data.wants_shared_prompt() and cfg.model.attn_implementation not in ("sdpa", "eager"):
+        problems.append(f"{shared_key} (shared-prompt rows) needs model.attn_implementation "
+                        f"'sdpa' or 'eager' (segment attention or a custom attention mask), not "
+                        f"{cfg.model.attn_implementation!r}")
+    if ds.offload_param != "none" and ds.zero_stage != 3:
+        problems.append("deepspeed.offload_param needs deepspeed.zero_stage 3")
+    if ds.offload_optimizer != "none" and ds.zero_stage == 0:
+        problems.append("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+    if "nvme" in (ds.offload_param, ds.offload_optimizer) and not ds.nvme_path:
+        problems.append("NVMe offload needs deepspeed.nvme_path")
+    if ds.enabled is False and (ds.zero_stage > 0 or ds.config_file or opt.precision == "fp16"):
+        problems.append("deepspeed.enabled is false, but deepspeed.zero_stage > 0, "
+                        "deepspeed.config_file or fp16 precision need DeepSpeed")
+    if opt.warmup_steps and opt.warmup_ratio:
+        problems.append("give optimization.warmup_steps or optimization.warmup_ratio, not both")
+    log = cfg.logging
+    has_eval = cfg.data.eval is not None or cfg.data.eval_fraction > 0
+    if log.early_stopping_patience and not (log.eval_every and has_eval):
+        problems.append("logging.early_stopping_patience needs logging.eval_every > 0 and a "
+                        "held-out split (data.eval or data.eval_fraction > 0)")
+    if log.eval_every and not has_eval:
+        problems.append("logging.eval_every > 0 needs data.eval or data.eval_fraction > 0")
+    export = cfg.checkpoint.export
+    if export in ("adapter", "merged") and not lora.enabled:
+        problems.append(f"checkpoint.export {export!r} needs model.lora.enabled (use 'full')")
+    return problems

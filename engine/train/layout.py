@@ -1,0 +1,235 @@
+"""Batch layouts and ``data.layout: auto``: the cheapest valid layout for the job's data.
+
+Layouts (``data.layout``; the flags are ``(padding_free, share_prompt)``):
+
+- ``padded``: one row per sequence, right padding;
+- ``packed``: every sequence of a micro-batch in one row (``data.padding_free``);
+- ``shared``: one ``[prompt | chosen | rejected]`` row per pair, the prompt run once
+  (``data.share_prompt``; pairs only, not KTO; SDPA or eager attention);
+- ``shared_packed``: those segments packed into one row.
+
+``auto`` estimates the decoder's cost of one epoch in each valid layout from the items' lengths
+(the micro-batches ``plan_batches`` would form) and picks the cheapest. The estimate counts, per
+layer, ``2·P`` FLOPs per token through the projections and MLP (``P`` the layer's matmul
+parameters, padding included since it is computed), ``4·hidden`` FLOPs per attended query-key
+pair (``QKᵀ`` and ``PV``), and a fixed cost per attention call: with segment attention
+(:mod:`fastpo.engine.model.attention`) a packed or shared-prompt row attends piece by piece
+(``Σ n²/2`` pairs), with a dense mask the whole row (``L²``), and padded rows with a padding mask
+``L²`` per row. ``data.padding_free`` / ``data.share_prompt``, when set, fix that dimension of the
+choice (an explicit choice wins); an explicit ``data.layout`` takes no estimate at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from ..data.batch import kl_partner, plan_batches
+from ..data.dataset import TokenizedDataset
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = {"padded": (False, False), "packed": (True, False), "shared": (False, True),
+           "shared_packed": (True, True)}
+SHARED_ATTENTION = ("sdpa", "eager")  # a custom 4-D mask, or segment attention (sdpa)
+
+
+def layout_name(padding_free: bool, share_prompt: bool) -> str:
+    return next(n for n, f in LAYOUTS.items() if f == (bool(padding_free), bool(share_prompt)))
+
+
+def valid_layouts(*, paired: bool, attn_implementation: str | None) -> list[str]:
+    """The layouts a loss (paired or not, e.g. KTO) and an attention implementation support."""
+    shared_ok = paired and (attn_implementation or "eager") in SHARED_ATTENTION
+    return [n for n, (_, shared) in LAYOUTS.items() if shared_ok or not shared]
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the cost estimate needs of the model (defaults: SmolLM2-135M)."""
+
+    hidden: int = 576
+    intermediate: int = 1536
+    heads: int = 9
+    kv_heads: int = 3
+    head_dim: int = 64
+
+    @classmethod
+    def of(cls, config: Any) -> ModelDims:
+        hidden = getattr(config, "hidden_size", None)
+        if not isinstance(hidden, int):
+            return cls()
+        heads = getattr(config, "num_attention_heads", None) or 1
+        return cls(hidden=hidden,
+                   intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
+                   heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(config, "head_dim", None) or hidden // heads)
+
+    def flops_per_token(self) -> float:
+        """Forward matmul FLOPs of one token through one layer (q, k, v, o and a gated MLP)."""
+        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        return 2.0 * (attn + 3 * self.hidden * self.intermediate)
+
+    def flops_per_pair(self) -> float:
+        return 4.0 * self.heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class LayoutCost:
+    """One layout's estimate over an epoch: tokens computed (padding included), attended
+    query-key pairs, attention calls per layer, and their FLOP-equivalent total per layer."""
+
+    layout: str
+    tokens: int
+    pairs: int
+    calls: int
+    cost: float
+
+
+def _sequences(dataset: TokenizedDataset, i: int, with_kl: bool) -> list[int]:
+    """The (prompt + completion) lengths of item ``i``'s sequences (concatenated layouts)."""
+    if dataset.paired:
+        p = dataset.pairs[i]
+        return [len(p.prompt_ids) + len(p.chosen_ids), len(p.prompt_ids) + len(p.rejected_ids)]
+    e = dataset.examples[i]
+    out = [len(e.prompt_ids) + len(e.completion_ids)]
+    if with_kl:
+        partner = dataset.examples[kl_partner(i, len(dataset))]
+        out.append(len(e.prompt_ids) + len(partner.completion_ids))
+    return out
+
+
+def batch_cost(dataset: TokenizedDataset, indices: Sequence[int], layout: str, *,
+               with_kl: bool, attention: str) -> tuple[int, int, int]:
+    """(tokens computed, query-key pairs, attention calls) of one micro-batch in ``layout``.
+
+    ``attention``: ``segments`` (packed and shared-prompt rows piece by piece), ``varlen``
+    (flash-attention: packed rows in one call over the sequences) or ``dense`` (4-D masks)."""
+    packed, shared = LAYOUTS[layout]
+    if shared:
+        shapes = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))
+                  for p in (dataset.pairs[i] for i in indices)]
+        lengths = [p + c + r for p, c, r in shapes]
+        piece_pairs = sum((p + c) * (p + c + 1) // 2 + r * p + r * (r + 1) // 2
+                          for p, c, r in shapes)
+        pieces = 2 * len(shapes)
+    else:
+        lengths = [n for i in indices for n in _sequences(dataset, i, with_kl)]
+        piece_pairs = sum(n * (n + 1) // 2 for n in lengths)
+        pieces = len(lengths)
+    if packed:
+        total = sum(lengths)
+        if attention == "segments":
+            return total, piece_pairs, pieces
+        if attention == "varlen" and not shared:
+            return total, piece_pairs, 1
+        return total, total * total, 1
+    rows, width = len(lengths), max(lengths)
+    if shared and attention == "segments":
+        return rows * width, piece_pairs, pieces
+    # a padding mask (or the shared-prompt mask): SDPA computes every block of every row
+    return rows * width, rows * width * width, 1
+
+
+def estimate(dataset: TokenizedDataset, layout: str, *, dims: ModelDims,
+             pairs_per_batch: int | None, max_tokens_per_batch: int | None, with_kl: bool,
+             attention: str, call_cost_tokens: float = 1.0, seed: int = 0) -> LayoutCost:
+    """The per-layer cost of one epoch (epoch 0's batches) in ``layout``; ``attention`` as in
+    :func:`batch_cost`; ``call_cost_tokens``: the fixed cost of one attention call, in tokens'
+    worth of matmul work (launch overhead; small on a CPU)."""
+    packed, shared = LAYOUTS[layout]
+    batches = plan_batches(dataset, pairs_per_batch=pairs_per_batch,
+                           max_tokens_per_batch=max_tokens_per_batch, seed=seed,
+                           padding_free=packed, share_prompt=shared, with_kl=with_kl)
+    tokens = pairs = calls = 0
+    for indices in batches:
+        t, p, c = batch_cost(dataset, indices, layout, with_kl=with_kl, attention=attention)
+        tokens, pairs, calls = tokens + t, pairs + p, calls + c
+    per_token = dims.flops_per_token()
+    cost = tokens * per_token + pairs * dims.flops_per_pair() + calls * call_cost_tokens * per_token
+    return LayoutCost(layout, tokens, pairs, calls, cost)
+
+
+def choose_layout(dataset: TokenizedDataset, candidates: Sequence[str], **kwargs: Any
+                  ) -> tuple[str, list[LayoutCost]]:
+    """The cheapest of ``candidates`` (ties: the earlier one) and every estimate."""
+    if not candidates:
+        raise ValueError("no layout to choose from")
+    costs = [estimate(dataset, name, **kwargs) for name in candidates]
+    best = min(costs, key=lambda c: c.cost)
+    return best.layout, costs
+
+
+def candidate_layouts(data: Any, *, paired: bool, attn_implementation: str | None) -> list[str]:
+    """The layouts ``data.layout: auto`` may pick: valid ones, restricted by ``padding_free`` and
+    ``share_prompt`` where those are set."""
+    out = []
+    for name in valid_layouts(paired=paired, attn_implementation=attn_implementation):
+        packed, shared = LAYOUTS[name]
+        if data.padding_free is not None and data.padding_free != packed:
+            continue
+        if data.share_prompt is not None and data.share_prompt != shared:
+            continue
+        out.append(name)
+    return out
+
+
+def describe(choice: str, costs: Sequence[LayoutCost]) -> str:
+    """One line: the choice and each candidate's estimate relative to the first (padded)."""
+    base = costs[0]
+    parts = [f"{c.layout} {c.cost / base.cost:.2f}× (tokens computed {c.tokens}, attention pairs "
+             f"{c.pairs:.3g})" for c in costs]
+    return f"data.layout auto → {choice}; estimated decoder cost per epoch: " + ", ".join(parts)
+
+
+def _model_config(path: str | None) -> Any:
+    """The model folder's ``config.json`` as attributes (a JSON read), or None without one."""
+    if path is None:
+        return None
+    try:
+        values = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return SimpleNamespace(**values) if isinstance(values, dict) else None
+
+
+def resolve_layout(cfg: Any, dataset: TokenizedDataset, *, model_config: Any = None,
+                   model_path: str | None = None, device_type: str = "cpu",
+                   with_kl: bool = True) -> str:
+    """Resolve ``cfg.data.layout`` in place (``layout``, ``padding_free``, ``share_prompt`` set
+    to the choice) and return it; ``auto`` is estimated on ``dataset`` (with the dimensions of
+    ``model_config``, else of the config at ``model_path``, else SmolLM2-135M's) and logged."""
+    data = cfg.data
+    if data.layout != "auto":
+        packed, shared = LAYOUTS[data.layout]
+        data.padding_free, data.share_prompt = packed, shared
+        return data.layout
+    attn = cfg.model.attn_implementation
+    candidates = candidate_layouts(data, paired=dataset.paired, attn_implementation=attn)
+    if not candidates:  # the config check refuses these; a dataset of the other kind lands here
+        raise ValueError(f"no batch layout fits data.padding_free={data.padding_free}, "
+                         f"data.share_prompt={data.share_prompt} with "
+                         f"{'paired' if dataset.paired else 'unpaired'} data and "
+                         f"model.attn_implementation {attn!r}")
+    if len(candidates) == 1:
+        choice = candidates[0]
+    else:
+        from ..model.attention import enabled as segments_enabled
+
+        attention = ("segments" if attn == "sdpa" and segments_enabled()
+                     else "varlen" if "flash" in (attn or "") else "dense")
+        opt = cfg.optimization
+        choice, costs = choose_layout(
+            dataset, candidates, dims=ModelDims.of(model_config or _model_config(model_path)),
+            pairs_per_batch=opt.pairs_per_batch(), max_tokens_per_batch=opt.max_tokens_per_batch,
+            with_kl=with_kl, attention=attention,
+            call_cost_tokens=1.0 if device_type == "cpu" else 256.0, seed=cfg.seed)
+        logger.info(describe(choice, costs))
+    data.layout = choice
+    data.padding_free, data.share_prompt = LAYOUTS[choice]
+    return choice

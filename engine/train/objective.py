@@ -1,0 +1,172 @@
+"""The training objective: from one batch's policy and reference log-probs to the loss.
+
+Maps the ``loss`` config onto the loss library (``preference_loss`` for the DPO family,
+``cpo_loss`` for CPO/SimPO/AlphaPO, ``orpo_loss``, ``kto_loss``), feeding each what it needs
+from the forward pass (token counts, logit sums, LD-DPO tails, WPO sums, KTO's mismatched
+pairs). Also the per-item statistics that evaluation sums over the held-out split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..data.batch import PreferenceBatch
+from ..losses.registry import cpo_loss, kto_loss, orpo_loss, preference_loss
+from ..losses.unpaired import kl_reference_point
+from ..model.forward import ForwardLogps, split_pairs, split_unpaired
+from ..model.reference import ReferenceLogps
+from .config import LossConfig
+
+# sums that evaluation accumulates over the held-out split (and across ranks)
+EVAL_KEYS = ("items", "loss", "correct", "margin", "chosen_reward", "rejected_reward",
+             "chosen_items", "rejected_items")
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: Tensor  # scalar to backpropagate
+    metrics: dict[str, Tensor]  # TRL names + ref_kl, detached
+    eval_sums: Tensor  # [len(EVAL_KEYS)] float64, see EVAL_KEYS
+
+
+class Objective:
+    """``objective(policy, reference, batch)`` for the configured loss."""
+
+    def __init__(self, cfg: LossConfig, *, vocab_size: int,
+                 all_reduce_mean: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.cfg = cfg
+        self.method = cfg.method
+        self.types = cfg.resolved_loss_types()
+        self.vocab_size = vocab_size
+        self.all_reduce_mean = all_reduce_mean or (lambda t: t)
+        self.paired = self.method != "kto"
+        self.with_tails = self.method == "dpo" and cfg.ld_alpha is not None
+        self.with_sum_sq = self.method == "dpo" and cfg.use_weighting
+        self.with_kl = self.method == "kto" and "kto" in self.types
+        self.uses_reference = cfg.needs_reference()
+
+    def __call__(self, policy: ForwardLogps, reference: ReferenceLogps,
+                 batch: PreferenceBatch) -> ObjectiveOutput:
+        if self.paired:
+            return self._paired(policy, reference, batch)
+        return self._unpaired(policy, reference, batch)
+
+    # ------------------------------------------------------------------------------ pairs
+    def _paired(self, policy: ForwardLogps, reference: ReferenceLogps,
+                batch: PreferenceBatch) -> ObjectiveOutput:
+        if batch.num_pairs < 1:
+            raise ValueError(f"loss.method {self.method!r} needs pair batches")
+        b = batch.num_pairs
+        chosen, rejected = split_pairs(policy.sequence, b)
+        common = dict(chosen_logits_sum=chosen.logits_sum, rejected_logits_sum=rejected.logits_sum,
+                      vocab_size=self.vocab_size if chosen.logits_sum is not None else None)
+        counts = dict(chosen_num_tokens=chosen.num_tokens, rejected_num_tokens=rejected.num_tokens)
+        c = self.cfg
+        if self.method == "dpo":
+            ref_c = ref_r = None
+            extra: dict[str, Tensor | None] = {}
+            if self.uses_reference:
+                ref_c, ref_r = split_pairs(reference.sequence, b)
+                ref_c, ref_r = ref_c.logps, ref_r.logps
+            if self.with_tails:
+                extra.update(policy_chosen_tail_logps=policy.tail_logps[:b],
+                             policy_rejected_tail_logps=policy.tail_logps[b:])
+                if self.uses_reference:
+                    extra.update(ref_chosen_tail_logps=reference.tail_logps[:b],
+                                 ref_rejected_tail_logps=reference.tail_logps[b:])
+            if self.with_sum_sq:
+                extra.update(chosen_log_sum_sq_probs=policy.log_sum_sq_probs[:b],
+                             rejected_log_sum_sq_probs=policy.log_sum_sq_probs[b:])
+            out = preference_loss(
+                chosen.logps, rejected.logps, ref_c, ref_r, loss_type=self.types,
+                loss_weights=c.loss_weights, beta=c.beta, label_smoothing=c.label_smoothing,
+                f_divergence_type=c.f_divergence_type,
+                f_alpha_divergence_coef=c.f_alpha_divergence_coef, discopop_tau=c.discopop_tau,
+                reference_free=c.reference_free, ld_alpha=c.ld_alpha,
+                use_weighting=c.use_weighting, **counts, **extra, **common)
+        elif self.method in ("cpo", "simpo"):
+            out = cpo_loss(chosen.logps, rejected.logps, loss_type=self.types[0], beta=c.beta,
+                           label_smoothing=c.label_smoothing, cpo_alpha=c.resolved_cpo_alpha(),
+                           simpo_gamma=c.simpo_gamma, alpha=c.alphapo_alpha, **counts, **common)
+        else:
+            out = orpo_loss(chosen.logps, rejected.logps, beta=c.beta, **counts, **common)
+        metrics = dict(out.metrics)
+        if self.uses_reference:
+            metrics["ref_kl"] = _log_ratio_kl(policy, reference)
+        margin = out.chosen_rewards - out.rejected_rewards
+        items = margin.new_full((), float(b))  # a fill on the device, not a host copy
+        sums = torch.stack([
+            items, out.losses.detach().sum(), (margin > 0).sum(), margin.sum(),
+            out.chosen_rewards.sum(), out.rejected_rewards.sum(), items, items]).double()
+        return ObjectiveOutput(out.loss, metrics, sums)
+
+    # ------------------------------------------------------------------------------- KTO
+    def _unpaired(self, policy: ForwardLogps, reference: ReferenceLogps,
+                  batch: PreferenceBatch) -> ObjectiveOutput:
+        if batch.num_examples < 1 or batch.desirable is None:
+            raise ValueError("loss.method 'kto' needs unpaired batches (collate_unpaired)")
+        n = batch.num_examples
+        examples, kl_policy = split_unpaired(policy.sequence, n)
+        ref_examples, kl_ref = split_unpaired(reference.sequence, n)
+        kl = None
+        if self.with_kl:
+            if kl_policy is None or kl_ref is None:
+                raise ValueError("loss_type 'kto' needs the mismatched KL sequences in the batch")
+            # z0 over the whole global batch: mean of the per-rank means (equal batch sizes)
+            kl = self.all_reduce_mean(kl_reference_point(kl_policy.logps, kl_ref.logps))
+        c = self.cfg
+        desirable = batch.desirable.to(examples.logps.device)
+        out = kto_loss(examples.logps, ref_examples.logps, desirable,
+                       loss_type=self.types[0], beta=c.beta, desirable_weight=c.desirable_weight,
+                       undesirable_weight=c.undesirable_weight, kl=kl,
+                       num_tokens=examples.num_tokens, logits_sum=examples.logits_sum,
+                       vocab_size=self.vocab_size if examples.logits_sum is not None else None)
+        metrics = dict(out.metrics)
+        metrics["ref_kl"] = _log_ratio_kl(policy, reference)
+        rewards = out.rewards
+        # "correct": the implicit reward has the sign of the label
+        correct = torch.where(desirable, rewards > 0, rewards < 0)
+        d = desirable.to(rewards.dtype)
+        sums = torch.stack([
+            rewards.new_full((), float(n)), out.losses.detach().sum(),
+            correct.sum(), (rewards * (2 * d - 1)).sum(), (rewards * d).sum(),
+            (rewards * (1 - d)).sum(), d.sum(), (1 - d).sum()]).double()
+        return ObjectiveOutput(out.loss, metrics, sums)
+
+
+def _log_ratio_kl(policy: ForwardLogps, reference: ReferenceLogps) -> Tensor:
+    """Mean over the batch's sequences of log π(y|x) − log π_ref(y|x) on its completions: the
+    sequence-level KL estimate (k1) on the data completions."""
+    return (policy.sequence.logps.detach().float() - reference.sequence.logps.float()).mean()
+
+
+def summarize_eval(sums: Tensor, *, paired: bool) -> dict[str, float]:
+    """Held-out metrics from the summed statistics (after the all-reduce): the evaluation's one
+    device-to-host read."""
+    s = dict(zip(EVAL_KEYS, sums.double().cpu().tolist()))
+    items = max(s["items"], 1.0)
+    out = {
+        "items": int(s["items"]),
+        "loss": s["loss"] / items,
+        "rewards/accuracies": s["correct"] / items,
+    }
+    if paired:
+        out["rewards/margins"] = s["margin"] / items
+        out["rewards/chosen"] = s["chosen_reward"] / items
+        out["rewards/rejected"] = s["rejected_reward"] / items
+    else:
+        # a held-out split with no desirable (or no undesirable) example has no value for that
+        # side: the key is left out (with its count), never reported as NaN
+        out.update({"count/chosen": int(s["chosen_items"]),
+                    "count/rejected": int(s["rejected_items"])})
+        if s["chosen_items"]:
+            out["rewards/chosen"] = s["chosen_reward"] / s["chosen_items"]
+        if s["rejected_items"]:
+            out["rewards/rejected"] = s["rejected_reward"] / s["rejected_items"]
+        if s["chosen_items"] and s["rejected_items"]:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out

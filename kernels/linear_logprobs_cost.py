@@ -1,0 +1,371 @@
+"""Roofline cost model of the fused linear logprob op: which design, at what predicted speed.
+
+Two designs compute ``logp_n = z[n, y_n] − logsumexp(z[n])`` with ``z = (h Wᵀ + b) / T`` and its
+gradients without the ``[N, V]`` logits:
+
+    tile   Triton kernels of ``linear_logprobs_triton.py``. Forward: one fused kernel builds each
+           ``BLOCK_N × BLOCK_V`` logit tile in registers and keeps an online log-sum-exp (nothing
+           of size N·V touches memory). Backward: one kernel recomputes each tile and adds its
+           shares of ``grad_h`` and ``grad_W`` with fp32 atomics.
+    gemm   ``linear_logprobs_gemm.py``: token chunks × vocab slices whose logits come from one
+           cuBLAS GEMM into an fp32 buffer, a row kernel (log-sum-exp; in the backward the softmax
+           gradient), then ``grad_h`` and ``grad_W`` as GEMMs accumulating in fp32. No atomics.
+
+The model is a roofline per kernel class: ``time = max(FLOPs / peak, bytes / HBM bandwidth +
+atomic bytes / (ATOMIC_EFFICIENCY · HBM bandwidth)) + launches · LAUNCH_S``, summed over the
+kernels a design runs. A class of identical launches (every GEMM of a phase, say) is charged as
+one kernel with the summed FLOPs and bytes, which is exact when its launches share one regime
+(all compute-bound, all memory-bound) — the case at the anchor shapes. Peak rates are the data
+sheet's; no kernel reaches them, so the predicted times are lower bounds and the percentages upper
+bounds. Efficiency below the roofline (cuBLAS ~80-90 % of dense peak on large bf16 GEMMs, a Triton
+fused dot kernel usually less) is not modelled: it needs a GPU to calibrate.
+
+Assumptions, stated once:
+
+* **Atomics.** A fp32 ``atomic_add`` into a buffer far larger than L2 (``grad_h`` is N·H·4 bytes,
+  ``grad_W`` V·H·4) misses L2: the sector is read from HBM, modified, written back. The kernels
+  add contiguous rows of ``BLOCK_H`` floats, so sectors are used whole, and each 4 bytes added
+  move 8 bytes of HBM traffic: atomics stream at ``ATOMIC_EFFICIENCY = 0.5`` of the HBM bandwidth.
+  This ignores the serialization of the L2 atomic units, so it flatters the tile design.
+* **L2 reuse in the tile kernels.** Programs run token tiles fastest, so the ~``sms`` programs in
+  flight share the weight tiles they stream: the weight crosses HBM ``ceil(token tiles / sms)``
+  times per pass. Hidden rows are re-read per vocab split from L2 (not charged).
+* **Launch cost.** ``LAUNCH_S`` (4 µs) of GPU time per kernel launch.
+* **FLOPs.** Executed FLOPs count only matmul work (2 per multiply-add); the exp/log of the row
+  kernels is charged as memory traffic, which bounds it. "Model" FLOPs are those of a training
+  step that keeps its logits, 2·N·V·H forward, 6·N·V·H forward + backward — the numerator of every
+  TFLOP/s figure of the benchmarks. Both designs recompute the logits in the backward (the
+  upstream gradient is not known in the forward, and keeping the logits is what is avoided), so
+  forward + backward executes 8·N·V·H: at best 75 % of peak in model FLOPs.
+
+* **Rows.** A call has N token rows, some ignored (prompt, padding). Their count is a device
+  value; the host knows it only when the caller passes it (the op's ``num_scored`` hint,
+  ``Shape.scored``). Without it the gemm design computes every row (its loops are sized on the
+  host; the ignored rows come out zero) and is charged for all N; with it the gemm design
+  compacts the scored rows (a gather per chunk) and is charged for those only. The tile kernels
+  always skip ignored rows on the device, but with the count unknown they are charged for N too
+  (an upper bound; their idle programs cost nothing). Model FLOPs count the rows charged.
+
+The op's dispatcher (``linear_logprobs``) calls :func:`choose_design` per call and phase with the
+call's N, its ``num_scored`` hint (if any), H, V, dtype and device; the benchmark
+``python -m benchmarks.roofline`` prints the same numbers at the anchor shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+ATOMIC_EFFICIENCY = 0.5
+LAUNCH_S = 4e-6
+GEMM_BUDGET_BYTES = 2**30  # working memory of the gemm design beyond the returned gradients
+DESIGNS = ("tile", "gemm")
+PHASES = ("forward", "backward", "fwd+bwd")
+# Tile shapes of the Triton kernels on sm_90 (``linear_logprobs_triton.launch_config``; a test
+# holds the two together), by operand bytes.
+TILE_BLOCK_N = {2: 128, 4: 64}
+TILE_BLOCK_V = {2: 128, 4: 64}
+TILE_WEIGHT_GRAD_CHUNK_BYTES = 256 * 2**20  # fp32 grad_W rows per backward launch (half weights)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Data-sheet rates of a GPU (dense, no sparsity)."""
+
+    name: str
+    half_flops: float  # bf16 / fp16 tensor cores, FLOP/s
+    tf32_flops: float
+    fp32_flops: float  # fp32 without tensor cores (torch's default for fp32 matmuls)
+    hbm_bytes_per_s: float
+    sms: int
+
+    def matmul_flops(self, dtype_bytes: int, tf32: bool = False) -> float:
+        if dtype_bytes == 2:
+            return self.half_flops
+        return self.tf32_flops if tf32 else self.fp32_flops
+
+
+H100 = DeviceSpec("H100 SXM", 989e12, 494.5e12, 67e12, 3.35e12, 132)
+H200 = DeviceSpec("H200 SXM", 989e12, 494.5e12, 67e12, 4.8e12, 132)
+
+
+def device_spec(name: str | None) -> DeviceSpec:
+    """The spec of a device name (``torch.cuda.get_device_name``); H100 for anything unknown."""
+    text = (name or "").lower()
+    return H200 if "h200" in text else H100
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One call: ``tokens`` rows (N, scored or not), hidden size, vocabulary, operand bytes (2
+    bf16/fp16, 4 fp32), which gradients are needed, whether fp32 matmuls may use TF32, and
+    ``scored``: the number of scored rows when the host knows it (None: unknown)."""
+
+    tokens: int
+    hidden: int
+    vocab: int
+    dtype_bytes: int = 2
+    bias: bool = False
+    need_hidden: bool = True
+    need_weight: bool = True
+    tf32: bool = False
+    scored: int | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows a design is charged for: the scored ones when known, else all N."""
+        return self.tokens if self.scored is None else self.scored
+
+    @property
+    def compact(self) -> bool:
+        """Whether the gemm design gathers the scored rows (their count is known)."""
+        return self.scored is not None
+
+
+@dataclass
+class Cost:
+    """Predicted cost of one design and phase."""
+
+    design: str
+    phase: str
+    flops: float = 0.0  # executed matmul FLOPs
+    model_flops: float = 0.0  # 2·N·V·H forward, 6·N·V·H forward + backward
+    hbm_bytes: float = 0.0
+    atomic_bytes: float = 0.0
+    launches: int = 0
+    time_s: float = 0.0
+    memory_bytes: float = 0.0  # working memory beyond inputs and returned gradients
+    peak_flops: float = field(default=0.0, repr=False)
+
+    def kernel(self, spec: DeviceSpec, *, flops: float = 0.0, nbytes: float = 0.0,
+               atomic_bytes: float = 0.0, launches: int = 1, rate: float | None = None) -> None:
+        """Charge a class of ``launches`` kernels with these summed FLOPs and bytes."""
+        rate = rate or self.peak_flops
+        memory_s = (nbytes + atomic_bytes / ATOMIC_EFFICIENCY) / spec.hbm_bytes_per_s
+        self.time_s += max(flops / rate, memory_s) + launches * LAUNCH_S
+        self.flops += flops
+        self.hbm_bytes += nbytes
+        self.atomic_bytes += atomic_bytes
+        self.launches += launches
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.design, "fwd+bwd", self.flops + other.flops,
+                    self.model_flops + other.model_flops, self.hbm_bytes + other.hbm_bytes,
+                    self.atomic_bytes + other.atomic_bytes, self.launches + other.launches,
+                    self.time_s + other.time_s, max(self.memory_bytes, other.memory_bytes),
+                    self.peak_flops)
+
+    @property
+    def pct_peak(self) -> float:
+        """Executed FLOP rate as a percentage of the matmul peak (how GEMM-bound the design is)."""
+        return 100.0 * self.flops / self.time_s / self.peak_flops if self.time_s else 0.0
+
+    @property
+    def model_pct_peak(self) -> float:
+        """Model FLOP rate (2 or 6·N·V·H per time) as a percentage of the matmul peak."""
+        return 100.0 * self.model_flops / self.time_s / self.peak_flops if self.time_s else 0.0
+
+
+def _new(design: str, phase: str, shape: Shape, spec: DeviceSpec) -> Cost:
+    cost = Cost(design, phase, peak_flops=spec.matmul_flops(shape.dtype_bytes, shape.tf32))
+    nvh = shape.rows * shape.vocab * shape.hidden
+    cost.model_flops = 2.0 * nvh if phase == "forward" else 4.0 * nvh
+    return cost
+
+
+# --------------------------------------------------------------------------- tile design
+
+
+def _tile_blocks(shape: Shape) -> tuple[int, int]:
+    return TILE_BLOCK_N[shape.dtype_bytes], TILE_BLOCK_V[shape.dtype_bytes]
+
+
+def tile_forward(shape: Shape, spec: DeviceSpec) -> Cost:
+    n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
+    cost = _new("tile", "forward", shape, spec)
+    block_n, block_v = _tile_blocks(shape)
+    n_tiles, v_tiles = math.ceil(n / block_n), math.ceil(v / block_v)
+    splits = max(1, min(v_tiles, math.ceil(2 * spec.sms / max(n_tiles, 1))))
+    weight_passes = math.ceil(n_tiles / spec.sms)
+    cost.kernel(spec, nbytes=shape.tokens * 16, launches=4)  # scored order (sort) and count
+    cost.kernel(spec, flops=2.0 * n * v * h,
+                nbytes=n * h * e + weight_passes * v * h * e + 3 * 4 * splits * n)
+    cost.kernel(spec, nbytes=3 * 4 * splits * n + 8 * n * 4, launches=8)  # combine the splits
+    cost.memory_bytes = 3 * 4 * splits * n + 16 * n
+    return cost
+
+
+def tile_backward(shape: Shape, spec: DeviceSpec) -> Cost:
+    n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
+    cost = _new("tile", "backward", shape, spec)
+    block_n, block_v = _tile_blocks(shape)
+    n_tiles, v_tiles = math.ceil(n / block_n), math.ceil(v / block_v)
+    half_weight = e != 4
+    chunk = v
+    if half_weight:
+        chunk = max(1, min(v, TILE_WEIGHT_GRAD_CHUNK_BYTES // (4 * h)))
+    launches = math.ceil(v / chunk)
+    weight_passes = math.ceil(n_tiles / spec.sms)
+    matmuls = 1 + shape.need_hidden + shape.need_weight
+    atomics = 0.0
+    if shape.need_hidden:
+        atomics += 4.0 * n * h * v_tiles  # every vocab tile adds its share of each grad_h row
+    if shape.need_weight:
+        atomics += 4.0 * v * h * n_tiles  # every token tile adds its share of each grad_W row
+    if shape.bias:
+        atomics += 4.0 * v * n_tiles
+    cost.kernel(spec, nbytes=shape.tokens * 16, launches=4)  # scored order and count
+    cost.kernel(spec, nbytes=4.0 * n * h * shape.need_hidden, launches=1)  # zero grad_h
+    cost.kernel(spec, flops=2.0 * matmuls * n * v * h, launches=launches,
+                nbytes=matmuls * (n * h * e + weight_passes * v * h * e), atomic_bytes=atomics)
+    if shape.need_weight and half_weight:  # zero the fp32 chunk, cast it into grad_W
+        cost.kernel(spec, nbytes=v * h * (4 + 4 + e), launches=2 * launches)
+    if shape.need_hidden:
+        cost.kernel(spec, nbytes=n * h * (4 + e))  # grad_h fp32 -> input dtype
+    cost.memory_bytes = (4.0 * n * h * shape.need_hidden
+                         + 4.0 * chunk * h * (shape.need_weight and half_weight))
+    return cost
+
+
+# --------------------------------------------------------------------------- gemm design
+
+
+def gemm_memory(tokens: int, hidden: int, vocab: int, dtype_bytes: int, chunk_tokens: int,
+                chunk_vocab: int, *, need_hidden: bool = True, need_weight: bool = True,
+                softcap: bool = False) -> int:
+    """Working bytes of the gemm design's backward (its forward needs less) beyond the inputs and
+    the returned gradients: the fp32 logits tile, its gradient in the operand dtype (in place for
+    fp32 unless ``softcap``: the capped backward keeps the tile for dz/dL), a gathered hidden
+    chunk, the fp32 grad_h rows and a slice's fp32 grad_W accumulator (half-precision weights),
+    and per-row vectors."""
+    tile = chunk_tokens * chunk_vocab
+    grad_tile = 0 if dtype_bytes == 4 and not softcap else tile * dtype_bytes
+    acc_w = 4 * chunk_vocab * hidden if need_weight and dtype_bytes != 4 else 0
+    acc_h = 4 * tokens * hidden if need_hidden else 0
+    return 4 * tile + grad_tile + chunk_tokens * hidden * dtype_bytes + acc_h + acc_w + 48 * tokens
+
+
+@functools.lru_cache(maxsize=256)
+def gemm_plan(tokens: int, hidden: int, vocab: int, dtype_bytes: int, *,
+              need_hidden: bool = True, need_weight: bool = True,
+              budget_bytes: int = GEMM_BUDGET_BYTES, spec: DeviceSpec = H100,
+              softcap: bool = False) -> tuple[int, int]:
+    """(chunk_tokens, chunk_vocab) of the gemm design: among power-of-two tiles (16..8192 tokens,
+    128..16384 vocab entries, clamped to the shape) whose working memory (:func:`gemm_memory`)
+    fits the budget, the one with the smallest predicted time (ties: the larger tile).
+
+    The fp32 grad_h rows (4·N·H bytes) do not shrink with the tile; when they take more than half
+    the budget, the budget becomes those rows plus half the budget.
+    """
+    tokens, vocab = max(tokens, 1), max(vocab, 1)
+    floor = 4 * tokens * hidden if need_hidden else 0
+    budget = max(budget_bytes, floor + budget_bytes // 2)
+    token_options = sorted({min(tokens, 2**k) for k in range(4, 14)}, reverse=True)
+    vocab_options = sorted({min(vocab, 2**k) for k in range(7, 15)}, reverse=True)
+    shape = Shape(tokens, hidden, vocab, dtype_bytes, need_hidden=need_hidden,
+                  need_weight=need_weight)
+    backward = need_hidden or need_weight
+    best, best_key = (token_options[-1], vocab_options[-1]), None
+    for c in token_options:
+        for s in vocab_options:
+            mem = gemm_memory(tokens, hidden, vocab, dtype_bytes, c, s, need_hidden=need_hidden,
+                              need_weight=need_weight, softcap=softcap)
+            if mem > budget:
+                continue
+            cost = (gemm_backward if backward else gemm_forward)(shape, spec, plan=(c, s))
+            key = (round(cost.time_s, 9), -c * s, -c)
+            if best_key is None or key < best_key:
+                best, best_key = (c, s), key
+    return best
+
+
+def gemm_forward(shape: Shape, spec: DeviceSpec, plan: tuple[int, int] | None = None) -> Cost:
+    n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
+    cost = _new("gemm", "forward", shape, spec)
+    c, s = plan or gemm_plan(n, h, v, e, need_hidden=False, need_weight=False, spec=spec)
+    chunks, slices = math.ceil(n / c), math.ceil(v / s)
+    tiles = chunks * slices
+    cost.kernel(spec, nbytes=shape.tokens * 24, launches=4)  # labels, output buffers
+    if shape.compact:  # the scored rows: nonzero_static, then a gather per chunk
+        cost.kernel(spec, nbytes=shape.tokens * 16 + 2 * n * h * e, launches=2 + 2 * chunks)
+    cost.kernel(spec, flops=2.0 * n * v * h, launches=tiles,
+                nbytes=slices * n * h * e + chunks * v * h * e + 4.0 * n * v)
+    if shape.bias:
+        cost.kernel(spec, nbytes=8.0 * n * v, launches=tiles)
+    cost.kernel(spec, nbytes=4.0 * n * v, launches=tiles)  # row log-sum-exp
+    # per tile: the label's column and logit, the running lse (small elementwise kernels)
+    cost.kernel(spec, nbytes=tiles * c * 40, launches=9 * tiles)
+    cost.kernel(spec, nbytes=n * 40, launches=10 * chunks)  # per chunk: init, select, store rows
+    cost.memory_bytes = 4 * c * s + c * h * e + 40 * n
+    return cost
+
+
+def gemm_backward(shape: Shape, spec: DeviceSpec, plan: tuple[int, int] | None = None) -> Cost:
+    n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
+    cost = _new("gemm", "backward", shape, spec)
+    c, s = plan or gemm_plan(n, h, v, e, need_hidden=shape.need_hidden,
+                             need_weight=shape.need_weight, spec=spec)
+    chunks, slices = math.ceil(n / c), math.ceil(v / s)
+    tiles = chunks * slices
+    nvh = float(n) * v * h
+    cost.kernel(spec, nbytes=shape.tokens * 48, launches=8)  # scored rows, per-row vectors
+    cost.kernel(spec, nbytes=4.0 * n * h * shape.need_hidden, launches=1)  # zero grad_h rows
+    if shape.compact or shape.need_weight:  # a copy of each hidden chunk: the scored rows
+        # gathered, or every row with the ignored ones zeroed for the grad_W GEMM
+        cost.kernel(spec, nbytes=2 * slices * n * h * e, launches=tiles)
+    cost.kernel(spec, flops=2 * nvh, launches=tiles,  # recompute the logits
+                nbytes=slices * n * h * e + chunks * v * h * e + 4.0 * n * v)
+    if shape.bias:
+        cost.kernel(spec, nbytes=8.0 * n * v, launches=tiles)
+    cost.kernel(spec, nbytes=(4.0 + e) * n * v + tiles * c * 32, launches=4 * tiles)  # dlogits
+    if shape.need_hidden:  # grad_h[c] += G @ W_s, fp32 accumulator read and written
+        cost.kernel(spec, flops=2 * nvh, launches=tiles,
+                    nbytes=e * n * v + chunks * v * h * e + 8.0 * slices * n * h)
+        cost.kernel(spec, nbytes=n * h * (4 + e) * 2, launches=2)  # cast, scatter rows
+    if shape.need_weight:  # grad_W[s] += Gᵀ @ h_c in fp32, cast once per slice
+        cost.kernel(spec, flops=2 * nvh, launches=tiles,
+                    nbytes=e * n * v + slices * n * h * e + 8.0 * chunks * v * h)
+        cost.kernel(spec, nbytes=v * h * (4 + 4 + e), launches=2 * slices)
+    if shape.bias:
+        cost.kernel(spec, nbytes=e * n * v, launches=tiles)
+    cost.memory_bytes = gemm_memory(n, h, v, e, c, s, need_hidden=shape.need_hidden,
+                                    need_weight=shape.need_weight)
+    return cost
+
+
+# --------------------------------------------------------------------------- choice
+
+
+def predict(design: str, phase: str, shape: Shape, spec: DeviceSpec) -> Cost:
+    """Cost of ``design`` ("tile" or "gemm") for ``phase`` ("forward", "backward", "fwd+bwd")."""
+    if design not in DESIGNS:
+        raise ValueError(f"unknown design {design!r}; expected one of {DESIGNS}")
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+    fwd, bwd = (tile_forward, tile_backward) if design == "tile" else (gemm_forward, gemm_backward)
+    if phase == "forward":
+        return fwd(shape, spec)
+    if phase == "backward":
+        return bwd(shape, spec)
+    return fwd(shape, spec) + bwd(shape, spec)
+
+
+def choose_design(phase: str, shape: Shape, spec: DeviceSpec, *,
+                  deterministic: bool = False) -> str:
+    """The design with the smaller predicted time for ``phase`` ("forward" or "backward");
+    ``deterministic`` rules out the atomics of the tile backward."""
+    if phase == "backward" and deterministic:
+        return "gemm"
+    costs = {d: predict(d, phase, shape, spec).time_s for d in DESIGNS}
+    return min(DESIGNS, key=lambda d: (costs[d], d != "tile"))
+
+
+def best_plan(shape: Shape, spec: DeviceSpec, *, deterministic: bool = False
+              ) -> tuple[str, str, Cost]:
+    """(forward design, backward design, their combined fwd+bwd cost) as the dispatcher picks."""
+    fwd = choose_design("forward", shape, spec)
+    bwd = choose_design("backward", shape, spec, deterministic=deterministic)
+    cost = predict(fwd, "forward", shape, spec) + predict(bwd, "backward", shape, spec)
+    cost.design = f"{fwd} fwd + {bwd} bwd"
+    return fwd, bwd, cost

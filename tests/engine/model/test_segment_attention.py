@@ -1,0 +1,196 @@
+"""Segment attention (fastpo.engine.model.attention): per-piece SDPA equals the dense-mask
+attention of packed and shared-prompt rows, forward and gradients, against a float64 reference;
+the model path runs it (also under gradient checkpointing) and falls back or fails loudly where it
+can't."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fastpo.engine.data import segments as S
+from fastpo.engine.data.batch import collate_pairs
+from fastpo.engine.data.dataset import TokenizedPair
+from fastpo.engine.model import attention as A
+from fastpo.engine.model.forward import forward_logps
+
+
+def dense_allowed(plan: S.SegmentPlan) -> torch.Tensor:
+    """``[R, L, L]`` bool: what each query may see, spelled out from the plan."""
+    allowed = torch.zeros(len(plan.rows), plan.width, plan.width, dtype=torch.bool)
+    for r, pieces in enumerate(plan.rows):
+        start = prev = 0
+        for p in pieces:
+            stop = start + p.length
+            for q in range(start, stop):
+                if p.kind == S.CAUSAL:
+                    allowed[r, q, start: q + 1] = True
+                elif p.kind == S.BRANCH:
+                    allowed[r, q, prev: prev + p.prompt] = True
+                    allowed[r, q, start: q + 1] = True
+            prev, start = start, stop
+    return allowed
+
+
+def reference_attention(q, k, v, allowed, scale):
+    """float64 softmax attention; rows with no visible key give 0."""
+    q, k, v = (t.double() for t in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    weights = torch.softmax(scores, -1).nan_to_num(0.0)
+    return (weights @ v).transpose(1, 2)  # [R, L, H, D]
+
+
+def padded_rows(allowed: torch.Tensor) -> torch.Tensor:
+    return ~allowed.any(-1)
+
+
+PLANS = {
+    "packed": lambda: S.packed_plan([5, 1, 9, 3], 21),  # a one-token sequence, tail padding
+    "shared-rows": lambda: S.shared_prompt_plan([[(4, 3, 6)], [(1, 1, 1)], [(7, 2, 3)]], 13),
+    "shared-one-row": lambda: S.shared_prompt_plan([[(4, 3, 6), (1, 1, 1), (7, 2, 3)]], 29),
+}
+
+
+@pytest.mark.parametrize("plan_name", list(PLANS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(6, 2), (3, 3)], ids=["gqa", "mha"])
+def test_segment_attention_matches_float64_dense_mask(plan_name, dtype, heads):
+    plan = PLANS[plan_name]()
+    h, hkv = heads
+    rows, width, dim = len(plan.rows), plan.width, 10  # head dim not a power of two
+    g = torch.Generator().manual_seed(0)
+    # transformers hands q/k/v as transposed views of [R, L, H, D] projections: strided input
+    q = torch.randn(rows, width, h, dim, generator=g).to(dtype).transpose(1, 2)
+    k = (2 * torch.randn(rows, width, hkv, dim, generator=g)).to(dtype).transpose(1, 2)
+    v = torch.randn(rows, width, hkv, dim, generator=g).to(dtype).transpose(1, 2)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    scale = dim ** -0.5
+    out = A.segment_attention(q, k, v, plan, scale=scale)
+    assert out.shape == (rows, width, h, dim) and out.dtype == dtype
+    allowed = dense_allowed(plan)
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = reference_attention(*ref_inputs, allowed, scale)
+    grad_out = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (out.double() * grad_out).sum().backward()
+    (ref * grad_out).sum().backward()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        for name, t, r in zip("qkv", (q, k, v), ref_inputs):
+            torch.testing.assert_close(t.grad.double(), r.grad, rtol=1e-5, atol=1e-5,
+                                       msg=f"grad {name}")
+    else:
+        # bf16: no further from float64 than torch's own dense-mask SDPA in bf16
+        dense = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        dense_out = torch.nn.functional.scaled_dot_product_attention(
+            *dense, attn_mask=allowed[:, None], scale=scale, enable_gqa=h != hkv).transpose(1, 2)
+        (dense_out.double() * grad_out).sum().backward()
+        real = ~padded_rows(allowed)[..., None, None].expand_as(ref)
+        pairs = [(out, ref, dense_out, "out")] + [
+            (t.grad, r.grad, d.grad, f"grad {n}") for n, t, r, d in zip("qkv", (q, k, v),
+                                                                       ref_inputs, dense)]
+        for got, want, fallback, name in pairs:
+            mask = real if name == "out" else torch.ones_like(want, dtype=torch.bool)
+            err = (got.double() - want)[mask].abs().max()
+            bound = (fallback.double() - want)[mask].abs().max()
+            assert err <= 1.5 * bound + 1e-3, f"{name}: {err} vs dense bf16 {bound}"
+    # padding produces 0 and takes no gradient from anything
+    padded = padded_rows(allowed)
+    assert torch.equal(out.detach()[padded], torch.zeros_like(out.detach()[padded]))
+
+
+def test_cost_and_plan_checks():
+    plan = S.shared_prompt_plan([[(4, 3, 6)]], 15)
+    # [p | c] causal: 7·8/2 pairs; rejected: 6 queries × 4 prompt keys + 6·7/2 causal
+    assert S.attention_pairs(plan) == 28 + 24 + 21 == int(dense_allowed(plan).sum())
+    assert S.attention_pairs(S.packed_plan([3, 4], 9)) == 6 + 10
+    with pytest.raises(ValueError, match="pieces cover 7 tokens of 9"):
+        S.SegmentPlan(9, ((S.Piece(S.CAUSAL, 7),),))
+    with pytest.raises(ValueError, match="branch piece 0 needs a preceding causal piece"):
+        S.SegmentPlan(3, ((S.Piece(S.BRANCH, 3, prompt=1),),))
+    q = torch.zeros(1, 2, 9, 4)
+    with pytest.raises(ValueError, match=r"a \[1, 9\] batch for a plan of \[1, 15\]"):
+        A.segment_attention(q, q, q, plan)
+
+
+# ------------------------------------------------------------------------------ model path
+def tiny(attn: str = "sdpa", **overrides) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=89, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         initializer_range=0.2, attn_implementation=attn, **overrides)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def pairs(vocab: int = 89) -> list[TokenizedPair]:
+    g = torch.Generator().manual_seed(3)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(1, vocab, (n,), generator=g).tolist()
+
+    return [TokenizedPair(ids(p), ids(c), ids(r)) for p, c, r in ((6, 4, 9), (1, 2, 1), (3, 7, 2))]
+
+
+def logps_and_grads(model, batch):
+    model.zero_grad()
+    out = forward_logps(model, batch).sequence.logps
+    (out * torch.linspace(0.5, 1.5, out.shape[0])).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("layout", [dict(padding_free=True), dict(share_prompt=True),
+                                    dict(share_prompt=True, padding_free=True)],
+                         ids=["packed", "shared", "shared-one-row"])
+def test_gradient_checkpointing_recomputes_with_the_plan(layout):
+    model = tiny()
+    data = pairs()
+    ref, ref_grads = logps_and_grads(model, collate_pairs(data, pad_token_id=0))
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable()
+    model.train()
+    batch = collate_pairs(data, pad_token_id=0, pad_to_multiple_of=8, **layout)
+    out, grads = logps_and_grads(model, batch)
+    # every layer's forward and its recompute in the backward ran the plan
+    assert batch.attention_plan.calls == 2 * model.config.num_hidden_layers
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fallbacks_keep_the_dense_mask():
+    data = pairs()
+    eager = tiny("eager")
+    batch = collate_pairs(data, pad_token_id=0, share_prompt=True)
+    forward_logps(eager, batch)
+    assert batch.attention_plan.calls == 0  # eager: the dense additive mask
+    sdpa = tiny()
+    with A.dense_attention():
+        forward_logps(sdpa, batch)
+    assert batch.attention_plan.calls == 0 and A.enabled()
+    # a sliding window shorter than a sequence: transformers' own packed mask applies it
+    assert not A.applies(tiny(sliding_window=4).config, batch.attention_plan, batch.max_seqlen)
+    assert A.applies(sdpa.config, batch.attention_plan, batch.max_seqlen)
+    forward_logps(sdpa, batch)
+    assert batch.attention_plan.calls == sdpa.config.num_hidden_layers
+
+
+def test_a_model_that_bypasses_the_attention_interface_is_an_error(monkeypatch):
+    model = tiny()
+    batch = collate_pairs(pairs(), pad_token_id=0, padding_free=True)
+
+    def ignores_the_plan(module, query, key, value, attention_mask, **kwargs):
+        kwargs.pop(A.PLAN_KWARG)
+        return A._WRAPPED["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+    A.install()
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", ignores_the_plan)
+    with pytest.raises(RuntimeError, match="does not dispatch through transformers' attention"):
+        forward_logps(model, batch)

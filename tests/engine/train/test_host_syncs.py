@@ -1,0 +1,302 @@
+"""No host synchronization in the hot path: the ops and whole training steps, counted.
+
+A host synchronization makes the CPU wait for the device, which drains the GPU's queue of work.
+``SyncCounter`` (a ``TorchDispatchMode``) counts, with the file and line that caused each one:
+
+- scalar reads: ``aten._local_scalar_dense`` (``.item()``, ``float(t)``, ``int(t)``,
+  ``bool(t)``, ``if t:``), ``aten.item``, ``aten.is_nonzero``, ``aten.equal``. The dispatcher
+  sends these for CPU tensors too, so they are seen on a machine without a GPU.
+- copies to the host: ``aten._to_copy`` / ``aten.copy_`` whose destination is on the CPU and whose
+  source is not (a blocking device-to-host copy; a CPU-to-CPU copy is not a synchronization).
+- host conversions the dispatcher never sees for a CPU tensor (``Tensor.tolist``,
+  ``Tensor.numpy``, ``Tensor.cpu``): counted by wrapping those methods while counting (for a
+  device tensor they go through ``_to_copy``, counted above, not twice).
+- with ``data_dependent=True`` also ops whose output size depends on values (``nonzero``,
+  ``masked_select``, ``unique``, boolean-mask indexing): on a GPU the host waits for the size
+  (not asserted for the ops, whose CPU-only branches use ``nonzero``: see that test).
+
+Seen: every ATen op called from Python, including inside fastpo's ``torch.library`` custom ops
+(their Python bodies are run under the counter). Not seen: what runs inside one op's own
+implementation, i.e. inside a C++ extension kernel (fastpo's native CPU kernel), a fused
+optimizer kernel, a Triton kernel, or DeepSpeed's ``engine.step`` (which may synchronize for fp16
+loss scaling and ZeRO's overflow check: DeepSpeed's, not ours).
+
+Documented counts (tiny Llama, separate reference model, plain PyTorch backend):
+- an op call (forward + backward of ``token_logps``, ``sequence_logps``,
+  ``linear_sequence_logps``): 0.
+- a training step that is not a logging step: 0 from fastpo. transformers (5.24) adds scalar
+  reads while it builds the attention mask of each model forward (``masking_utils``: two
+  ``fast_all`` of a padding mask, or ``find_packed_sequence_indices`` once for packed rows), so
+  up to 4 per micro-batch (policy + reference forward); they are attributed and bounded here,
+  not ours to remove.
+- a logging step: exactly 1 from fastpo, the read of the one packed metrics tensor
+  (``StepMetrics.read_steps``); under several ranks it follows one ``all_gather``.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from torch._library.custom_ops import OPDEFS
+from torch.utils._python_dispatch import TorchDispatchMode
+from trainer_helpers import job
+
+import fastpo.engine
+from fastpo import kernels
+from fastpo.engine.train.config_loading import config_from_dict
+
+SCALAR_READS = {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal"}
+COPIES = {"aten._to_copy", "aten.copy_"}
+DATA_DEPENDENT = {"aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
+                  "aten._unique2", "aten.unique_dim", "aten.unique_consecutive",
+                  "aten.repeat_interleave"}
+HOST_METHODS = ("tolist", "numpy", "cpu")
+
+REPO = Path(fastpo.engine.__file__).resolve().parent.parent
+OURS = (REPO / "engine", REPO / "kernels")
+TORCH = Path(torch.__file__).resolve().parent
+HERE = Path(__file__).resolve()
+
+
+def _origin() -> str:
+    """``file:line`` of the innermost caller outside torch and this file."""
+    for frame in reversed(traceback.extract_stack()):
+        path = Path(frame.filename).resolve()
+        if path == HERE or path.is_relative_to(TORCH):
+            continue
+        for root in OURS:
+            if path.is_relative_to(root):
+                return f"fastpo/{path.relative_to(REPO)}:{frame.lineno}"
+        return f"{'/'.join(path.parts[-2:])}:{frame.lineno}"
+    return "?"
+
+
+def _is_host(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == "cpu"
+
+
+class SyncCounter(TorchDispatchMode):
+    """``hits``: ``(what, origin)`` of every host synchronization while active (see above)."""
+
+    def __init__(self, *, data_dependent: bool = False) -> None:
+        super().__init__()
+        self.hits: list[tuple[str, str]] = []
+        self.ops: set[str] = set()
+        self.data_dependent = data_dependent
+        self._saved: dict[str, object] = {}
+
+    def _sync(self, func, args, kwargs) -> bool:
+        name = f"{func.namespace}.{func._schema.name.split('::')[-1]}"
+        if name in SCALAR_READS:
+            return True
+        if self.data_dependent and name in DATA_DEPENDENT:
+            return True
+        if self.data_dependent and name == "aten.index":
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+        if name == "aten._to_copy":
+            dst = kwargs.get("device")
+            return dst is not None and torch.device(dst).type == "cpu" and not _is_host(args[0])
+        if name == "aten.copy_":
+            return _is_host(args[0]) and not _is_host(args[1])
+        return False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops.add(f"{func.namespace}.{func._schema.name.split('::')[-1]}")
+        if self._sync(func, args, kwargs):
+            self.hits.append((str(func), _origin()))
+        opdef = OPDEFS.get(func._schema.name)
+        if opdef is not None:  # a Python custom op: run its body under the counter
+            with self:
+                return opdef._init_fn(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        for method in HOST_METHODS:
+            original = getattr(torch.Tensor, method)
+            self._saved[method] = original
+
+            def wrapped(t, *a, _original=original, _method=method, **k):
+                if t.device.type == "cpu":
+                    self.hits.append((f"Tensor.{_method}", _origin()))
+                return _original(t, *a, **k)
+
+            setattr(torch.Tensor, method, wrapped)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            for method, original in self._saved.items():
+                setattr(torch.Tensor, method, original)
+            self._saved.clear()
+
+
+def ours(hits):
+    return [h for h in hits if h[1].startswith("fastpo/")]
+
+
+# --------------------------------------------------------------------------- the counter
+def test_the_counter_sees_each_kind_of_sync():
+    t = torch.randn(5)
+    cases = {"item": lambda: t[0].item(), "float": lambda: float(t.sum()),
+             "bool": lambda: bool((t > 0).any()), "if": lambda: 1 if t.sum() > 0 else 0,
+             "equal": lambda: torch.equal(t, t), "tolist": lambda: t.tolist(),
+             "numpy": lambda: t.numpy(), "cpu": lambda: t.cpu()}
+    for name, fn in cases.items():
+        with SyncCounter() as counter:
+            fn()
+        assert len(counter.hits) == 1, (name, counter.hits)
+    with SyncCounter(data_dependent=True) as counter:
+        t[t > 0].sum()
+        (t > 0).nonzero()
+    assert len(counter.hits) == 2
+    with SyncCounter() as counter:  # no sync: device-side math, a device-side assert
+        torch._assert_async((t.abs() >= 0).all())
+        torch.where(torch.isfinite(t), t, 0.0).sum()
+    assert counter.hits == []
+    assert torch.Tensor.tolist.__name__ == "tolist"  # the wrappers are gone again
+
+
+# ------------------------------------------------------------------------------ the ops
+def _op_calls():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 37, dtype=torch.float32, requires_grad=True)
+    labels = torch.randint(0, 37, (2, 7))
+    labels[0, :3] = -100  # prompt
+    labels[1, 5:] = -100  # padding
+    hidden = torch.randn(14, 16, requires_grad=True)
+    weight = torch.randn(37, 16, requires_grad=True)
+    seq = torch.tensor([0] * 7 + [1] * 7)
+
+    def run():
+        out = kernels.sequence_logps(logits, labels, with_logits_sum=True)
+        (out.logps.sum() + out.logits_sum.sum()).backward()
+        kernels.token_logps(logits, labels).sum().backward()
+        lin = kernels.linear_sequence_logps(hidden, weight, labels.reshape(-1),
+                                            sequence_ids=seq, num_sequences=2)
+        lin.logps.sum().backward()
+
+    return run
+
+
+@pytest.mark.parametrize("backend", ["triton", "native", "torch"])
+def test_op_calls_do_not_synchronize(backend):
+    """Forward + backward of the three public ops, label and sequence-id checks on: no scalar
+    read, no copy to the host, on every backend (``triton`` through the interpreter runs the
+    kernels CUDA tensors run).
+
+    Output-size ops (``nonzero``) are not asserted here: the ops' CPU branches select the scored
+    rows with ``nonzero`` by design (free on a CPU), and the CUDA branches that replace them
+    (``device.type == "cuda"``) cannot run without a GPU."""
+    run = _op_calls()
+    with kernels.use_cpu_backend(backend):
+        run()  # compile / warm up outside the count
+        with SyncCounter() as counter:
+            run()
+    assert counter.hits == [], counter.hits
+    assert "aten._assert_async" in counter.ops  # the value checks ran, queued on the device
+
+
+# ------------------------------------------------------------------------- training steps
+def _trainer(tiny_dir, pairs_file, tmp_path, **sections):
+    from fastpo.engine.train import Trainer
+
+    base = dict(optimization={"max_steps": 3, "gradient_accumulation_steps": 2},
+                logging={"log_every": 2}, deepspeed={"enabled": False})
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return Trainer(config_from_dict(job(tiny_dir, pairs_file, tmp_path, **base)))
+
+
+def _third_party_bounded(hits, micro_batches: int) -> None:
+    others = [h for h in hits if not h[1].startswith("fastpo/")]
+    assert all(origin.startswith("transformers/masking_utils.py") for _, origin in others), \
+        others
+    assert len(others) <= 4 * micro_batches, others  # 2 model forwards, <= 2 reads each
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
+def test_training_steps_synchronize_only_at_logging_points(tiny_dir, pairs_file, tmp_path,
+                                                          padding_free):
+    trainer = _trainer(tiny_dir, pairs_file, tmp_path, data={"padding_free": padding_free})
+    with SyncCounter() as first:  # step 1: forward, loss, backward, optimizer step
+        record = trainer.train_step()
+    assert not trainer._logging_step() and "loss" not in record
+    assert ours(first.hits) == [], ours(first.hits)
+    _third_party_bounded(first.hits, micro_batches=2)
+
+    with SyncCounter() as second:  # step 2: a logging step, as the run loop does it
+        trainer.train_step()
+        assert trainer._logging_step()
+        trainer.read_metrics()
+    assert [what for what, _ in ours(second.hits)] == ["Tensor.tolist"], ours(second.hits)
+    assert "train/metrics_log.py" in ours(second.hits)[0][1]
+    _third_party_bounded(second.hits, micro_batches=2)
+    # the read completed the records of both steps
+    assert trainer._unread == [] and [r["step"] for r in trainer.history] == []
+    assert record["tokens"] > 0 and not record["skipped"] and record["grad_norm"] > 0
+    assert record["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy = reference at step 1
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_and_reported_at_the_read(
+        tiny_dir, pairs_file, tmp_path):
+    """A NaN loss in step 1: nothing is read during the step, the update is skipped on the
+    device (fused AdamW's found_inf), and ``stop`` raises at the next read, naming step 1."""
+    from fastpo.engine.train import NonFiniteError
+
+    trainer = _trainer(tiny_dir, pairs_file, tmp_path)
+    objective = trainer.objective
+
+    def poisoned(*args, **kwargs):
+        out = objective(*args, **kwargs)
+        if trainer.pos.step == 0:
+            out.loss = out.loss * float("nan")
+        return out
+
+    poisoned.with_tails, poisoned.with_sum_sq = objective.with_tails, objective.with_sum_sq
+    trainer.objective = poisoned
+    before = {n: p.detach().clone() for n, p in trainer.backend.module.named_parameters()}
+    with SyncCounter() as counter:
+        trainer.train_step()
+    assert ours(counter.hits) == []
+    after = dict(trainer.backend.module.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the update was skipped
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at step 1 \(2 micro-batch"):
+        trainer.read_metrics()
+
+
+# ------------------------------------------------------- the fused linear op's gemm design
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("hint", [False, True], ids=["every-row", "num_scored"])
+def test_gemm_design_op_calls_do_not_synchronize(backend, hint):
+    """``design="gemm"`` forward + backward of the fused linear op: no host synchronization, not
+    even for an output size (``data_dependent``), whether every row is computed (the default)
+    or the scored rows are compacted from the caller's host-known count (``nonzero_static``,
+    whose size is the host's; the count is checked with ``_assert_async``)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, 16, requires_grad=True)
+    weight = torch.randn(37, 16, requires_grad=True)
+    labels = torch.randint(0, 37, (2, 7))
+    labels[0, :3] = -100
+    labels[1, 5:] = -100
+
+    def run():
+        out = kernels.linear_sequence_logps(hidden, weight, labels, design="gemm",
+                                            num_scored=9 if hint else None, chunk_tokens=4,
+                                            chunk_vocab=16)
+        out.logps.sum().backward()
+
+    with kernels.use_cpu_backend(backend):
+        run()
+        with SyncCounter(data_dependent=True) as counter:
+            run()
+    assert counter.hits == [], counter.hits
+    assert "aten._assert_async" in counter.ops
+    assert ("aten.nonzero_static" in counter.ops) == hint
+    assert "aten.nonzero" not in counter.ops
