@@ -11,7 +11,6 @@ preference pairs (all of them, and 16 as a pairs file).
 
 import json
 import os
-import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -78,25 +77,10 @@ def pairs_file(tmp_path_factory, demo_pairs_path):
     return path
 
 
-_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-               "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
-
 
 @pytest.fixture(autouse=True)
 def _isolate_process_group():
-    """A test that trains in-process may set the launcher's variables and start a process group;
-    neither may leak into the next test (TRL's Trainer, for one, reads them)."""
-    import torch.distributed as dist
+    from trainer_helpers import isolated_launch
 
-    saved = {key: os.environ.get(key) for key in _LAUNCH_ENV}
-    yield
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        groups = sys.modules.get("deepspeed.utils.groups")
-        if groups is not None:  # DeepSpeed caches a clone of the world group: gone with it
-            groups._WORLD_GROUP = None
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with isolated_launch():
+        yield

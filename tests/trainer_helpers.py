@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -62,3 +65,31 @@ def run(data: dict, **kw):
 
 def losses(history) -> list[float]:
     return [r["loss"] for r in history]
+
+
+_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
+
+
+@contextlib.contextmanager
+def isolated_launch():
+    """Inside: a job may set the launcher's variables and start a process group. After: the
+    group is destroyed and the variables are as before, so neither leaks into later tests or the
+    subprocesses they start (TRL's Trainer, for one, reads them; a leaked MASTER_PORT names a
+    port this process may still hold)."""
+    import torch.distributed as dist
+
+    saved = {key: os.environ.get(key) for key in _LAUNCH_ENV}
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+            groups = sys.modules.get("deepspeed.utils.groups")
+            if groups is not None:  # DeepSpeed caches a clone of the world group: gone with it
+                groups._WORLD_GROUP = None
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -29,7 +29,7 @@ from unittest import mock
 
 import pytest
 import torch
-from trainer_helpers import job
+from trainer_helpers import isolated_launch, job
 
 from fastpo.engine.train import cli
 from fastpo.engine.train.checkpoint import MANIFEST, STATE_FILE, sha256_file, validate_checkpoint
@@ -72,7 +72,8 @@ def source(tmp_path_factory, tiny_dir, pairs_file):
         return sha256_file(path)
 
     with mock.patch.object(integrity, "sha256_file", counting_sha256):
-        train(config_from_dict(data))
+        with isolated_launch():  # a module-scoped job: its launcher variables must not leak
+            train(config_from_dict(data))
     root = out / "checkpoints"
     # DeepSpeed's files and the RNG state were hashed while written, not read back
     assert read_back and not [p for p in read_back if p.endswith((".pt", RNG))], read_back

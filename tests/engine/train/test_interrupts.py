@@ -26,7 +26,16 @@ def test_first_signal_is_recorded_and_handlers_are_restored():
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-def test_ctrl_c_twice_gets_the_previous_handler():
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler in place, whatever the parent process left (a shell starts
+    background jobs with SIGINT ignored, and Python then keeps it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_twice_gets_the_previous_handler(python_sigint_handler):
     with StopSignals() as stop:
         signal.raise_signal(signal.SIGINT)
         assert stop.received == signal.SIGINT
@@ -37,6 +46,8 @@ def test_ctrl_c_twice_gets_the_previous_handler():
 FORWARDED = """
 import signal
 from fastpo.engine.train.interrupts import StopSignals
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a foreground process
 
 with StopSignals() as stop:
     signal.raise_signal(signal.SIGTERM)
