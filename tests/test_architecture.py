@@ -37,7 +37,6 @@ ENGINE_LAYERS = ("losses", "data", "model", "integrations", "train")
 # that grows fails, one that drops under the limit must leave the list)
 OVER_LIMIT: dict[str, int] = {
     "engine/data/dataset.py": 402,
-    "engine/integrations/trl.py": 441,
     "engine/losses/fused_linear.py": 424,
     "engine/losses/pairwise.py": 500,
     "engine/losses/registry.py": 410,

@@ -1,4 +1,4 @@
-"""fastpo.engine.data.dataset: files → records → tokenized examples → batches.
+"""fastpo.engine.data: files → records → tokenized examples → batches.
 
     assets.py         the default job's model, tokenizer and demo pairs (built once, cached)
     files.py          reading JSON / JSONL / Parquet / Arrow / HF dataset folders
@@ -10,5 +10,6 @@
     segments.py       SegmentPlan: the pieces of packed and shared-prompt rows
     sampler.py        length-grouped order, batch shuffling
 
-Imports ``fastpo.engine.errors`` only from the layers around it: never the models or the job.
+Of the other engine modules it imports ``fastpo.engine.errors`` only: never the models or the
+job.
 """

