@@ -139,6 +139,21 @@ def _tokens(pairs) -> int:
 # --------------------------------------------------------------------------- TRL
 
 
+def trl_step(trainer: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             batch: dict[str, Any]) -> torch.Tensor:
+    """One step of TRL's DPOTrainer as the suites time it: its ``compute_loss`` (the loss and
+    metrics a training step runs), backward, the optimizer step; the logged metrics are dropped
+    so they do not pile up across repetitions."""
+    model.train()
+    with trainer.compute_loss_context_manager():
+        loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    trainer._metrics["train"].clear()
+    return loss.detach()
+
+
 def _trl_workload(spec: CaseSpec, *, patched: bool) -> Workload:
     import datasets
     import trl
@@ -168,14 +183,7 @@ def _trl_workload(spec: CaseSpec, *, patched: bool) -> Workload:
     optimizer = _optimizer(model)
 
     def step() -> torch.Tensor:
-        model.train()
-        with trainer.compute_loss_context_manager():
-            loss = trainer.compute_loss(model, dict(batch))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        trainer._metrics["train"].clear()
-        return loss.detach()
+        return trl_step(trainer, model, optimizer, batch)
 
     note = "TRL DPOTrainer.compute_loss, fp32, no gradient checkpointing"
     return Workload(step, tokens=_tokens(pairs), notes=note + (", patched" if patched else ""))

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from benchmarks.harness import CaseSpec, SkipCase, Workload, _status_kib
+from benchmarks.suites.e2e import trl_step
 
 LAYOUT_ROWS = ("padded", "packed", "shared", "shared_packed")
 IMPLS = ("trl", *(f"fastpo_{n}" for n in LAYOUT_ROWS), "fastpo_padded_grouped", "fastpo_auto",
@@ -234,16 +235,10 @@ def _trl_workload(spec: CaseSpec) -> Workload:
     def run() -> float:
         loss = None
         for batch in inputs:
-            model.train()
-            with trainer.compute_loss_context_manager():
-                loss = trainer.compute_loss(model, dict(batch))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            trainer._metrics["train"].clear()
+            loss = trl_step(trainer, model, optimizer, batch)
         workload.notes = (f"TRL {trl.__version__} DPOTrainer.compute_loss, LoRA, no gradient "
                           f"checkpointing; process peak RSS {_process_peak_mib():.0f} MiB")
-        return float(loss.detach())
+        return float(loss)
 
     workload.fn = run
     return workload
