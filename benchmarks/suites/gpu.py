@@ -42,25 +42,7 @@ def _logits_fn(impl: str, labels: torch.Tensor):
 
 
 def _build_logits(spec: CaseSpec) -> Workload:
-    p, device = spec.params, spec.device
-    gen = torch.Generator(device=device).manual_seed(1)
-    logits = torch.empty(p["B"], p["T"], p["V"], dtype=kernels.DTYPES[p["dtype"]], device=device)
-    for b in range(p["B"]):  # on the device, a row at a time: no fp32 copy of the whole tensor
-        logits[b] = torch.randn(p["T"], p["V"], generator=gen, device=device) * 2.0
-    labels = kernels.quarter_prompt_labels(p["B"], p["T"], p["V"], device=device)
-    fn = _logits_fn(spec.impl, labels)
-    nbytes = logits.numel() * logits.element_size()
-    tokens = p["B"] * p["T"]
-    if p["mode"] == "fwd":
-        def forward() -> torch.Tensor:
-            with torch.no_grad():
-                return fn(logits).float().sum()
-
-        return Workload(forward, tokens=tokens, bytes_moved=nbytes)
-    call, setup = kernels.logits_forward_backward(logits, fn,
-                                                  restore=spec.impl == "fastpo_inplace")
-    return Workload(call, tokens=tokens, bytes_moved=3 * nbytes, setup_each=setup,
-                    notes="inputs restored untimed before each call" if setup else "")
+    return kernels.logits_workload(spec, _logits_fn)
 
 
 def linear_config(spec: CaseSpec) -> dict:

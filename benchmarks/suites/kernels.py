@@ -157,12 +157,19 @@ def _logits_fn(impl: str, labels: torch.Tensor):
 
 
 def _build_logits(spec: CaseSpec) -> Workload:
+    return logits_workload(spec, _logits_fn)
+
+
+def logits_workload(spec: CaseSpec, logits_fn) -> Workload:
+    """A from-logits case: random ``[B, T, V]`` logits and quarter-prompt labels, timed through
+    ``logits_fn(impl, labels)`` (logits → per-sequence logps), forward or forward + backward."""
     p, device = spec.params, spec.device
-    dtype = DTYPES[p["dtype"]]
-    gen = torch.Generator().manual_seed(1)
-    logits = (torch.randn(p["B"], p["T"], p["V"], generator=gen) * 2.0).to(device, dtype)
+    gen = torch.Generator(device=device).manual_seed(1)
+    logits = torch.empty(p["B"], p["T"], p["V"], dtype=DTYPES[p["dtype"]], device=device)
+    for b in range(p["B"]):  # a row at a time: no fp32 copy of the whole tensor
+        logits[b] = torch.randn(p["T"], p["V"], generator=gen, device=device) * 2.0
     labels = quarter_prompt_labels(p["B"], p["T"], p["V"], device=device)
-    fn = _logits_fn(spec.impl, labels)
+    fn = logits_fn(spec.impl, labels)
     n_elem = logits.numel() * logits.element_size()
     tokens = p["B"] * p["T"]
     if p["mode"] == "fwd":
