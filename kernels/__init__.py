@@ -9,14 +9,27 @@
 """
 
 if __name__ != "fastpo.kernels":
-    # This folder imported as a bare top-level ``kernels`` (the repository root is on sys.path,
-    # e.g. ``python -m`` from a checkout, and transformers probes for a hub package of that name):
-    # hand back the installed ``fastpo.kernels`` instead of loading a second copy of the ops,
-    # whose registrations would replace the first ones.
-    import importlib as _importlib
+    # This folder imported by the bare top-level name ``kernels``: the repository root is on
+    # sys.path (``python -m`` or pytest from a checkout) and someone, transformers among them,
+    # asked for the hub package of that name, which transformers >= 5.25 requires. Hand over
+    # the installed hub package, found on sys.path without the repository root; with none
+    # installed, the name is absent. Never this folder a second time: its ops are
+    # ``fastpo.kernels``, imported under that name only.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
     import sys as _sys
 
-    _sys.modules[__name__] = _importlib.import_module("fastpo.kernels")
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _elsewhere = [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root]
+    _spec = _machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is None or _spec.loader is None:
+        del _sys.modules[__name__]
+        raise ModuleNotFoundError(f"No module named {__name__!r} (the repository's kernels/ "
+                                  "folder is fastpo.kernels)", name=__name__)
+    _module = _util.module_from_spec(_spec)
+    _sys.modules[__name__] = _module
+    _spec.loader.exec_module(_module)
 else:
     from .linear_logprobs import linear_sequence_logps, linear_token_logps
     from .logprobs import (

@@ -143,22 +143,44 @@ def test_a_missing_package_outside_the_extras_is_not_renamed(tmp_path):
     assert _extras.extra_for(ImportError("cannot import name 'x'")) is None
 
 
-def test_bare_kernels_import_is_the_installed_package(tmp_path):
-    """With the repository root on sys.path (``python -m`` from a checkout), transformers' probe
-    for a hub package named ``kernels`` imports this folder by that bare name: it must get the
-    installed ``fastpo.kernels``, not a second copy whose op registrations replace the first."""
+def test_bare_kernels_import_is_the_hub_package(tmp_path):
+    """With the repository root on sys.path (``python -m`` or pytest from a checkout), a bare
+    ``import kernels`` (transformers >= 5.25 imports the hub package of that name as soon as a
+    model class loads) must get the installed hub package, never this folder: not a second
+    copy of our ops, and not ``fastpo.kernels`` under a name whose API it does not have."""
+    import importlib.metadata
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+    try:
+        hub_installed = importlib.metadata.distribution("kernels") is not None
+    except importlib.metadata.PackageNotFoundError:
+        hub_installed = False
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "import fastpo.kernels, kernels\n"
-        "import transformers.integrations.hub_kernels\n"
-        "assert kernels is fastpo.kernels\n"
-        "assert not [m for m in sys.modules if m.startswith('kernels.')], sys.modules.keys()\n"
+        "import fastpo.kernels\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,"
+        " num_attention_heads=2, num_key_value_heads=1, vocab_size=32))\n"
+        "try:\n"
+        "    import kernels\n"
+        "except ModuleNotFoundError:\n"
+        "    print('absent')\n"
+        "else:\n"
+        "    assert kernels is not fastpo.kernels\n"
+        "    print(kernels.__file__)\n"
+        "assert 'fastpo.kernels.ops' in sys.modules\n"
+        "assert not any(getattr(m, '__file__', None) and m.__name__.startswith('kernels')\n"
+        "               and m.__file__.startswith(sys.argv[1] + '/kernels')\n"
+        "               for m in list(sys.modules.values())), 'the checkout imported as kernels'\n"
     )
     done = subprocess.run([sys.executable, "-c", code, str(root)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    where = done.stdout.strip().splitlines()[-1]
+    if hub_installed:
+        assert where != "absent" and not where.startswith(str(root / "kernels")), where
+    else:
+        assert where == "absent", where
