@@ -138,11 +138,12 @@ def _gemm_rows_launch(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def _linear_common(variant: str, arch: str, kernel: str,
                    softcap: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     from fastpo.kernels import linear_logprobs_triton as m
+    from fastpo.kernels.linear_logprobs_launch import launch_config
 
     dtype = DTYPES[variant]
     precision = "tf32" if variant == "tf32" else "ieee"
-    block_n, block_v, block_h, warps, stages = m.launch_config(kernel, dtype, precision,
-                                                               ARCHS[arch], softcap)
+    block_n, block_v, block_h, warps, stages = launch_config(kernel, dtype, precision,
+                                                             ARCHS[arch], softcap)
     args = {"h_ptr": _ptr(dtype), "w_ptr": _ptr(dtype), "b_ptr": _ptr(dtype), "labels_ptr": I64,
             "order_ptr": I64, "count_ptr": I64, "hidden": HIDDEN, "stride_h": HIDDEN,
             "stride_w": HIDDEN, "inv_temperature": 1 / 30 if softcap else 1.0,

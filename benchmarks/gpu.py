@@ -15,7 +15,8 @@ Sections, in order (each case of 2-4 in a fresh process through ``benchmarks.har
 3. linear: the fused linear head at Llama-3-8B's shape (H 4096, V 128256) × 32768 tokens, bf16,
    every token scored; model TFLOP/s (2·N·V·H forward, 6·N·V·H forward + backward) as % of the
    bf16 dense peak and of a plain bf16 matmul of the same shape (the yardstick), and the memory
-   beyond the returned gradients; against naive, Liger's fused-linear DPO and CCE (exact);
+   beyond the returned gradients; fastpo as the op + a DPO loss (``fastpo``) and as the loss-fused
+   DPO module (``fastpo_loss_fused``), against naive, Liger's fused-linear DPO and CCE (exact);
 4. dpo_step: one DPO step (policy + frozen reference, AdamW) of a random Llama-3.2-1B-shaped
    model (``benchmarks.suites.e2e``, ``model="llama-1b"``), fastpo's engine against TRL's
    ``DPOTrainer``; tokens/s and peak memory.
@@ -86,7 +87,7 @@ def plan(device: str, quick: bool) -> list[CaseSpec]:
     specs.append(CaseSpec("gpu", "linear", "matmul", {**linear, "mode": "matmul"}, device,
                           warmup=warmup, reps=reps))
     for mode, impls in (("fwd", ("naive", "fastpo", "cce")),
-                        ("fwd+bwd", ("naive", "liger", "fastpo", "cce"))):
+                        ("fwd+bwd", ("naive", "liger", "fastpo", "fastpo_loss_fused", "cce"))):
         specs += [CaseSpec("gpu", "linear", impl, {**linear, "mode": mode}, device,
                            warmup=warmup, reps=3 if big else 2) for impl in impls]
     specs += [CaseSpec("e2e", "dpo_step", impl, dict(step), device, warmup=warmup,
@@ -195,21 +196,23 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
         r = get("logits", "fastpo", mode)
         pct = r.get("pct_hbm") if r else None
         out.append(_verdict(f"from logits {mode}: % of HBM peak", pct, 100 * TARGETS[key]))
-    r = get("linear", "fastpo", "fwd+bwd")
-    out.append(_verdict("fused linear fwd+bwd: % of bf16 peak", r and r.get("pct_bf16_peak"),
-                        100 * TARGETS["linear fwd+bwd"]))
-    beyond = r.get("beyond_grads_mib") if r else None
-    out.append(f"- fused linear fwd+bwd: memory beyond the returned gradients "
-               f"{_f(beyond, ',.0f')} MiB (target ≤ 1024): "
-               + ("unmeasured" if beyond is None else "met" if beyond <= 1024 else "NOT met"))
-    for rival in ("liger", "cce"):
-        other = get("linear", rival, "fwd+bwd")
-        if r is None or other is None:
-            out.append(f"- fused linear fwd+bwd faster than {rival}: unmeasured")
-        else:
-            ratio = other["median_s"] / r["median_s"]
-            out.append(f"- fused linear fwd+bwd faster than {rival}: {ratio:.2f}× "
-                       + ("(met)" if ratio > 1 else "(NOT met)"))
+    for impl in ("fastpo", "fastpo_loss_fused"):  # the op + a loss; the loss inside the op
+        r = get("linear", impl, "fwd+bwd")
+        what = f"fused linear fwd+bwd ({impl})"
+        out.append(_verdict(f"{what}: % of bf16 peak", r and r.get("pct_bf16_peak"),
+                            100 * TARGETS["linear fwd+bwd"]))
+        beyond = r.get("beyond_grads_mib") if r else None
+        out.append(f"- {what}: memory beyond the returned gradients {_f(beyond, ',.0f')} MiB "
+                   "(target ≤ 1024): "
+                   + ("unmeasured" if beyond is None else "met" if beyond <= 1024 else "NOT met"))
+        for rival in ("liger", "cce"):
+            other = get("linear", rival, "fwd+bwd")
+            if r is None or other is None:
+                out.append(f"- {what} faster than {rival}: unmeasured")
+            else:
+                ratio = other["median_s"] / r["median_s"]
+                out.append(f"- {what} faster than {rival}: {ratio:.2f}× "
+                           + ("(met)" if ratio > 1 else "(NOT met)"))
     return out
 
 

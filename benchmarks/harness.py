@@ -87,6 +87,8 @@ class Workload:
     notes: str = ""
     # Untimed, before every call (e.g. restore inputs that an in-place backward overwrote).
     setup_each: Callable[[], None] | None = None
+    # Figures of the workload a suite's summary reads back (e.g. the FLOPs of a batch layout).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def call(self) -> Any:
         if self.setup_each is not None:
@@ -119,6 +121,7 @@ class Result:
     threads: int | None = None
     notes: str = ""
     profile_trace: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_row(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -346,7 +349,8 @@ def run_case(spec: CaseSpec) -> Result:
         return Result(**base, status="skipped", reason=f"not installed: {exc}")
     except Exception as exc:
         return Result(**base, status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
-    return Result(**base, status="ok", tokens=workload.tokens, notes=workload.notes, **measured)
+    return Result(**base, status="ok", tokens=workload.tokens, notes=workload.notes,
+                  extra=workload.extra, **measured)
 
 
 def worker_env() -> dict[str, str]:

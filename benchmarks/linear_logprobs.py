@@ -16,16 +16,18 @@ the gradients it must return). Implementations:
     naive           ``hidden @ W.T`` → ``log_softmax`` → ``gather`` → masked sum
     liger           Liger's ``LigerFusedLinearDPOLoss`` (chunked PyTorch), eager
     liger_compiled  the same with ``compiled=True`` (torch.compile of its chunk step)
-    fastpo          ``fastpo.kernels.linear_sequence_logps``
+    fastpo          ``fastpo.kernels.linear_sequence_logps``, then the loss
+    fastpo_loss_fused  ``fastpo.FusedLinearDPOLoss``: the loss inside the op (its loss-fused
+                    design: every gradient made in the forward, 6·N·V·H executed)
     cce             Cut Cross-Entropy ``linear_cross_entropy(reduction="none")`` (CUDA only)
     matmul          not a DPO step: one ``h_scored @ W.T`` in the input dtype, the machine's
                     matmul rate at this shape (the yardstick of the TFLOP/s column)
 
 TFLOP/s counts the matmul work of a DPO step that keeps its logits, 6·N·V·H for N scored tokens
 (forward, grad_h, grad_W; one matmul, 2·N·V·H, for the ``matmul`` row), whatever an
-implementation actually runs: fastpo recomputes the logits in the backward (8·N·V·H executed)
-and the others compute prompt and padding positions too. "% of matmul" divides by the
-``matmul`` row's rate.
+implementation actually runs: fastpo recomputes the logits in the backward (8·N·V·H executed),
+fastpo_loss_fused does not (6·N·V·H), and it and the others compute prompt and padding positions
+too. "% of matmul" divides by the ``matmul`` row's rate.
 
 Labels: ``--prompt`` is the fraction of each row that is prompt (``-100``; 0.25 by default, plus
 ~3% trailing padding); ``--prompt 0`` scores every token, the worst case for fastpo, which drops
@@ -62,12 +64,12 @@ from benchmarks.harness import (
 
 BETA = 0.1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IMPLS = ("naive", "liger", "liger_compiled", "fastpo", "cce", "matmul")
+IMPLS = ("naive", "liger", "liger_compiled", "fastpo", "fastpo_loss_fused", "cce", "matmul")
 HEADLINE = {
     "cpu": {"batch": 8, "seq": 512, "hidden": 576, "vocab": 49152, "dtype": "fp32",
-            "impls": "naive,liger,liger_compiled,fastpo,matmul"},
+            "impls": "naive,liger,liger_compiled,fastpo,fastpo_loss_fused,matmul"},
     "cuda": {"batch": 32, "seq": 1024, "hidden": 4096, "vocab": 128256, "dtype": "bf16",
-             "impls": "naive,liger,fastpo,cce,matmul"},
+             "impls": "naive,liger,fastpo,fastpo_loss_fused,cce,matmul"},
 }
 
 
@@ -115,6 +117,13 @@ def build(cfg: dict[str, Any]) -> Workload:
 
         def loss_fn() -> torch.Tensor:
             return dpo_loss(linear_sequence_logps(hidden, weight, labels, **chunks).logps)
+    elif impl == "fastpo_loss_fused":
+        from fastpo.engine.losses.modules import FusedLinearDPOLoss
+
+        fused = FusedLinearDPOLoss(beta=BETA, use_ref_model=False)
+
+        def loss_fn() -> torch.Tensor:
+            return fused(weight, hidden, labels)[0]
     elif impl == "cce":
         from cut_cross_entropy import linear_cross_entropy
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections import defaultdict
 from typing import Any
 
@@ -93,4 +94,15 @@ def markdown(data: dict[str, Any]) -> str:
                 f" | {_fmt(row.get('tokens_per_s'), ',.0f')} | {_fmt(row.get('check'), '.6g')}"
                 f" | {note} |")
         lines.append("")
+        lines.extend(_suite_summary(suite, group))
     return "\n".join(lines)
+
+
+def _suite_summary(suite: str, group: list[dict[str, Any]]) -> list[str]:
+    """Lines a suite module adds under its table (its ``summary(group)``, if it has one)."""
+    try:
+        module = importlib.import_module(f"benchmarks.suites.{suite}")
+    except ImportError:
+        return []
+    summary = getattr(module, "summary", None)
+    return summary(group) if callable(summary) else []

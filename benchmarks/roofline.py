@@ -5,7 +5,9 @@
 The numbers come from ``fastpo.kernels.linear_logprobs_cost``, the same model the op's dispatcher
 uses to choose a design per call; they are predictions at data-sheet peak rates, not measurements.
 Rows per shape and GPU: each design's forward (what a no-grad reference pass costs) and forward +
-backward, and the dispatcher's pick (``auto``: a design per phase). "% peak" divides the executed
+backward, the dispatcher's pick (``auto``: a design per phase), and the fused-linear losses'
+``loss-fused`` design (forward + backward of a sequence-level loss, chunks of whole pairs of
+``PAIR_TOKENS`` tokens). "% peak" divides the executed
 matmul FLOPs by the time; "model %" divides the FLOPs of a step that keeps its logits (2·N·V·H
 forward, 6·N·V·H forward + backward) — the TFLOP/s measure of ``benchmarks.linear_logprobs``.
 """
@@ -13,6 +15,7 @@ forward, 6·N·V·H forward + backward) — the TFLOP/s measure of ``benchmarks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from fastpo.kernels import linear_logprobs_cost as lc
@@ -23,6 +26,7 @@ ANCHORS = (
     ("SmolLM2 head × 4k", lc.Shape(4096, 576, 49152)),
     ("70B head × 32k", lc.Shape(32768, 8192, 128256)),
 )
+PAIR_TOKENS = 2048  # a loss-fused chunk's unit: a pair of 1024-token sequences (the GPU suite's)
 
 
 def _row(label: str, spec: lc.DeviceSpec, name: str, phase: str, c: lc.Cost) -> str:
@@ -44,6 +48,9 @@ def table(specs: tuple[lc.DeviceSpec, ...] = (lc.H100, lc.H200)) -> str:
                                       lc.predict(design, phase, shape, spec)))
             fwd, bwd, best = lc.best_plan(shape, spec)
             lines.append(_row(label, spec, f"**auto: {fwd} fwd + {bwd} bwd**", "fwd+bwd", best))
+            paired = dataclasses.replace(shape, unit_tokens=PAIR_TOKENS)
+            lines.append(_row(label, spec, f"**{lc.LOSS_FUSED}** (losses)", "fwd+bwd",
+                              lc.predict(lc.LOSS_FUSED, "fwd+bwd", paired, spec)))
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ This is the from-logits op of ``logprobs.py`` fused with the lm_head matmul, so 
 ``[N, V]`` logits of a large vocabulary (32k tokens × 128k × 4 bytes = 16 GB) never exist. This
 module holds the public API, the autograd wiring and the choice of a design; the designs live in
 ``linear_logprobs_triton.py`` (tile), ``linear_logprobs_gemm.py`` (gemm) and
-``linear_logprobs_chunked.py`` (the CPU path).
+``linear_logprobs_chunked.py`` (the CPU path); the logits-sum metric in ``linear_logits_sum.py``.
 
 Designs. Where the Triton backend runs (CUDA tensors; CPU tensors under
 ``use_cpu_backend("triton")`` and Triton's interpreter, how the GPU code is tested without a GPU)
@@ -58,6 +58,7 @@ from . import checks
 from . import ops as _ops
 from .dtypes import accumulation_dtype
 from .labels import prepare_labels
+from .linear_logits_sum import linear_logits_sum
 from .linear_logprobs_chunked import (
     MAX_CHUNK_TOKENS,
     TILE_BYTES,
@@ -73,7 +74,9 @@ __all__ = ["MAX_CHUNK_TOKENS", "TILE_BYTES", "choose_chunks", "linear_logits_sum
            "linear_sequence_logps", "linear_token_logps"]
 
 
-def _use_triton(hidden: Tensor, weight: Tensor) -> bool:
+def uses_triton(hidden: Tensor, weight: Tensor) -> bool:
+    """Whether the Triton backend runs for these inputs (CUDA tensors, or CPU tensors under
+    ``use_cpu_backend("triton")``; never float64)."""
     if accumulation_dtype(hidden, weight) == torch.float64:
         return False
     return _ops.resolve_backend(hidden.device) == "triton"
@@ -86,7 +89,7 @@ def _design(phase: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, des
     host-known scored count (-1: unknown, every row is charged)."""
     if design == "gemm":
         return "gemm"
-    if not _use_triton(hidden, weight):
+    if not uses_triton(hidden, weight):
         return "chunked"
     if design == "tile":
         return "tile"
@@ -143,7 +146,7 @@ def linear_logps_forward(
         logps, lse = gemm_linear_logps_forward(
             hidden, weight, bias, flat, ignore_index, temperature,
             rows=_gemm_rows(flat, ignore_index, num_scored),
-            triton_rows=_use_triton(hidden, weight), chunk_tokens=chunk_tokens,
+            triton_rows=uses_triton(hidden, weight), chunk_tokens=chunk_tokens,
             chunk_vocab=chunk_vocab, **transform)
     else:
         # whatever the design, a wrong hint is refused at the first call
@@ -201,7 +204,7 @@ def linear_logps_backward(
             grad_logps, hidden, weight, bias, labels, lse, ignore_index, temperature,
             need_hidden, need_weight, need_bias,
             rows=_gemm_rows(labels, ignore_index, num_scored),
-            triton_rows=_use_triton(hidden, weight), chunk_tokens=chunk_tokens,
+            triton_rows=uses_triton(hidden, weight), chunk_tokens=chunk_tokens,
             chunk_vocab=chunk_vocab, **transform)
     elif chosen == "tile":
         from .linear_logprobs_triton import triton_linear_logps_backward
@@ -273,7 +276,7 @@ def _check(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
                                 chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab,
                                 design=design, deterministic=deterministic,
                                 num_scored=num_scored, num_labels=labels.numel())
-    if design == "tile" and not _use_triton(hidden, weight):
+    if design == "tile" and not uses_triton(hidden, weight):
         raise ValueError("design='tile' needs the Triton backend (CUDA tensors, or CPU tensors "
                          "under use_cpu_backend('triton')) and no float64 input; got "
                          f"{hidden.dtype}/{weight.dtype} tensors on {hidden.device}")
@@ -390,47 +393,3 @@ def linear_sequence_logps(
         logits_sum, _ = reduce_sequences(row_sums, scored, sequence_ids=sequence_ids,
                                          num_sequences=num_sequences)
     return SequenceLogps(totals, counts, logits_sum)
-
-
-def linear_logits_sum(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    *,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    chunk_tokens: int = 1024,
-) -> Tensor:
-    """Per row of ``hidden`` (``[N, H]`` or ``[B, T, H]`` → ``[N]`` or ``[B, T]``), the sum over
-    the vocabulary of the head's logits ``z = (h Wᵀ + b)·s``, soft-capped ``c·tanh(z / c)`` with
-    ``softcap=c``; no gradient (a metric: TRL's ``logits/*``).
-
-    Without a soft-cap in closed form, ``(h · Σ_v W_v + Σ_v b_v)·s``: a mat-vec, no logits. With
-    one (no closed form under tanh) the logits are built ``chunk_tokens`` rows at a time, in the
-    inputs' dtype as the model computes them, and summed in the accumulation dtype. Returns
-    float32 (float64 when an input is float64).
-    """
-    checks.check_linear_head(hidden, weight, bias)
-    checks.check_logit_transform(logit_scale, softcap)
-    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
-    acc = accumulation_dtype(hidden, weight, bias)
-    with torch.no_grad():
-        if softcap is None:
-            sums = hidden.to(acc) @ weight.sum(dim=0, dtype=acc)
-            if bias is not None:
-                sums = sums + bias.sum(dtype=acc)
-            return sums * logit_scale if logit_scale != 1.0 else sums
-        op = torch.promote_types(hidden.dtype, weight.dtype)
-        if bias is not None:
-            op = torch.promote_types(op, bias.dtype)
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        w, b = weight.to(op), None if bias is None else bias.to(op)
-        parts = []
-        for part in rows.split(chunk_tokens):
-            z = torch.nn.functional.linear(part.to(op), w, b).to(acc)
-            if logit_scale != 1.0:
-                z = z * logit_scale
-            parts.append((torch.tanh(z / softcap) * softcap).sum(-1))
-        sums = torch.cat(parts) if parts else rows.new_zeros(0, dtype=acc)
-        return sums.view(hidden.shape[:-1])

@@ -1,7 +1,7 @@
 """Roofline cost model of the fused linear logprob op: which design, at what predicted speed.
 
 Two designs compute ``logp_n = z[n, y_n] − logsumexp(z[n])`` with ``z = (h Wᵀ + b) / T`` and its
-gradients without the ``[N, V]`` logits:
+gradients without the ``[N, V]`` logits (a third, loss-fused, computes a loss and its gradients):
 
     tile   Triton kernels of ``linear_logprobs_triton.py``. Forward: one fused kernel builds each
            ``BLOCK_N × BLOCK_V`` logit tile in registers and keeps an online log-sum-exp (nothing
@@ -10,33 +10,27 @@ gradients without the ``[N, V]`` logits:
     gemm   ``linear_logprobs_gemm.py``: token chunks × vocab slices whose logits come from one
            cuBLAS GEMM into an fp32 buffer, a row kernel (log-sum-exp; in the backward the softmax
            gradient), then ``grad_h`` and ``grad_W`` as GEMMs accumulating in fp32. No atomics.
+    loss-fused  ``linear_logprobs_loss_fused.py``, not a design of the op but of the fused-linear
+           preference losses: chunks of whole sequences (pairs), each chunk's ``[C, V]`` logits by
+           one GEMM, kept while a caller-supplied loss of the chunk's sequence log-probs gives
+           dL/dπ; then the softmax gradient in place and ``grad_h``, ``grad_W`` by GEMMs, all in
+           the forward. The backward only scales the stored gradients.
 
-The model is a roofline per kernel class: ``time = max(FLOPs / peak, bytes / HBM bandwidth +
-atomic bytes / (ATOMIC_EFFICIENCY · HBM bandwidth)) + launches · LAUNCH_S``, summed over the
-kernels a design runs. A class of identical launches (every GEMM of a phase, say) is charged as
-one kernel with the summed FLOPs and bytes, which is exact when its launches share one regime
-(all compute-bound, all memory-bound) — the case at the anchor shapes. Peak rates are the data
-sheet's; no kernel reaches them, so the predicted times are lower bounds and the percentages upper
-bounds. Efficiency below the roofline (cuBLAS ~80-90 % of dense peak on large bf16 GEMMs, a Triton
-fused dot kernel usually less) is not modelled: it needs a GPU to calibrate.
+The roofline arithmetic (``time = max(FLOPs / peak, bytes / bandwidth) + launches · 4 µs`` per
+kernel class, atomics at half the bandwidth) is that of ``linear_logprobs_roofline``.
 
 Assumptions, stated once:
 
-* **Atomics.** A fp32 ``atomic_add`` into a buffer far larger than L2 (``grad_h`` is N·H·4 bytes,
-  ``grad_W`` V·H·4) misses L2: the sector is read from HBM, modified, written back. The kernels
-  add contiguous rows of ``BLOCK_H`` floats, so sectors are used whole, and each 4 bytes added
-  move 8 bytes of HBM traffic: atomics stream at ``ATOMIC_EFFICIENCY = 0.5`` of the HBM bandwidth.
-  This ignores the serialization of the L2 atomic units, so it flatters the tile design.
 * **L2 reuse in the tile kernels.** Programs run token tiles fastest, so the ~``sms`` programs in
   flight share the weight tiles they stream: the weight crosses HBM ``ceil(token tiles / sms)``
   times per pass. Hidden rows are re-read per vocab split from L2 (not charged).
-* **Launch cost.** ``LAUNCH_S`` (4 µs) of GPU time per kernel launch.
 * **FLOPs.** Executed FLOPs count only matmul work (2 per multiply-add); the exp/log of the row
   kernels is charged as memory traffic, which bounds it. "Model" FLOPs are those of a training
   step that keeps its logits, 2·N·V·H forward, 6·N·V·H forward + backward — the numerator of every
   TFLOP/s figure of the benchmarks. Both designs recompute the logits in the backward (the
   upstream gradient is not known in the forward, and keeping the logits is what is avoided), so
-  forward + backward executes 8·N·V·H: at best 75 % of peak in model FLOPs.
+  forward + backward executes 8·N·V·H: at best 75 % of peak in model FLOPs. The loss-fused design
+  knows the gradient while a chunk's logits are held: it executes 6·N·V·H (cap 100 %).
 
 * **Rows.** A call has N token rows, some ignored (prompt, padding). Their count is a device
   value; the host knows it only when the caller passes it (the op's ``num_scored`` hint,
@@ -55,123 +49,35 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
 
-ATOMIC_EFFICIENCY = 0.5
-LAUNCH_S = 4e-6
+from .linear_logprobs_roofline import (
+    ATOMIC_EFFICIENCY,
+    H100,
+    H200,
+    LAUNCH_S,
+    Cost,
+    DeviceSpec,
+    Shape,
+    device_spec,
+    new_cost,
+)
+
+__all__ = ["ATOMIC_EFFICIENCY", "H100", "H200", "LAUNCH_S", "Cost", "DeviceSpec", "Shape",
+           "device_spec"]
+
 GEMM_BUDGET_BYTES = 2**30  # working memory of the gemm design beyond the returned gradients
-DESIGNS = ("tile", "gemm")
+DESIGNS = ("tile", "gemm")  # the op's designs, chosen per call and phase by the dispatcher
+LOSS_FUSED = "loss-fused"  # the fused-linear losses' design (a loss inside the op)
+# small kernels per loss-fused chunk beyond its GEMMs and row passes: the per-sequence sums, the
+# caller's chunk loss and its autograd gradient, the per-token upstream gradient, the loss sum
+# (the sigmoid DPO loss with its NLL term fits: tests/engine/losses/test_fused_linear_designs.py)
+CHUNK_LOSS_LAUNCHES = 64
 PHASES = ("forward", "backward", "fwd+bwd")
-# Tile shapes of the Triton kernels on sm_90 (``linear_logprobs_triton.launch_config``; a test
+# Tile shapes of the Triton kernels on sm_90 (``linear_logprobs_launch.launch_config``; a test
 # holds the two together), by operand bytes.
 TILE_BLOCK_N = {2: 128, 4: 64}
 TILE_BLOCK_V = {2: 128, 4: 64}
 TILE_WEIGHT_GRAD_CHUNK_BYTES = 256 * 2**20  # fp32 grad_W rows per backward launch (half weights)
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    """Data-sheet rates of a GPU (dense, no sparsity)."""
-
-    name: str
-    half_flops: float  # bf16 / fp16 tensor cores, FLOP/s
-    tf32_flops: float
-    fp32_flops: float  # fp32 without tensor cores (torch's default for fp32 matmuls)
-    hbm_bytes_per_s: float
-    sms: int
-
-    def matmul_flops(self, dtype_bytes: int, tf32: bool = False) -> float:
-        if dtype_bytes == 2:
-            return self.half_flops
-        return self.tf32_flops if tf32 else self.fp32_flops
-
-
-H100 = DeviceSpec("H100 SXM", 989e12, 494.5e12, 67e12, 3.35e12, 132)
-H200 = DeviceSpec("H200 SXM", 989e12, 494.5e12, 67e12, 4.8e12, 132)
-
-
-def device_spec(name: str | None) -> DeviceSpec:
-    """The spec of a device name (``torch.cuda.get_device_name``); H100 for anything unknown."""
-    text = (name or "").lower()
-    return H200 if "h200" in text else H100
-
-
-@dataclass(frozen=True)
-class Shape:
-    """One call: ``tokens`` rows (N, scored or not), hidden size, vocabulary, operand bytes (2
-    bf16/fp16, 4 fp32), which gradients are needed, whether fp32 matmuls may use TF32, and
-    ``scored``: the number of scored rows when the host knows it (None: unknown)."""
-
-    tokens: int
-    hidden: int
-    vocab: int
-    dtype_bytes: int = 2
-    bias: bool = False
-    need_hidden: bool = True
-    need_weight: bool = True
-    tf32: bool = False
-    scored: int | None = None
-
-    @property
-    def rows(self) -> int:
-        """Rows a design is charged for: the scored ones when known, else all N."""
-        return self.tokens if self.scored is None else self.scored
-
-    @property
-    def compact(self) -> bool:
-        """Whether the gemm design gathers the scored rows (their count is known)."""
-        return self.scored is not None
-
-
-@dataclass
-class Cost:
-    """Predicted cost of one design and phase."""
-
-    design: str
-    phase: str
-    flops: float = 0.0  # executed matmul FLOPs
-    model_flops: float = 0.0  # 2·N·V·H forward, 6·N·V·H forward + backward
-    hbm_bytes: float = 0.0
-    atomic_bytes: float = 0.0
-    launches: int = 0
-    time_s: float = 0.0
-    memory_bytes: float = 0.0  # working memory beyond inputs and returned gradients
-    peak_flops: float = field(default=0.0, repr=False)
-
-    def kernel(self, spec: DeviceSpec, *, flops: float = 0.0, nbytes: float = 0.0,
-               atomic_bytes: float = 0.0, launches: int = 1, rate: float | None = None) -> None:
-        """Charge a class of ``launches`` kernels with these summed FLOPs and bytes."""
-        rate = rate or self.peak_flops
-        memory_s = (nbytes + atomic_bytes / ATOMIC_EFFICIENCY) / spec.hbm_bytes_per_s
-        self.time_s += max(flops / rate, memory_s) + launches * LAUNCH_S
-        self.flops += flops
-        self.hbm_bytes += nbytes
-        self.atomic_bytes += atomic_bytes
-        self.launches += launches
-
-    def __add__(self, other: Cost) -> Cost:
-        return Cost(self.design, "fwd+bwd", self.flops + other.flops,
-                    self.model_flops + other.model_flops, self.hbm_bytes + other.hbm_bytes,
-                    self.atomic_bytes + other.atomic_bytes, self.launches + other.launches,
-                    self.time_s + other.time_s, max(self.memory_bytes, other.memory_bytes),
-                    self.peak_flops)
-
-    @property
-    def pct_peak(self) -> float:
-        """Executed FLOP rate as a percentage of the matmul peak (how GEMM-bound the design is)."""
-        return 100.0 * self.flops / self.time_s / self.peak_flops if self.time_s else 0.0
-
-    @property
-    def model_pct_peak(self) -> float:
-        """Model FLOP rate (2 or 6·N·V·H per time) as a percentage of the matmul peak."""
-        return 100.0 * self.model_flops / self.time_s / self.peak_flops if self.time_s else 0.0
-
-
-def _new(design: str, phase: str, shape: Shape, spec: DeviceSpec) -> Cost:
-    cost = Cost(design, phase, peak_flops=spec.matmul_flops(shape.dtype_bytes, shape.tf32))
-    nvh = shape.rows * shape.vocab * shape.hidden
-    cost.model_flops = 2.0 * nvh if phase == "forward" else 4.0 * nvh
-    return cost
 
 
 # --------------------------------------------------------------------------- tile design
@@ -183,7 +89,7 @@ def _tile_blocks(shape: Shape) -> tuple[int, int]:
 
 def tile_forward(shape: Shape, spec: DeviceSpec) -> Cost:
     n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
-    cost = _new("tile", "forward", shape, spec)
+    cost = new_cost("tile", "forward", shape, spec)
     block_n, block_v = _tile_blocks(shape)
     n_tiles, v_tiles = math.ceil(n / block_n), math.ceil(v / block_v)
     splits = max(1, min(v_tiles, math.ceil(2 * spec.sms / max(n_tiles, 1))))
@@ -198,7 +104,7 @@ def tile_forward(shape: Shape, spec: DeviceSpec) -> Cost:
 
 def tile_backward(shape: Shape, spec: DeviceSpec) -> Cost:
     n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
-    cost = _new("tile", "backward", shape, spec)
+    cost = new_cost("tile", "backward", shape, spec)
     block_n, block_v = _tile_blocks(shape)
     n_tiles, v_tiles = math.ceil(n / block_n), math.ceil(v / block_v)
     half_weight = e != 4
@@ -282,7 +188,7 @@ def gemm_plan(tokens: int, hidden: int, vocab: int, dtype_bytes: int, *,
 
 def gemm_forward(shape: Shape, spec: DeviceSpec, plan: tuple[int, int] | None = None) -> Cost:
     n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
-    cost = _new("gemm", "forward", shape, spec)
+    cost = new_cost("gemm", "forward", shape, spec)
     c, s = plan or gemm_plan(n, h, v, e, need_hidden=False, need_weight=False, spec=spec)
     chunks, slices = math.ceil(n / c), math.ceil(v / s)
     tiles = chunks * slices
@@ -303,7 +209,7 @@ def gemm_forward(shape: Shape, spec: DeviceSpec, plan: tuple[int, int] | None = 
 
 def gemm_backward(shape: Shape, spec: DeviceSpec, plan: tuple[int, int] | None = None) -> Cost:
     n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
-    cost = _new("gemm", "backward", shape, spec)
+    cost = new_cost("gemm", "backward", shape, spec)
     c, s = plan or gemm_plan(n, h, v, e, need_hidden=shape.need_hidden,
                              need_weight=shape.need_weight, spec=spec)
     chunks, slices = math.ceil(n / c), math.ceil(v / s)
@@ -334,16 +240,103 @@ def gemm_backward(shape: Shape, spec: DeviceSpec, plan: tuple[int, int] | None =
     return cost
 
 
+# --------------------------------------------------------------------------- loss-fused design
+
+
+def loss_fused_memory(tokens: int, hidden: int, vocab: int, dtype_bytes: int, chunk_tokens: int,
+                      *, need_hidden: bool = True, need_weight: bool = True) -> int:
+    """Working bytes of the loss-fused design beyond the inputs and the returned gradients: the
+    fp32 ``[C, V]`` logits tile, the softmax gradient in the operand dtype (in place for fp32),
+    the masked hidden chunk, the chunk's fp32 grad_h rows, the whole fp32 grad_W accumulator
+    (half-precision weights; an fp32 weight accumulates in its returned gradient), per-token
+    vectors."""
+    c = chunk_tokens
+    grad_tile = 0 if dtype_bytes == 4 else c * vocab * dtype_bytes
+    acc_w = 4 * vocab * hidden if need_weight and dtype_bytes != 4 else 0
+    acc_h = 4 * c * hidden if need_hidden else 0
+    return 4 * c * vocab + grad_tile + c * hidden * dtype_bytes + acc_h + acc_w + 32 * tokens
+
+
+@functools.lru_cache(maxsize=256)
+def loss_fused_plan(tokens: int, hidden: int, vocab: int, dtype_bytes: int, unit_tokens: int, *,
+                    need_hidden: bool = True, need_weight: bool = True,
+                    budget_bytes: int = GEMM_BUDGET_BYTES) -> int:
+    """Units (pairs or sequences of ``unit_tokens`` tokens) per chunk of the loss-fused design:
+    the most whose working memory (:func:`loss_fused_memory`) fits the budget, at least one (a
+    unit's logits are needed whole, whatever the budget). The fp32 grad_W accumulator does not
+    shrink with the chunk; when it takes more than half the budget, the budget becomes it plus
+    half the budget (the rule of :func:`gemm_plan`)."""
+    unit, tokens = max(unit_tokens, 1), max(tokens, 1)
+    units = math.ceil(tokens / unit)
+
+    def memory(k: int) -> int:
+        return loss_fused_memory(tokens, hidden, vocab, dtype_bytes, min(k * unit, tokens),
+                                 need_hidden=need_hidden, need_weight=need_weight)
+
+    fixed = memory(0)
+    budget = max(budget_bytes, fixed + budget_bytes // 2)
+    per_unit = max(memory(1) - fixed, 1)
+    return max(1, min(units, (budget - fixed) // per_unit))
+
+
+def loss_fused_forward(shape: Shape, spec: DeviceSpec, plan: int | None = None) -> Cost:
+    """The loss-fused forward: every matmul of the step (6·N·V·H), the loss, the gradients."""
+    n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
+    cost = new_cost(LOSS_FUSED, "forward", shape, spec)
+    unit = max(shape.unit_tokens, 1)
+    k = plan or loss_fused_plan(n, h, v, e, unit, need_hidden=shape.need_hidden,
+                                need_weight=shape.need_weight)
+    c = min(k * unit, n)
+    chunks = math.ceil(n / c)
+    nvh = float(n) * v * h
+    cost.kernel(spec, nbytes=shape.tokens * 32, launches=6)  # labels, counts, output buffers
+    cost.kernel(spec, nbytes=n * h * (3 * e + 1), launches=3 * chunks)  # hidden chunk, masked
+    cost.kernel(spec, flops=2 * nvh, launches=chunks,  # the chunk's logits, whole vocabulary
+                nbytes=n * h * e + chunks * v * h * e + 4.0 * n * v)
+    if shape.bias:
+        cost.kernel(spec, nbytes=8.0 * n * v, launches=chunks)
+    cost.kernel(spec, nbytes=4.0 * n * v + 16 * n, launches=chunks)  # lse and the label's logp
+    cost.kernel(spec, nbytes=32 * n, launches=CHUNK_LOSS_LAUNCHES * chunks)
+    grad_bytes = 4 if e == 4 else e  # G in place over fp32 logits, else in the operand dtype
+    cost.kernel(spec, nbytes=(4.0 + grad_bytes) * n * v, launches=chunks)  # softmax gradient
+    if shape.need_hidden:  # grad_h rows = G @ W: complete per chunk, cast once
+        cost.kernel(spec, flops=2 * nvh, launches=chunks,
+                    nbytes=e * n * v + chunks * v * h * e + 4.0 * n * h)
+        cost.kernel(spec, nbytes=n * h * (4 + e), launches=chunks)
+    if shape.need_weight:  # grad_W += Gᵀ @ h_c into fp32, cast once at the end
+        cost.kernel(spec, flops=2 * nvh, launches=chunks,
+                    nbytes=e * n * v + n * h * e + 8.0 * chunks * v * h)
+        if e != 4:
+            cost.kernel(spec, nbytes=v * h * (4 + e))
+    if shape.bias:
+        cost.kernel(spec, nbytes=e * n * v, launches=chunks)
+    cost.memory_bytes = loss_fused_memory(n, h, v, e, c, need_hidden=shape.need_hidden,
+                                          need_weight=shape.need_weight)
+    return cost
+
+
+def loss_fused_backward(shape: Shape, spec: DeviceSpec) -> Cost:
+    """The loss-fused backward: the stored gradients scaled in place by the upstream gradient."""
+    cost = new_cost(LOSS_FUSED, "backward", shape, spec)
+    stored = shape.rows * shape.hidden * shape.need_hidden + (
+        shape.vocab * shape.hidden * shape.need_weight + shape.vocab * shape.bias)
+    cost.kernel(spec, nbytes=2.0 * shape.dtype_bytes * stored, launches=3)
+    return cost
+
+
 # --------------------------------------------------------------------------- choice
 
 
 def predict(design: str, phase: str, shape: Shape, spec: DeviceSpec) -> Cost:
-    """Cost of ``design`` ("tile" or "gemm") for ``phase`` ("forward", "backward", "fwd+bwd")."""
-    if design not in DESIGNS:
-        raise ValueError(f"unknown design {design!r}; expected one of {DESIGNS}")
+    """Cost of ``design`` ("tile", "gemm" or "loss-fused") for ``phase`` ("forward", "backward",
+    "fwd+bwd"; the loss-fused forward does the work of both)."""
+    costs = {"tile": (tile_forward, tile_backward), "gemm": (gemm_forward, gemm_backward),
+             LOSS_FUSED: (loss_fused_forward, loss_fused_backward)}
+    if design not in costs:
+        raise ValueError(f"unknown design {design!r}; expected one of {tuple(costs)}")
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
-    fwd, bwd = (tile_forward, tile_backward) if design == "tile" else (gemm_forward, gemm_backward)
+    fwd, bwd = costs[design]
     if phase == "forward":
         return fwd(shape, spec)
     if phase == "backward":

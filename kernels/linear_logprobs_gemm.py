@@ -73,7 +73,7 @@ def operand_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _mm(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+def matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
     """``out (+)= a @ b`` computed in ``out``'s dtype (fp32 accumulation of half operands)."""
     if out.device.type == "cuda" and a.dtype != out.dtype:  # half operands of one dtype
         if accumulate:
@@ -135,9 +135,9 @@ def _rows_lse(tile: Tensor, temperature: float, triton_rows: bool, any_col: Tens
     return shift + torch.log(tile.sum(dim=1))
 
 
-def _rows_dlogits(tile: Tensor, out: Tensor, lab: Tensor, scored: Tensor, g: Tensor,
-                  row_lse: Tensor, v0: int, ignore_index: int, temperature: float,
-                  triton_rows: bool) -> None:
+def softmax_grad_rows(tile: Tensor, out: Tensor, lab: Tensor, scored: Tensor, g: Tensor,
+                      row_lse: Tensor, v0: int, ignore_index: int, temperature: float,
+                      triton_rows: bool) -> None:
     """``out = g (onehot − exp(tile / T − lse)) / T``, exact zeros on rows that are not scored;
     ``out`` may be ``tile`` itself."""
     width = tile.shape[1]
@@ -205,7 +205,7 @@ def gemm_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | Non
         for v0 in range(0, vocab, width):
             w = weight[v0:v0 + width].to(op)
             tile = buffer[:size * w.shape[0]].view(size, w.shape[0])
-            _mm(tile, h_c, w.t(), accumulate=False)
+            matmul_into(tile, h_c, w.t(), accumulate=False)
             if bias_acc is not None:
                 tile.add_(bias_acc[v0:v0 + width])
             if softcap > 0:
@@ -288,7 +288,7 @@ def gemm_linear_logps_backward(grad_logps: Tensor, hidden: Tensor, weight: Tenso
                 sl = slice(start, start + size)
                 tile = buffer[:size * ws].view(size, ws)
                 grads = tile if grad_buffer is None else grad_buffer[:size * ws].view(size, ws)
-                _mm(tile, h_c, w.t(), accumulate=False)
+                matmul_into(tile, h_c, w.t(), accumulate=False)
                 if bias_acc is not None:
                     tile.add_(bias_acc[v0:v0 + ws])
                 slope = None
@@ -296,7 +296,7 @@ def gemm_linear_logps_backward(grad_logps: Tensor, hidden: Tensor, weight: Tenso
                     _softcap_(tile, logit_scale, softcap)
                     if not triton_rows:
                         slope = _softcap_slope_(tile.clone(), logit_scale, softcap)
-                _rows_dlogits(tile, grads, lab_all[sl], scored_all[sl], g_all[sl], lse_all[sl],
+                softmax_grad_rows(tile, grads, lab_all[sl], scored_all[sl], g_all[sl], lse_all[sl],
                               v0, ignore_index, temperature, triton_rows)
                 if capped:
                     if slope is None:  # the Triton row pass left the tile as it was
@@ -305,9 +305,9 @@ def gemm_linear_logps_backward(grad_logps: Tensor, hidden: Tensor, weight: Tenso
                     grads.mul_(slope.masked_fill_(~scored_all[sl].unsqueeze(1), 0.0))
                 first = start == 0
                 if acc_h is not None:  # the first slice writes, the later ones add
-                    _mm(acc_h[sl], grads, w, accumulate=v0 > 0)
+                    matmul_into(acc_h[sl], grads, w, accumulate=v0 > 0)
                 if target_w is not None:
-                    _mm(target_w, grads.t(), h_c, accumulate=not first)
+                    matmul_into(target_w, grads.t(), h_c, accumulate=not first)
                 if grad_b is not None:
                     grad_b[v0:v0 + ws] += grads.sum(dim=0, dtype=acc)
             if acc_w is not None:

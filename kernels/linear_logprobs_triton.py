@@ -63,6 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .linear_logprobs_launch import blocks, dot_dtype, interpreting, precision_of
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # fp32 weight-gradient accumulator of one backward launch (half-precision weights): 256 MiB,
 # e.g. 16384 vocab rows at H = 4096
@@ -206,92 +208,6 @@ def _linear_logps_bwd_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
-def _interpreting(device: torch.device) -> bool:
-    return device.type == "cpu"
-
-
-# Launch configurations (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) per kernel, operand
-# class and architecture (80: sm_80 and other pre-Hopper GPUs; 90: sm_90 and later), chosen so
-# that every variant compiles without spilling (0 B stack / local, held by the compile gates of
-# ``benchmarks/compile_report.py``, which compiles exactly these) and keeps wgmma on sm_90:
-# - "fp32" (IEEE, FMA dot): 64×64 tiles at BLOCK_H 16, 8 warps. At BLOCK_H 32 or 4 warps the
-#   fp32 operand tiles do not fit beside the dlogits tile (the backward spilled ~4.5 KB).
-# - "half" (bf16/fp16) backward on sm_80: mma.sync keeps all accumulators in registers; 128×128
-#   tiles at BLOCK_H 32 over 16 warps (128 registers each; at 8 warps 255 registers and a spill
-#   at BLOCK_H 64). The 128×128 tile is kept because the atomic traffic grows as its inverse.
-# - sm_90 half: 128×128 tiles on wgmma; BLOCK_H 64 in the forward, 32 in the backward (207
-#   registers instead of 254 at the cap, and 99 KB of shared memory instead of 165 KB).
-# The tile shapes on sm_90 are those of the cost model (``linear_logprobs_cost.TILE_BLOCK_N/V``).
-_CONFIGS: dict[tuple[str, str, int], tuple[int, int, int, int, int]] = {
-    ("forward", "fp32", 80): (64, 64, 16, 8, 2),
-    ("forward", "fp32", 90): (64, 64, 16, 8, 2),
-    ("backward", "fp32", 80): (64, 64, 16, 8, 2),
-    ("backward", "fp32", 90): (64, 64, 16, 8, 2),
-    ("forward", "tf32", 80): (64, 64, 32, 4, 3),
-    ("forward", "tf32", 90): (64, 64, 32, 4, 3),
-    ("backward", "tf32", 80): (64, 64, 16, 4, 3),
-    ("backward", "tf32", 90): (64, 64, 32, 4, 3),
-    ("forward", "half", 80): (128, 128, 32, 8, 3),
-    ("forward", "half", 90): (128, 128, 64, 8, 3),
-    ("backward", "half", 80): (128, 128, 32, 16, 2),
-    ("backward", "half", 90): (128, 128, 32, 8, 3),
-}
-# the soft-capped kernels where they differ: the sm_90 half backward with tanh and its slope on
-# the tile spilled 8 B at BLOCK_H 32 (255 registers, at 2 or 3 stages); BLOCK_H 16 fits (232)
-_SOFTCAP_CONFIGS: dict[tuple[str, str, int], tuple[int, int, int, int, int]] = {
-    ("backward", "half", 90): (128, 128, 16, 8, 3),
-}
-_INTERPRETER_CONFIG = (16, 32, 16, 1, 1)  # small tiles: the interpreter runs them with numpy
-
-
-def arch_of(capability: tuple[int, int]) -> int:
-    """The configuration family of a CUDA compute capability: 90 from Hopper on, else 80."""
-    return 90 if capability[0] >= 9 else 80
-
-
-def launch_config(kernel: str, dot: torch.dtype, precision: str,
-                  arch: int, softcap: bool = False) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) of ``kernel`` ("forward" or
-    "backward") for ``tl.dot`` operands of dtype ``dot`` at ``precision`` ("ieee" or "tf32") on
-    the architecture family ``arch`` (80 or 90, see :func:`arch_of`); ``softcap``: the
-    ``HAS_SOFTCAP`` variant. The launchers and the compile gates both read it."""
-    if dot == torch.float32:
-        family = "tf32" if precision == "tf32" else "fp32"
-    elif dot in (torch.bfloat16, torch.float16):
-        family = "half"
-    else:
-        raise ValueError(f"no launch configuration for tl.dot operands of dtype {dot}")
-    key = (kernel, family, arch_of((arch // 10, arch % 10)))
-    return _SOFTCAP_CONFIGS.get(key, _CONFIGS[key]) if softcap else _CONFIGS[key]
-
-
-def _blocks(device: torch.device, dot: torch.dtype, kernel: str,
-            softcap: bool = False) -> tuple[int, int, int, int, int]:
-    """The launch configuration of ``kernel`` on ``device`` (its compute capability, read at
-    launch; the interpreter's small tiles on CPU)."""
-    if _interpreting(device):
-        return _INTERPRETER_CONFIG
-    arch = arch_of(torch.cuda.get_device_capability(device))
-    return launch_config(kernel, dot, _precision(dot), arch, softcap)
-
-
-def _dot_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """Operand dtype of ``tl.dot``: the inputs' common dtype on a GPU (bf16 tensor cores for bf16).
-
-    Under the interpreter the operands are fp32: its bf16/fp16 ``tl.dot`` returns garbage (Triton
-    3.9), so there the half-precision inputs are checked through exact fp32 upcasts.
-    """
-    if _interpreting(hidden.device):
-        return torch.float32
-    return torch.promote_types(hidden.dtype, weight.dtype)
-
-
-def _precision(dot: torch.dtype) -> str:
-    if dot == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _scales(temperature: float, logit_scale: float, softcap: float) -> tuple[float, float]:
     """(inv_temperature, cap_scale) of the kernels: (s/T, 1) without a cap, (s/c, c/T) with."""
     if softcap > 0:
@@ -340,12 +256,12 @@ def triton_linear_logps_forward(
     if n == 0 or vocab == 0:
         return logps, lse
     labels = labels.contiguous()
-    dot = _dot_dtype(hidden, weight)
-    block_n, block_v, block_h, warps, stages = _blocks(device, dot, "forward", softcap > 0)
+    dot = dot_dtype(hidden, weight)
+    block_n, block_v, block_h, warps, stages = blocks(device, dot, "forward", softcap > 0)
     n_tiles = triton.cdiv(n, block_n)
     v_tiles = triton.cdiv(vocab, block_v)
     if splits <= 0:
-        if _interpreting(device):
+        if interpreting(device):
             splits = 1
         else:  # enough programs for about two waves over the streaming multiprocessors
             sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -361,7 +277,7 @@ def triton_linear_logps_forward(
         n, vocab, h_dim, hidden.stride(0), weight.stride(0), *_scales(temperature, logit_scale,
                                                                       softcap),
         tiles_per_split, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
-        DOT=_TL_DTYPES[dot], PRECISION=_precision(dot),
+        DOT=_TL_DTYPES[dot], PRECISION=precision_of(dot),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps, num_stages=stages,
     )
     part_max, part_sum, part_label = parts
@@ -424,8 +340,8 @@ def triton_linear_logps_backward(
     grad_w = new_w((vocab, h_dim), dtype=weight.dtype, device=device) if need_weight else None
     grad_b = torch.zeros((vocab,), **f32) if need_bias else None
     if launch:
-        dot = _dot_dtype(hidden, weight)
-        block_n, block_v, block_h, warps, stages = _blocks(device, dot, "backward", softcap > 0)
+        dot = dot_dtype(hidden, weight)
+        block_n, block_v, block_h, warps, stages = blocks(device, dot, "backward", softcap > 0)
         labels = labels.contiguous()
         order, count = _scored_order(labels, ignore_index)
         grad_logps, lse = grad_logps.contiguous(), lse.contiguous()
@@ -450,7 +366,7 @@ def triton_linear_logps_backward(
                 *_scales(temperature, logit_scale, softcap),
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, NEED_H=need_hidden,
                 NEED_W=need_weight, NEED_B=need_bias, DOT=_TL_DTYPES[dot],
-                PRECISION=_precision(dot),
+                PRECISION=precision_of(dot),
                 BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps,
                 num_stages=stages,
             )

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULT_FIELDS = {"suite", "family", "impl", "params", "device", "status", "reason", "times_s",
                  "median_s", "min_s", "max_s", "iqr_s", "peak_mem_bytes", "mem_method",
                  "tokens", "tokens_per_s", "bandwidth_gb_s", "check", "threads", "notes",
-                 "profile_trace"}
+                 "profile_trace", "extra"}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,10 @@ def test_smoke_run_writes_results(smoke_run):
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert len(csv_lines) == len(rows) + 1
     assert "ratios vs `torch`" in proc.stdout and "ratios vs `trl`" in proc.stdout
+    # each fastpo layout row: the FLOPs it saves against padded rows, beside its speed-up
+    shared = next(r for r in rows if r["impl"] == "fastpo_shared")["extra"]
+    assert shared["attention_pairs"] < shared["padded_attention_pairs"]
+    assert "| fastpo_shared | " in proc.stdout.split("attention-FLOP ratio")[1]
 
 
 def test_smoke_implementations_agree(smoke_run):

@@ -11,6 +11,11 @@ loss (sigmoid DPO, β = 0.1) and the same optimizer (AdamW, lr 1e-6):
     fastpo_shared  the same with each pair as one [prompt | chosen | rejected] row, so the prompt
                    runs once per pair (``collate_pairs(..., share_prompt=True)``)
 
+Each fastpo row also carries the FLOPs its layout needs next to the padded rows of the same pairs
+(``layout_figures``), and :func:`summary` prints, per layout row, those ratios beside the measured
+speed-up over the padded row (the issue's target: a packed or shared-prompt row's speed-up over
+padded rows at least its attention-FLOP saving, within 20 %).
+
 TRL runs in fp32 without gradient checkpointing here (its defaults on CPU are bf16 autocast and
 checkpointing), so that all rows do the same arithmetic. TRL also computes per-token entropy and
 top-1 accuracy for its metrics every step (and so does ``trl+fastpo``, to keep TRL's metrics);
@@ -225,8 +230,75 @@ def _fastpo_workload(spec: CaseSpec, *, layout: str) -> Workload:
         optimizer.zero_grad(set_to_none=True)
         return result.loss.detach()
 
-    return Workload(step, tokens=_tokens(pairs),
+    padded = collate_pairs([TokenizedPair(p, c, r) for p, c, r in pairs], pad_token_id=0)
+    shape = tuple(batch.input_ids.shape)
+    figures = layout_figures([(batch.attention_plan, *shape)],
+                             [tuple(padded.input_ids.shape)], config=policy.config,
+                             scored=int(batch.target_index.numel()), device=device)
+    return Workload(step, tokens=_tokens(pairs), extra=figures,
                     notes=f"fastpo engine, {LAYOUTS[layout]}")
+
+
+# --------------------------------------------------------------------------- layout FLOPs
+
+
+def layout_figures(batches: list[tuple[Any, int, int]], padded: list[tuple[int, int]], *,
+                   config: Any, scored: int, device: str) -> dict[str, Any]:
+    """The FLOPs a layout's micro-batches need (``(plan or None, rows, width)`` each) and those
+    of the padded rows of the same items (``(rows, width)`` each), from the lengths alone
+    (``fastpo.engine.data.attention_cost``); and how segment attention runs them here."""
+    from fastpo.engine.data.attention_cost import (
+        ModelDims,
+        choose_attention,
+        forward_flops,
+        needed_pairs,
+    )
+
+    dims, layers = ModelDims.of(config), config.num_hidden_layers
+    pairs = sum(needed_pairs(plan, r, w) for plan, r, w in batches)
+    padded_pairs = sum(needed_pairs(None, r, w) for r, w in padded)
+    modes = {"padded" if plan is None else choose_attention(
+        plan, heads=dims.heads, head_dim=dims.head_dim, device_type=device.split(":")[0],
+        threads=torch.get_num_threads()) for plan, _, _ in batches}
+    step = forward_flops(sum(r * w for _, r, w in batches), pairs, dims=dims, layers=layers,
+                         scored=scored, vocab=config.vocab_size)
+    padded_step = forward_flops(sum(r * w for r, w in padded), padded_pairs, dims=dims,
+                                layers=layers, scored=scored, vocab=config.vocab_size)
+    return {"attention": "/".join(sorted(modes)), "attention_pairs": pairs,
+            "padded_attention_pairs": padded_pairs, "forward_flops": step,
+            "padded_forward_flops": padded_step,
+            "attention_share": layers * pairs * dims.flops_per_pair() / step}
+
+
+def summary(group: list[dict[str, Any]], padded_impl: str = "fastpo") -> list[str]:
+    """Per layout row: the attention- and step-FLOP ratios of padded rows over it (what it
+    saves), the measured speed-up over the padded row (tokens/s), and whether the speed-up
+    reaches each ratio within 20 % and is at least 1."""
+    base = next((r for r in group if r["impl"] == padded_impl and r["status"] == "ok"), None)
+    rows = [r for r in group if r["status"] == "ok" and (r.get("extra") or {}).get(
+        "attention_pairs")]
+    if base is None or not base.get("tokens_per_s") or not rows:
+        return []
+    lines = [f"Layouts against `{padded_impl}` (padded rows of the same pairs); FLOP ratios = "
+             "padded FLOPs / the row's, from the batch lengths (attention: Σ over pieces of "
+             "queries × keys vs rows × padded length²; step: forward FLOPs of decoder and head); "
+             "a row meets a ratio when its speed-up ≥ 0.8 × it:", "",
+             "| impl | attention run as | attention share of step FLOPs | attention-FLOP ratio "
+             "| step-FLOP ratio | speed-up | meets attention ratio | meets step ratio "
+             "| not slower |", "|---|---|---:|---:|---:|---:|---|---|---|"]
+    for row in rows:
+        x = row["extra"]
+        attn = x["padded_attention_pairs"] / x["attention_pairs"]
+        step = x["padded_forward_flops"] / x["forward_flops"]
+        speed = row["tokens_per_s"] / base["tokens_per_s"]
+
+        def verdict(ok: bool) -> str:
+            return "meets" if ok else "does not"
+
+        lines.append(f"| {row['impl']} | {x['attention']} | {100 * x['attention_share']:.1f} % "
+                     f"| {attn:.2f} | {step:.2f} | {speed:.2f} | {verdict(speed >= 0.8 * attn)} "
+                     f"| {verdict(speed >= 0.8 * step)} | {verdict(speed >= 1.0)} |")
+    return [*lines, ""]
 
 
 def build(spec: CaseSpec) -> Workload:

@@ -22,6 +22,10 @@ of every sequence (a shared prompt counts twice, as in a concatenated batch) ove
                            head/op forward, reference forward, loss, head/op backward, decoder
                            backward, optimizer); the stage times are in the row's notes
 
+Each fastpo row carries the FLOPs of its layout's batches next to padded rows of the same pairs,
+and :func:`summary` prints them beside the speed-up over ``fastpo_padded``
+(:func:`benchmarks.suites.e2e.layout_figures`).
+
 Memory: the harness's peak resident-set growth during one call (``peak_mem_bytes``) and, in the
 notes, the process's peak RSS (model, optimizer and data included).
 """
@@ -35,7 +39,8 @@ from typing import Any
 import torch
 
 from benchmarks.harness import CaseSpec, SkipCase, Workload, _status_kib
-from benchmarks.suites.e2e import trl_step
+from benchmarks.suites.e2e import layout_figures, trl_step
+from benchmarks.suites.e2e import summary as _summary
 
 LAYOUT_ROWS = ("padded", "packed", "shared", "shared_packed")
 IMPLS = ("trl", *(f"fastpo_{n}" for n in LAYOUT_ROWS), "fastpo_padded_grouped", "fastpo_auto",
@@ -100,15 +105,30 @@ def _fastpo_trainer(spec: CaseSpec, layout: str, group_by_length: bool = False):
     return Trainer(cfg)
 
 
+def _figures(trainer: Any, batches: list[list[int]], device: str) -> dict[str, Any]:
+    """The layout FLOPs of ``batches`` as the trainer lays them out, and as padded rows."""
+    laid, padded, scored = [], [], 0
+    for indices in batches:
+        batch = trainer.source.collate(indices)
+        laid.append((batch.attention_plan, *batch.input_ids.shape))
+        lengths = [len(trainer.train_set[i].prompt_ids) + len(c) for i in indices
+                   for c in (trainer.train_set[i].chosen_ids, trainer.train_set[i].rejected_ids)]
+        padded.append((len(lengths), max(lengths)))
+        scored += int(batch.target_index.numel())
+    return layout_figures(laid, padded, config=trainer.backend.module.config, scored=scored,
+                          device=device)
+
+
 def _fastpo_workload(spec: CaseSpec, layout: str, group_by_length: bool = False) -> Workload:
     trainer = _fastpo_trainer(spec, layout, group_by_length)
     steps = spec.params["steps"]
-    batches = trainer._batches(0)[:steps]
+    batches = trainer.source.batches(0)[:steps]
     resolved = trainer.cfg.data.layout
-    workload = Workload(lambda: None, tokens=_step_tokens(trainer.train_set, batches))
+    workload = Workload(lambda: None, tokens=_step_tokens(trainer.train_set, batches),
+                        extra=_figures(trainer, batches, spec.device))
 
     def run() -> float | None:
-        trainer.pos.epoch, trainer.pos.step_in_epoch = 0, 0  # the same batches every call
+        trainer.source.rewind()  # the same batches every call
         record: dict[str, Any] = {}
         for _ in range(steps):
             record = trainer.train_step()
@@ -122,12 +142,17 @@ def _fastpo_workload(spec: CaseSpec, layout: str, group_by_length: bool = False)
     return workload
 
 
+def summary(group: list[dict[str, Any]]) -> list[str]:
+    """The layout rows against ``fastpo_padded`` (:func:`benchmarks.suites.e2e.summary`)."""
+    return _summary(group, padded_impl="fastpo_padded")
+
+
 def _profile_workload(spec: CaseSpec) -> Workload:
     """One ``auto`` step with each stage timed (the device synchronised between stages)."""
     from fastpo.engine.model import forward as fwd
 
     trainer = _fastpo_trainer(spec, "auto")
-    indices = trainer._batches(0)[0]
+    indices = trainer.source.batches(0)[0]
     device = trainer.rt.device
     workload = Workload(lambda: None, tokens=_step_tokens(trainer.train_set, [indices]))
     original = fwd.final_hidden_states
@@ -152,7 +177,7 @@ def _profile_workload(spec: CaseSpec) -> Workload:
         try:
             trainer.backend.module.train()
             t = sync()
-            batch = trainer._collate(trainer.train_set, indices)
+            batch = trainer.source.collate(indices)
             t, stages["collate"] = sync(), sync() - t
             obj = trainer.objective
             with trainer.backend.autocast():

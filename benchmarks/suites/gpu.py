@@ -8,8 +8,9 @@
     no implementation may win by skipping prompt positions), built by
     ``benchmarks.linear_logprobs.build`` for ``fwd+bwd`` (a sigmoid DPO loss on the per-sequence
     logps, gradients of hidden and weight) and here for ``fwd`` (logps under ``no_grad``):
-    naive, liger (compiled on CUDA, eager on CPU), fastpo, cce, and ``matmul`` (one ``h @ Wᵀ``
-    in the input dtype, the yardstick).
+    naive, liger (compiled on CUDA, eager on CPU), fastpo, fastpo_loss_fused (``fwd+bwd`` only:
+    the loss-fused DPO module), cce, and ``matmul`` (one ``h @ Wᵀ`` in the input dtype, the
+    yardstick).
 
 The 1B DPO step is ``benchmarks.suites.e2e`` with ``model="llama-1b"``.
 """

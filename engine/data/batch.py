@@ -24,16 +24,21 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .dataset import TokenizedDataset, TokenizedExample, TokenizedPair
-from .preference_batch import PreferenceBatch, check_token_ids
+from .preference_batch import (
+    PreferenceBatch,
+    SequenceRows,
+    check_token_ids,
+    row_layout,
+)
 from .sampler import length_grouped_order, shuffle_batches
 from .segments import packed_plan
-from .shared_prompt import collate_shared_prompt_pairs
+from .shared_prompt import shared_prompt_rows
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +46,18 @@ DEFAULT_WINDOW_ITEMS = 4  # items per micro-batch assumed by a length-grouping w
 #                           token budget alone (no item cap)
 
 
-def collate_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
-                      pad_token_id: int, padding_free: bool = False,
-                      pad_to_multiple_of: int | None = None, ignore_index: int = -100
-                      ) -> PreferenceBatch:
-    """Build a batch of ``prompts[s] + completions[s]`` sequences (pair fields left at 0)."""
+def sequence_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
+                  pad_token_id: int, padding_free: bool = False,
+                  pad_to_multiple_of: int | None = None, ignore_index: int = -100
+                  ) -> SequenceRows:
+    """Lay out ``prompts[s] + completions[s]`` sequences: one padded row each, or all in one
+    packed row (``padding_free``)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     if not prompts:
         raise ValueError("cannot collate an empty batch")
     if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool):
         raise TypeError(f"pad_token_id must be an int, got {type(pad_token_id).__name__}")
-    if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int)
-                                           or pad_to_multiple_of < 1):
-        raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
     lengths, prompt_lengths = [], []
     for s, (prompt, completion) in enumerate(zip(prompts, completions)):
         check_token_ids("prompt", prompt, f"sequence {s}")
@@ -69,21 +72,8 @@ def collate_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Se
 
     num_sequences = len(lengths)
     total = sum(lengths)
-
-    def round_up(n: int) -> int:
-        m = pad_to_multiple_of or 1
-        return -(-n // m) * m
-
-    if padding_free:
-        rows, width = 1, round_up(total)
-        starts = [0]
-        for n in lengths[:-1]:
-            starts.append(starts[-1] + n)
-        row_of = [0] * num_sequences
-    else:
-        rows, width = num_sequences, round_up(max(lengths))
-        starts = [0] * num_sequences
-        row_of = list(range(num_sequences))
+    rows, width, starts, row_of = row_layout(lengths, padding_free=padding_free,
+                                             pad_to_multiple_of=pad_to_multiple_of)
 
     input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
     labels = torch.full((rows, width), ignore_index, dtype=torch.long)
@@ -118,13 +108,21 @@ def collate_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Se
         attention_mask = (sequence_ids >= 0).long()
     completion_tokens = torch.tensor([n - p for n, p in zip(lengths, prompt_lengths)],
                                      dtype=torch.long)
-    return PreferenceBatch(
+    return SequenceRows(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
         labels=labels, sequence_ids=sequence_ids, target_index=torch.cat(target_index),
         target_sequence=torch.repeat_interleave(torch.arange(num_sequences), completion_tokens),
-        completion_tokens=completion_tokens, num_sequences=num_sequences, num_pairs=0,
-        packed=padding_free, num_tokens=total, max_seqlen=max_seqlen, cu_seqlens=cu_seqlens,
-        ignore_index=ignore_index, attention_plan=attention_plan)
+        completion_tokens=completion_tokens, num_sequences=num_sequences, packed=padding_free,
+        num_tokens=total, max_seqlen=max_seqlen, cu_seqlens=cu_seqlens,
+        attention_plan=attention_plan, ignore_index=ignore_index)
+
+
+def pair_tail(completion_lengths: Sequence[int], num_pairs: int) -> Tensor:
+    """LD-DPO's ``target_tail`` of a pair batch whose completions (chosen ``0..B−1``, then
+    rejected) have these lengths: True for a token past ``min(|chosen|, |rejected|)``."""
+    shared = [min(c, r) for c, r in zip(completion_lengths[:num_pairs],
+                                        completion_lengths[num_pairs:])] * 2
+    return torch.cat([torch.arange(n) >= m for n, m in zip(completion_lengths, shared)])
 
 
 def collate_pairs(pairs: Sequence[TokenizedPair], *, pad_token_id: int,
@@ -138,37 +136,38 @@ def collate_pairs(pairs: Sequence[TokenizedPair], *, pad_token_id: int,
     """
     if not pairs or not all(isinstance(p, TokenizedPair) for p in pairs):
         raise TypeError("collate_pairs needs a non-empty list of TokenizedPair")
-    if share_prompt:
-        batch = collate_shared_prompt_pairs(pairs, pad_token_id=pad_token_id,
-                                            padding_free=padding_free,
-                                            pad_to_multiple_of=pad_to_multiple_of,
-                                            ignore_index=ignore_index)
-        batch.indices = _indices(indices, len(pairs))
-        return batch
-    prompts = [p.prompt_ids for p in pairs] * 2
+    index = _indices(indices, len(pairs))
     completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    batch = collate_sequences(prompts, completions, pad_token_id=pad_token_id,
-                              padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of,
-                              ignore_index=ignore_index)
-    batch.num_pairs = len(pairs)
-    batch.indices = _indices(indices, len(pairs))
-    shared = [min(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs] * 2
-    batch.target_tail = torch.cat([torch.arange(len(c)) >= n for c, n in zip(completions, shared)])
-    return batch
+    tail = pair_tail([len(c) for c in completions], len(pairs))
+    if share_prompt:
+        rows, shared = shared_prompt_rows(pairs, pad_token_id=pad_token_id,
+                                          padding_free=padding_free,
+                                          pad_to_multiple_of=pad_to_multiple_of,
+                                          ignore_index=ignore_index)
+    else:
+        rows = sequence_rows([p.prompt_ids for p in pairs] * 2, completions,
+                             pad_token_id=pad_token_id, padding_free=padding_free,
+                             pad_to_multiple_of=pad_to_multiple_of, ignore_index=ignore_index)
+        shared = None
+    return PreferenceBatch(**rows._asdict(), indices=index, num_pairs=len(pairs),
+                           target_tail=tail, shared_prompt=shared)
 
 
 def collate_unpaired(examples: Sequence[TokenizedExample], *, pad_token_id: int,
                      padding_free: bool = False, pad_to_multiple_of: int | None = None,
                      with_kl: bool = True, kl_completions: Sequence[Sequence[int]] | None = None,
-                     indices: Sequence[int] | None = None, ignore_index: int = -100
-                     ) -> PreferenceBatch:
+                     indices: Sequence[int] | None = None, ignore_index: int = -100,
+                     kl_from_dataset: bool = False) -> PreferenceBatch:
     """KTO batch: the B examples, then (``with_kl``) B mismatched KL sequences.
 
     KL sequence ``i`` is prompt ``i`` with ``kl_completions[i]``; by default the completion of
-    the next example in the batch (``(i + 1) mod B``), as TRL does.
+    the next example in the batch (``(i + 1) mod B``), as TRL does. ``kl_from_dataset``: the
+    ``kl_completions`` are the dataset-level partners (:func:`kl_partner`), which a reference
+    cache can serve.
     """
     if not examples or not all(isinstance(e, TokenizedExample) for e in examples):
         raise TypeError("collate_unpaired needs a non-empty list of TokenizedExample")
+    index = _indices(indices, len(examples))
     prompts = [e.prompt_ids for e in examples]
     completions = [e.completion_ids for e in examples]
     num_kl = 0
@@ -179,14 +178,13 @@ def collate_unpaired(examples: Sequence[TokenizedExample], *, pad_token_id: int,
             raise ValueError(f"{len(kl_completions)} KL completions for {len(examples)} examples")
         prompts, completions = prompts * 2, completions + list(kl_completions)
         num_kl = len(examples)
-    batch = collate_sequences(prompts, completions, pad_token_id=pad_token_id,
-                              padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of,
-                              ignore_index=ignore_index)
-    batch.num_examples = len(examples)
-    batch.num_kl_sequences = num_kl
-    batch.desirable = torch.tensor([e.label for e in examples], dtype=torch.bool)
-    batch.indices = _indices(indices, len(examples))
-    return batch
+    rows = sequence_rows(prompts, completions, pad_token_id=pad_token_id,
+                         padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of,
+                         ignore_index=ignore_index)
+    return PreferenceBatch(**rows._asdict(), indices=index, num_examples=len(examples),
+                           num_kl_sequences=num_kl,
+                           desirable=torch.tensor([e.label for e in examples], dtype=torch.bool),
+                           kl_from_dataset=with_kl and kl_from_dataset)
 
 
 def _indices(indices: Sequence[int] | None, n: int) -> Tensor | None:
@@ -222,11 +220,10 @@ def collate_batch(dataset: TokenizedDataset, indices: Sequence[int], *, pad_toke
                              pad_to_multiple_of=pad_to_multiple_of, indices=indices,
                              ignore_index=ignore_index, share_prompt=share_prompt)
     kl = [dataset.examples[kl_partner(i, n)].completion_ids for i in indices] if with_kl else None
-    batch = collate_unpaired(items, pad_token_id=pad_token_id, padding_free=padding_free,
-                             pad_to_multiple_of=pad_to_multiple_of, with_kl=with_kl,
-                             kl_completions=kl, indices=indices, ignore_index=ignore_index)
-    batch.kl_from_dataset = with_kl
-    return batch
+    return collate_unpaired(items, pad_token_id=pad_token_id, padding_free=padding_free,
+                            pad_to_multiple_of=pad_to_multiple_of, with_kl=with_kl,
+                            kl_completions=kl, indices=indices, ignore_index=ignore_index,
+                            kl_from_dataset=True)
 
 
 # ------------------------------------------------------------------------------ batching
@@ -300,8 +297,8 @@ def plan_batches(dataset: TokenizedDataset, *, pairs_per_batch: int | None = Non
     if shuffle:
         random.Random(f"fastpo-batches:{seed}:{epoch}").shuffle(order)
     shapes = _item_shapes(dataset, with_kl, share_prompt)
-    if group_by_length is not None:
-        window = group_by_length * (pairs_per_batch or DEFAULT_WINDOW_ITEMS)
+    if group_by_length is not None:  # windows of global batches: the same for every world size
+        window = group_by_length * (pairs_per_batch or DEFAULT_WINDOW_ITEMS) * num_shards
         order = length_grouped_order(order, lambda i: shapes[i][1], window=window)
 
     batches: list[list[int]] = []
@@ -326,28 +323,13 @@ def plan_batches(dataset: TokenizedDataset, *, pairs_per_batch: int | None = Non
         batches.append(current)
     if drop_last and pairs_per_batch is not None and batches and len(batches[-1]) < pairs_per_batch:
         batches.pop()
-    if group_by_length is not None and shuffle:
-        batches = shuffle_batches(batches, seed=seed, epoch=epoch)
     if oversized:
         logger.warning("%d item(s) exceed max_tokens_per_batch=%d alone and form their own "
                        "batches", oversized, max_tokens_per_batch)
+    batches = batches[: len(batches) - len(batches) % num_shards]  # whole global batches
+    if group_by_length is not None and shuffle:
+        batches = shuffle_batches(batches, seed=seed, epoch=epoch, group=num_shards)
     if num_shards > 1:
-        batches = batches[: len(batches) - len(batches) % num_shards][shard_index::num_shards]
+        batches = batches[shard_index::num_shards]
     return batches
 
-
-def iterate_batches(dataset: TokenizedDataset, *, pairs_per_batch: int | None = None,
-                    max_tokens_per_batch: int | None = None, shuffle: bool = True, seed: int = 0,
-                    epoch: int = 0, start_index: int = 0, padding_free: bool = False,
-                    with_kl: bool = True, drop_last: bool = False, num_shards: int = 1,
-                    shard_index: int = 0, share_prompt: bool = False,
-                    group_by_length: int | None = None) -> Iterator[list[int]]:
-    """Batches of one epoch from batch ``start_index`` on (resume: store epoch + batch index)."""
-    if not isinstance(start_index, int) or start_index < 0:
-        raise ValueError(f"start_index must be a non-negative int, got {start_index!r}")
-    batches = plan_batches(dataset, pairs_per_batch=pairs_per_batch,
-                           max_tokens_per_batch=max_tokens_per_batch, shuffle=shuffle, seed=seed,
-                           epoch=epoch, padding_free=padding_free, with_kl=with_kl,
-                           drop_last=drop_last, num_shards=num_shards, shard_index=shard_index,
-                           share_prompt=share_prompt, group_by_length=group_by_length)
-    yield from batches[start_index:]

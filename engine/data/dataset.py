@@ -6,7 +6,7 @@
     train, held_out = split_train_eval(data, 0.1, seed=0)
 
 Files are read by :mod:`fastpo.engine.data.files`, rows checked by
-:mod:`fastpo.engine.data.formats`.
+:mod:`fastpo.engine.data.formats`, texts encoded by :mod:`fastpo.engine.data.encoding`.
 The prompt and each completion are tokenized separately and concatenated, so the completion
 tokens are exactly the tokens the loss scores: conversational prompts are rendered with the chat
 template and the generation prompt (``<|im_start|>assistant\\n``), the completion is the rest of
@@ -26,10 +26,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .encoding import encode_texts, render_completion
 from .files import PreferenceRecords, load_preference_records  # noqa: F401  (re-exported)
 from .formats import (
     DataFormatError,
-    Messages,
     is_empty_completion,
     is_paired,
     normalize_record,
@@ -46,7 +46,6 @@ DROP_REASONS = {
     "too_long": "cannot fit max_length",
     "identical_after_truncation": "chosen identical to rejected after truncation",
 }
-_TOKENIZE_CHUNK = 512
 
 
 # -------------------------------------------------------------------------------- tokenized
@@ -58,11 +57,6 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
 
-    @property
-    def num_tokens(self) -> int:
-        """Tokens of the two sequences (prompt + chosen, prompt + rejected)."""
-        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
-
 
 @dataclass(frozen=True)
 class TokenizedExample:
@@ -71,10 +65,6 @@ class TokenizedExample:
     prompt_ids: list[int]
     completion_ids: list[int]
     label: bool
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.completion_ids)
 
 
 @dataclass
@@ -134,10 +124,6 @@ class TokenizedDataset:
     def __getitem__(self, index: int) -> TokenizedPair | TokenizedExample:
         return self.items[index]
 
-    def num_tokens(self) -> list[int]:
-        """Real tokens of each item (both sequences of a pair), for token-based batching."""
-        return [item.num_tokens for item in self.items]
-
     def subset(self, indices: Sequence[int]) -> TokenizedDataset:
         items = self.items
         chosen = [items[i] for i in indices]
@@ -160,51 +146,6 @@ class TokenizedDataset:
 
 
 # ------------------------------------------------------------------------------ tokenizing
-def _render_chat(tokenizer: Any, prompt: Messages, completion: Messages, prompt_text: str,
-                 eos: str, where: str) -> str:
-    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    if not full.startswith(prompt_text):
-        raise DataFormatError(
-            f"{where}: the chat template renders the prompt differently alone (with the "
-            "generation prompt) than inside the whole conversation, so the completion cannot be "
-            "cut at an exact boundary; use a template whose generation prompt is a prefix of the "
-            "rendered assistant turn")
-    text = full[len(prompt_text):]
-    cut = text.rfind(eos)
-    return text[: cut + len(eos)] if cut >= 0 else text
-
-
-def _rejected_text(tokenizer: Any, text: str, label: str, *, special: bool) -> None:
-    """Raise a DataFormatError naming ``label`` (row and field) if the tokenizer rejects
-    ``text``."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise DataFormatError(
-            f"{label} holds a character that is not valid Unicode ({text[exc.start]!r} at "
-            f"character {exc.start}, a lone surrogate); the tokenizer cannot encode it") from None
-    try:
-        tokenizer([text], add_special_tokens=special)
-    except (TypeError, ValueError) as exc:
-        raise DataFormatError(f"{label}: the tokenizer rejects this text ({exc})") from None
-
-
-def _encode(tokenizer: Any, texts: list[str], *, special: bool,
-            labels: Sequence[str] | None = None) -> list[list[int]]:
-    out: list[list[int]] = []
-    for start in range(0, len(texts), _TOKENIZE_CHUNK):
-        chunk = texts[start: start + _TOKENIZE_CHUNK]
-        try:
-            out.extend(tokenizer(chunk, add_special_tokens=special)["input_ids"])
-        except (TypeError, ValueError):
-            if labels is None:
-                raise
-            for offset, text in enumerate(chunk):  # find the text at fault, name its row
-                _rejected_text(tokenizer, text, labels[start + offset], special=special)
-            raise
-    return [list(ids) for ids in out]
-
-
 def _with_origins(records: Sequence[Mapping[str, Any]], unpaired: bool
                   ) -> tuple[list[dict[str, Any]], list[str], list[tuple[str, ...]]]:
     """Canonical records, where each came from, and the field names of its completions."""
@@ -320,7 +261,7 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
             prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False,
                                                         add_generation_prompt=True)
             texts = [prompt_text] + [
-                _render_chat(tokenizer, prompt, record[k], prompt_text, eos, origins[i])
+                render_completion(tokenizer, prompt, record[k], prompt_text, eos, origins[i])
                 for k in keys]
         kept.append((record, texts))
         labels.append([f"{origins[i]}: field '{name}'" for name in ("prompt", *fields[i])])
@@ -331,12 +272,12 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
     prompt_ids: list[list[int]] = [[] for _ in kept]
     for special in (True, False):
         ids_list = [i for i, s in enumerate(is_string) if s == special]
-        encoded = _encode(tokenizer, [kept[i][1][0] for i in ids_list], special=special,
+        encoded = encode_texts(tokenizer, [kept[i][1][0] for i in ids_list], special=special,
                           labels=[labels[i][0] for i in ids_list])
         for i, ids in zip(ids_list, encoded):
             prompt_ids[i] = ids
     completion_texts = [t for _, texts in kept for t in texts[1:]]
-    completion_ids = iter(_encode(tokenizer, completion_texts, special=False,
+    completion_ids = iter(encode_texts(tokenizer, completion_texts, special=False,
                                   labels=[name for names in labels for name in names[1:]]))
 
     # 3. EOS, limits

@@ -114,11 +114,7 @@ def _common_text_prefix(a: str, b: str) -> int:
     "The ca|r" → "The") and so that the whitespace before the first differing word belongs to the
     completions (" cat", " car"), which is how BPE tokenizers see a word after a space.
     """
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
+    n = _common_prefix(a, b)
     if 0 < n < min(len(a), len(b)) and a[n - 1].isalnum() and (a[n].isalnum() or b[n].isalnum()):
         while n > 0 and a[n - 1].isalnum():
             n -= 1
@@ -127,7 +123,8 @@ def _common_text_prefix(a: str, b: str) -> int:
     return n
 
 
-def _common_message_prefix(a: Messages, b: Messages) -> int:
+def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items (characters, messages) ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -168,7 +165,7 @@ def normalize_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
         if isinstance(chosen, str):
             n = _common_text_prefix(chosen, rejected)
         else:
-            n = _common_message_prefix(chosen, rejected)
+            n = _common_prefix(chosen, rejected)
         return _paired(chosen[:n], chosen[n:], rejected[n:], where)
 
     if _present(row, "label") or _present(row, "completion"):

@@ -27,11 +27,14 @@ def length_grouped_order(order: Sequence[int], length: Callable[[int], int], *,
     return out
 
 
-def shuffle_batches(batches: list[list[int]], *, seed: int, epoch: int) -> list[list[int]]:
-    """The micro-batches in a seeded random order (a new list; the batches are not copied)."""
-    shuffled = list(batches)
-    random.Random(f"fastpo-length-batches:{seed}:{epoch}").shuffle(shuffled)
-    return shuffled
+def shuffle_batches(batches: list[list[int]], *, seed: int, epoch: int, group: int = 1
+                    ) -> list[list[int]]:
+    """The micro-batches in a seeded random order, moved in runs of ``group`` consecutive
+    batches (a global batch: one micro-batch per data-parallel rank), so that every world size
+    draws the same global batches in the same order. A new list; the batches are not copied."""
+    runs = [batches[i: i + group] for i in range(0, len(batches), group)]
+    random.Random(f"fastpo-length-batches:{seed}:{epoch}").shuffle(runs)
+    return [batch for run in runs for batch in run]
 
 
 def padding_fraction(batches: Sequence[Sequence[int]], shapes: Sequence[tuple[int, int, int]]

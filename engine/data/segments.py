@@ -2,9 +2,11 @@
 
 Built on the host at collate time (:mod:`.batch`, :mod:`.shared_prompt`) and carried by the
 batch; the model's segment attention (:mod:`fastpo.engine.model.attention`) runs one attention
-call per piece. A piece is CAUSAL (a sequence, or a ``[prompt | chosen]`` run: self-attention
-over its own tokens), BRANCH (a shared-prompt pair's rejected completion: queries over the first
-``prompt`` keys of the preceding causal piece, then causal over its own) or PAD (no attention).
+call per piece, or one dense-masked call over the rows where that is cheaper
+(:mod:`.attention_cost`). A piece is CAUSAL (a sequence, or a ``[prompt | chosen]`` run:
+self-attention over its own tokens), BRANCH (a shared-prompt pair's rejected completion: queries
+over the first ``prompt`` keys of the preceding causal piece, then causal over its own) or PAD (no
+attention).
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ class Piece:
 
 @dataclass(eq=False)
 class SegmentPlan:
-    """The pieces of every row of a batch (host integers; built at collate time)."""
+    """The pieces of every row of a batch (host integers; built at collate time). ``calls``
+    counts the attention calls that ran the plan; ``cache`` keeps what the model's attention
+    derives from it once per batch (how to run it, its dense mask), for every layer and the
+    reference forward."""
 
     width: int
     rows: tuple[tuple[Piece, ...], ...]
-    calls: int = field(default=0, compare=False)  # attention calls that ran the plan
+    calls: int = field(default=0, compare=False)
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for r, pieces in enumerate(self.rows):

@@ -29,7 +29,13 @@ import torch
 from torch import Tensor
 
 from .dataset import TokenizedPair
-from .preference_batch import PreferenceBatch, check_token_ids
+from .preference_batch import (
+    PreferenceBatch,
+    SequenceRows,
+    SharedPromptRows,
+    check_token_ids,
+    row_layout,
+)
 from .segments import shared_prompt_plan
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
@@ -37,22 +43,17 @@ PROMPT, CHOSEN, REJECTED = 0, 1, 2
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-def collate_shared_prompt_pairs(pairs: Sequence[TokenizedPair], *, pad_token_id: int,
-                                padding_free: bool = False,
-                                pad_to_multiple_of: int | None = None,
-                                ignore_index: int = -100) -> PreferenceBatch:
-    """One batch of B pairs, each a ``[prompt | chosen | rejected]`` segment.
+def shared_prompt_rows(pairs: Sequence[TokenizedPair], *, pad_token_id: int,
+                       padding_free: bool = False, pad_to_multiple_of: int | None = None,
+                       ignore_index: int = -100) -> tuple[SequenceRows, SharedPromptRows]:
+    """The rows of B pairs, each a ``[prompt | chosen | rejected]`` segment, and what such rows
+    add to a batch (:class:`SharedPromptRows`).
 
     Sequences keep the pair-batch numbering (chosen ``0..B−1``, rejected ``B..2B−1``). One row
     per pair (right padding), or with ``padding_free`` every pair in one row.
-    ``batch.target_labels`` holds the label of each scored target (a prompt's last position is
-    scored twice, so the ``labels`` grid cannot hold them all).
+    ``target_labels`` holds the label of each scored target (a prompt's last position is scored
+    twice, so the ``labels`` grid cannot hold them all).
     """
-    if not pairs or not all(isinstance(p, TokenizedPair) for p in pairs):
-        raise TypeError("collate_pairs needs a non-empty list of TokenizedPair")
-    if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int)
-                                           or pad_to_multiple_of < 1):
-        raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
     for i, pair in enumerate(pairs):
         for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
             check_token_ids(name.removesuffix("_ids"), getattr(pair, name), f"pair {i}")
@@ -61,14 +62,8 @@ def collate_shared_prompt_pairs(pairs: Sequence[TokenizedPair], *, pad_token_id:
     num_pairs = len(pairs)
     lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
     total = sum(lengths)
-    multiple = pad_to_multiple_of or 1
-    if padding_free:
-        rows, width = 1, -(-total // multiple) * multiple
-        starts = [sum(lengths[:i]) for i in range(num_pairs)]
-        row_of = [0] * num_pairs
-    else:
-        rows, width = num_pairs, -(-max(lengths) // multiple) * multiple
-        starts, row_of = [0] * num_pairs, list(range(num_pairs))
+    rows, width, starts, row_of = row_layout(lengths, padding_free=padding_free,
+                                             pad_to_multiple_of=pad_to_multiple_of)
 
     input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
     labels = torch.full((rows, width), ignore_index, dtype=torch.long)
@@ -108,23 +103,20 @@ def collate_shared_prompt_pairs(pairs: Sequence[TokenizedPair], *, pad_token_id:
 
     completions = [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
     completion_tokens = torch.tensor(completions, dtype=torch.long)
-    shared = [min(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs] * 2
-    batch = PreferenceBatch(
+    sizes = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    laid_out = SequenceRows(
         input_ids=input_ids, attention_mask=None, position_ids=position_ids, labels=labels,
         sequence_ids=sequence_ids, target_index=torch.cat(index[0] + index[1]),
         target_sequence=torch.repeat_interleave(torch.arange(2 * num_pairs), completion_tokens),
-        completion_tokens=completion_tokens, num_sequences=2 * num_pairs, num_pairs=num_pairs,
-        packed=padding_free, num_tokens=total, max_seqlen=max(lengths),
+        completion_tokens=completion_tokens, num_sequences=2 * num_pairs, packed=padding_free,
+        num_tokens=total, max_seqlen=max(lengths), cu_seqlens=None,
+        attention_plan=shared_prompt_plan([sizes] if padding_free else [[s] for s in sizes],
+                                          width),
         ignore_index=ignore_index)
-    batch.target_labels = torch.cat(target_labels[0] + target_labels[1])
-    batch.shared_prompt_tokens = sum(len(p.prompt_ids) for p in pairs)
-    batch.segment_ids = segment_ids
-    batch.branch_ids = branch_ids
-    sizes = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
-    batch.attention_plan = shared_prompt_plan([sizes] if padding_free else [[s] for s in sizes],
-                                              width)
-    batch.target_tail = torch.cat([torch.arange(n) >= m for n, m in zip(completions, shared)])
-    return batch
+    shared = SharedPromptRows(target_labels=torch.cat(target_labels[0] + target_labels[1]),
+                              segment_ids=segment_ids, branch_ids=branch_ids,
+                              prompt_tokens=sum(len(p.prompt_ids) for p in pairs))
+    return laid_out, shared
 
 
 def shared_prompt_attention_mask(batch: PreferenceBatch, model_config: object,
@@ -145,7 +137,10 @@ def shared_prompt_attention_mask(batch: PreferenceBatch, model_config: object,
         raise ValueError(f"share_prompt: the model's sliding window ({window} tokens) is shorter "
                          f"than the longest [prompt | chosen | rejected] segment "
                          f"({batch.max_seqlen}); the custom mask would ignore the window")
-    seg, branch = batch.segment_ids, batch.branch_ids
+    if batch.shared_prompt is None:
+        raise ValueError("shared_prompt_attention_mask needs a shared-prompt batch "
+                         "(collate_pairs(..., share_prompt=True))")
+    seg, branch = batch.shared_prompt.segment_ids, batch.shared_prompt.branch_ids
     pos = torch.arange(width, device=seg.device)
     causal = pos[None, :] <= pos[:, None]  # [q, k]
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)

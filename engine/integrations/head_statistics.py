@@ -1,8 +1,8 @@
 """What TRL's fused lm_head reports besides the log-probs, computed without the full logits.
 
-Pure tensor functions used by the TRL integration: TRL's logit transform, the per-token
-statistics of the next-token distribution (chunked, no gradient), and scattering per-scored-token
-values back to the label grid.
+Pure tensor functions used by the TRL integration: the per-token statistics of the next-token
+distribution (chunked, no gradient), and scattering per-scored-token values back to the label
+grid. The logit transform and ``log Σ p²`` are :mod:`fastpo.kernels.logit_transform`'s.
 """
 
 from __future__ import annotations
@@ -12,19 +12,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from fastpo.kernels.logit_transform import log_sum_sq_probs
+
 STATISTICS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 # float32 elements of one chunk of logits in the statistics pass (32 MiB per temporary)
 STATS_CHUNK_ELEMENTS = 2**23
-
-
-def transform_logits(z: Tensor, *, logit_scale: float, softcap: float | None,
-                     temperature: float) -> Tensor:
-    """TRL's logit transform: ``softcap·tanh(scale·z / softcap) / T``, or ``scale·z / T``."""
-    if logit_scale != 1.0:
-        z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / temperature if temperature != 1.0 else z
 
 
 @torch.no_grad()
@@ -66,7 +58,7 @@ def head_statistics(
         if "is_top1" in which:
             out["is_top1"][start:end] = z.argmax(-1) == labels[start:end]
         if "log_sum_sq_probs" in which:
-            out["log_sum_sq_probs"][start:end] = torch.logsumexp(2 * z, dim=-1) - 2 * lse
+            out["log_sum_sq_probs"][start:end] = log_sum_sq_probs(z, lse)
     return out
 
 

@@ -46,14 +46,11 @@ import torch
 from torch import Tensor, nn
 
 from fastpo import kernels
-from fastpo.kernels.zero3 import gathered_lm_head
-
-from .head_statistics import transform_logits
+from fastpo.kernels.logit_transform import config_logit_transform, transform_logits
+from fastpo.kernels.zero3 import find_lm_head, gathered_lm_head
 
 IGNORE_INDEX = -100
-# config attribute -> how it scales the logits (multiply by the value, or divide by it)
-LOGIT_SCALES = {"logit_scale": "multiply", "output_multiplier": "multiply",
-                "lm_head_multiplier": "multiply", "logits_scaling": "divide"}
+
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -95,12 +92,7 @@ def decoder_body(model: nn.Module) -> nn.Module:
 
 def lm_head(model: nn.Module) -> nn.Module:
     """The output head of ``model`` (``get_output_embeddings()``), after unwrapping."""
-    model = unwrap(model)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Module):
-        raise TypeError(f"{type(model).__name__} has no output embeddings "
-                        "(get_output_embeddings()); pass the causal LM with its lm_head")
-    return head
+    return find_lm_head(unwrap(model))
 
 
 def final_hidden_states(model: nn.Module, **inputs: Any) -> Tensor:
@@ -121,17 +113,8 @@ def final_hidden_states(model: nn.Module, **inputs: Any) -> Tensor:
 
 def head_transform(model: nn.Module) -> tuple[float, float | None]:
     """(logit scale, soft-cap or None) that the model applies to its head's output."""
-    config = getattr(unwrap(model), "config", None)
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    scale = 1.0
-    for name, how in LOGIT_SCALES.items():
-        value = getattr(config, name, None)
-        if value is not None:
-            scale = float(value) if how == "multiply" else 1.0 / float(value)
-            break
-    cap = getattr(config, "final_logit_softcapping", None)
-    return scale, (float(cap) if cap else None)
+    inner = unwrap(model)
+    return config_logit_transform(getattr(inner, "config", None), type(inner).__name__)
 
 
 def _check_labels(labels: Tensor, hidden: Tensor) -> None:

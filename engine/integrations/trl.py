@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastpo.kernels.zero3 import find_lm_head
+
 from .trl_compat import MIN_TRL_VERSION, check_trl, fused_head_closure
 from .trl_head import HeadSettings, choose_path, linear_path, logits_path, settings_from
 
@@ -107,7 +109,7 @@ def _fused_forward(model: torch.nn.Module, state: PatchState, args: tuple, kwarg
         hidden, labels = hidden[:, :-1], labels[:, 1:]
     else:
         labels = shift_labels
-    head = model.get_output_embeddings()
+    head = find_lm_head(model)
     device = head.weight.device if isinstance(getattr(head, "weight", None), Tensor) \
         else hidden.device
     hidden, labels = hidden.to(device), labels.to(device)
@@ -169,9 +171,7 @@ def patch_model(model: torch.nn.Module, *, fused_linear: bool | None = None,
                          "precision; pass the trainer's accelerator= (or use patch_trainer)")
     state = PatchState(trl_forward=trl_forward, settings=settings_from(closure),
                        fused_linear=fused_linear)
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    head = find_lm_head(model)
     path, why = choose_path(head, state.settings, fused_linear)  # fused_linear=True fails here
     if path == "logits" and fused_linear is None:
         warnings.warn(f"fastpo: {type(model).__name__}: {why}; its log-probs come from the "

@@ -11,16 +11,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .head_statistics import STATISTICS, head_statistics, scatter_scored, transform_logits
+from fastpo.kernels import linear_token_logps, token_logps
+from fastpo.kernels.logit_transform import transform_logits
+from fastpo.kernels.zero3 import gathered_lm_head
+
+from .head_statistics import STATISTICS, head_statistics, scatter_scored
 
 IGNORE_INDEX = -100
 
@@ -55,24 +57,6 @@ def settings_from(closure: dict[str, Any]) -> HeadSettings:
 # --------------------------------------------------------------------------- the lm_head
 
 
-def _zero3_gather() -> Callable[..., Any] | None:
-    """fastpo's ZeRO-3 helper ``gathered_lm_head(lm_head) -> (weight, bias)``, if built."""
-    try:
-        from fastpo.kernels import zero3
-    except ImportError:
-        return None
-    return getattr(zero3, "gathered_lm_head", None)
-
-
-def _linear_op() -> Callable[..., Tensor]:
-    from fastpo import kernels
-
-    op = getattr(kernels, "linear_token_logps", None)
-    if op is None:
-        from fastpo.kernels.linear_logprobs import linear_token_logps as op
-    return op
-
-
 def choose_path(head: torch.nn.Module, settings: HeadSettings, fused_linear: bool | None
                  ) -> tuple[str, str]:
     """("linear" | "logits", why) for this head and these settings."""
@@ -84,8 +68,6 @@ def choose_path(head: torch.nn.Module, settings: HeadSettings, fused_linear: boo
         reasons.append(f"the lm_head weight is {weight.dtype}")
     elif _is_dtensor(weight):
         reasons.append("the lm_head weight is a sharded DTensor (FSDP2)")
-    elif hasattr(weight, "ds_id") and _zero3_gather() is None:
-        reasons.append("ZeRO-3 sharded lm_head and no fastpo gather helper")
     if settings.logit_scale <= 0:
         reasons.append(f"logit scale {settings.logit_scale} is not positive")
     if fused_linear is False:
@@ -116,13 +98,11 @@ def _compute_dtype(hidden: Tensor, settings: HeadSettings) -> torch.dtype:
 
 def linear_path(head: torch.nn.Linear, hidden: Tensor, labels: Tensor, mask: Tensor,
                  settings: HeadSettings) -> tuple[Tensor, dict[str, Tensor]]:
-    linear_token_logps = _linear_op()
-    weight, bias = head.weight, head.bias
-    gather = _zero3_gather() if hasattr(weight, "ds_id") else None
-    ctx = gather(head) if gather is not None else contextlib.nullcontext((weight, bias))
     dtype = _compute_dtype(hidden, settings)
-    # like nn.Linear under autocast, the head runs in the compute dtype (fp32 accumulation)
-    with ctx as (weight, bias), torch.autocast(hidden.device.type, enabled=False):
+    # like nn.Linear under autocast, the head runs in the compute dtype (fp32 accumulation);
+    # under ZeRO-3 the weight is gathered for the op and its gradient reaches the shards
+    with gathered_lm_head(head) as (weight, bias), \
+            torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         log_probs = linear_token_logps(
@@ -146,8 +126,6 @@ def linear_path(head: torch.nn.Linear, hidden: Tensor, labels: Tensor, mask: Ten
 
 def logits_path(head: torch.nn.Module, hidden: Tensor, labels: Tensor, mask: Tensor,
                  settings: HeadSettings) -> tuple[Tensor, dict[str, Tensor]]:
-    from fastpo.kernels import token_logps
-
     h = hidden[mask]
     # the head module itself runs (quantized heads, FSDP/ZeRO-3 gathering hooks), on the
     # scored positions only; cast_lm_head_to_fp32 runs a plain linear head in fp32

@@ -1,4 +1,5 @@
-"""Validation and casting of the inputs of the preference-loss fronts, and their output type.
+"""The inputs of the preference-loss fronts: their checks, the per-sequence statistics that come
+with a batch of pairs (``PairStats``), the compute dtype, and the output type.
 
 Checks read only metadata (dtype, shape, device) and Python numbers, never tensor values, so
 they cost no device synchronization.
@@ -7,10 +8,13 @@ they cost no device synchronization.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from fastpo.kernels.dtypes import accumulation_dtype
 
 
 class PreferenceLossOutput(NamedTuple):
@@ -24,8 +28,112 @@ class PreferenceLossOutput(NamedTuple):
     metrics: dict[str, Tensor]
 
 
+@dataclass(frozen=True)
+class PairStats:
+    """Per-sequence statistics of a batch of pairs beyond the summed log-probs, each ``[B]``
+    (None: not computed). Which ones a loss needs is the loss's to say; the fronts check them.
+
+    num_tokens        completion token counts (ipo, sigmoid_norm, sft, WPO, CPO, ORPO, logits/*)
+    *_tail_logps      LD-DPO: the part of each summed log-prob beyond the pair's shared length
+                      (``weighting.shared_length_tail_logps``)
+    log_sum_sq_probs  WPO: Σ_t log Σ_v π(v|·)² over the completion tokens
+    logits_sum        Σ over the scored tokens and the vocabulary of the logits (``logits/*``,
+                      with ``vocab_size``)
+    """
+
+    chosen_num_tokens: Tensor | None = None
+    rejected_num_tokens: Tensor | None = None
+    policy_chosen_tail_logps: Tensor | None = None
+    policy_rejected_tail_logps: Tensor | None = None
+    ref_chosen_tail_logps: Tensor | None = None
+    ref_rejected_tail_logps: Tensor | None = None
+    chosen_log_sum_sq_probs: Tensor | None = None
+    rejected_log_sum_sq_probs: Tensor | None = None
+    chosen_logits_sum: Tensor | None = None
+    rejected_logits_sum: Tensor | None = None
+    vocab_size: int | None = None
+
+    @property
+    def has_num_tokens(self) -> bool:
+        return self.chosen_num_tokens is not None and self.rejected_num_tokens is not None
+
+    def check(self, like: Tensor, *, needs_num_tokens: list[str]) -> None:
+        """The token counts (required when ``needs_num_tokens`` names a user) and the logit
+        sums, against the policy log-probs ``like``."""
+        if needs_num_tokens and not self.has_num_tokens:
+            raise ValueError(
+                f"{needs_num_tokens} need chosen_num_tokens and rejected_num_tokens (completion "
+                "token counts per sequence)"
+            )
+        for name in ("chosen_num_tokens", "rejected_num_tokens"):
+            if getattr(self, name) is not None:
+                check_num_tokens(name, getattr(self, name), like=like)
+        for name in ("chosen_logits_sum", "rejected_logits_sum"):
+            if getattr(self, name) is not None:
+                check_logps(name, getattr(self, name), like=like)
+        if self.chosen_logits_sum is None and self.rejected_logits_sum is None:
+            return
+        check_vocab_size(self.vocab_size)
+        if not self.has_num_tokens:
+            raise ValueError("the logits/* metrics need chosen_num_tokens and rejected_num_tokens")
+
+    def require(self, names: tuple[str, ...], like: Tensor, *, needed_by: str) -> None:
+        """The log-prob-like statistics ``names`` are all given and fit ``like``; the error for
+        missing ones is ``needed_by`` followed by their names."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"{needed_by} {missing}")
+        for name in names:
+            check_logps(name, getattr(self, name), like=like)
+
+
 # ----------------------------------------------------------------------------------------------
-# input checks (metadata and Python numbers only)
+# knobs (Python numbers)
+# ----------------------------------------------------------------------------------------------
+def check_beta(beta: float) -> None:
+    check_positive("beta", beta)
+
+
+def check_label_smoothing(label_smoothing: float) -> None:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+
+
+def check_unit_interval(name: str, value: float) -> None:
+    """``value`` is a Python number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
+def check_positive(name: str, value: float) -> None:
+    """``value`` is a finite Python number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def check_weight(name: str, value: object) -> float:
+    """``value`` is a finite Python number; returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite float, got {value!r}")
+    return float(value)
+
+
+def check_vocab_size(vocab_size: object) -> None:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise ValueError(
+            f"the logits/* metrics need vocab_size, a positive int, with the logit sums; "
+            f"got {vocab_size!r}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# tensors (metadata only)
 # ----------------------------------------------------------------------------------------------
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _COUNT_DTYPES = (torch.int32, torch.int64, *_FLOAT_DTYPES)
@@ -67,44 +175,14 @@ def _check_like(name: str, value: Tensor, like: Tensor | None) -> None:
         raise ValueError(f"{name} is on {value.device} but the policy log-probs on {like.device}")
 
 
-def check_weight(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite float, got {value!r}")
-    return float(value)
-
-
-def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """float32, or float64 when any input is float64."""
-    dtype = torch.float32
-    for t in tensors:
-        if t is not None and t.dtype == torch.float64:
-            dtype = torch.float64
-    return dtype
+# ----------------------------------------------------------------------------------------------
+# dtypes: the kernels' accumulation dtype (float32, float64 when an input is float64)
+# ----------------------------------------------------------------------------------------------
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in its accumulation dtype: half precision is upcast to float32, float32 and float64
+    are kept."""
+    return x.to(accumulation_dtype(x))
 
 
 def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
-
-
-def check_logits_inputs(
-    policy: Tensor,
-    chosen_logits_sum: Tensor | None,
-    rejected_logits_sum: Tensor | None,
-    vocab_size: int | None,
-    have_counts: bool,
-) -> None:
-    for name, value in (
-        ("chosen_logits_sum", chosen_logits_sum),
-        ("rejected_logits_sum", rejected_logits_sum),
-    ):
-        if value is not None:
-            check_logps(name, value, like=policy)
-    if chosen_logits_sum is None and rejected_logits_sum is None:
-        return
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
-        raise ValueError(
-            f"the logits/* metrics need vocab_size, a positive int, with the logit sums; "
-            f"got {vocab_size!r}"
-        )
-    if not have_counts:
-        raise ValueError("the logits/* metrics need chosen_num_tokens and rejected_num_tokens")

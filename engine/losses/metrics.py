@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .inputs import PreferenceLossOutput, cast
+from .inputs import PairStats, PreferenceLossOutput
 
 
 def mean_logit(logits_sum: Tensor, num_tokens: Tensor, *, vocab_size: int) -> Tensor:
@@ -28,24 +28,20 @@ def mean_logit(logits_sum: Tensor, num_tokens: Tensor, *, vocab_size: int) -> Te
     return (logits_sum.sum() / total).detach()
 
 
-def pairwise_metrics(
+def preference_output(
+    losses: Tensor,
+    *,
     chosen_rewards: Tensor,
     rejected_rewards: Tensor,
     chosen_logps: Tensor,
     rejected_logps: Tensor,
-    *,
-    chosen_logits_sum: Tensor | None = None,
-    rejected_logits_sum: Tensor | None = None,
-    chosen_num_tokens: Tensor | None = None,
-    rejected_num_tokens: Tensor | None = None,
-    vocab_size: int | None = None,
-    nll: Tensor | None = None,
-) -> dict[str, Tensor]:
-    """Metrics of a batch of preference pairs; every input is ``[B]``, ``nll`` is 0-d.
-
-    ``logits/*`` are included when the logit sums, the token counts and ``vocab_size`` are given,
-    ``nll_loss`` when ``nll`` is.
-    """
+    stats: PairStats,
+    nll: Tensor | None,
+) -> PreferenceLossOutput:
+    """The output of a pairwise loss: mean loss, per-pair losses ``[B]``, detached rewards
+    ``[B]`` and the metrics of the batch. ``logits/*`` are included when ``stats`` has the logit
+    sums, the token counts and ``vocab_size`` (the logit sums cast to the losses' dtype),
+    ``nll_loss`` when ``nll`` (0-d) is given."""
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),
@@ -55,52 +51,17 @@ def pairwise_metrics(
         "logps/chosen": chosen_logps.detach().mean(),
         "logps/rejected": rejected_logps.detach().mean(),
     }
-    if vocab_size is not None:
+    if stats.vocab_size is not None:
         for side, logits_sum, num_tokens in (
-            ("chosen", chosen_logits_sum, chosen_num_tokens),
-            ("rejected", rejected_logits_sum, rejected_num_tokens),
+            ("chosen", stats.chosen_logits_sum, stats.chosen_num_tokens),
+            ("rejected", stats.rejected_logits_sum, stats.rejected_num_tokens),
         ):
             if logits_sum is not None and num_tokens is not None:
                 metrics[f"logits/{side}"] = mean_logit(
-                    logits_sum, num_tokens, vocab_size=vocab_size
+                    logits_sum.to(losses.dtype), num_tokens, vocab_size=stats.vocab_size
                 )
     if nll is not None:
         metrics["nll_loss"] = nll.detach()
-    return metrics
-
-
-def preference_output(
-    losses: Tensor,
-    *,
-    chosen_rewards: Tensor,
-    rejected_rewards: Tensor,
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    chosen_logits_sum: Tensor | None,
-    rejected_logits_sum: Tensor | None,
-    chosen_num_tokens: Tensor | None,
-    rejected_num_tokens: Tensor | None,
-    vocab_size: int | None,
-    nll: Tensor | None,
-) -> PreferenceLossOutput:
-    """The output of a pairwise loss: mean loss, per-pair losses, detached rewards, metrics.
-
-    The logit sums are cast to the losses' dtype; the rest as in :func:`pairwise_metrics`.
-    """
-    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-    dtype = losses.dtype
-    metrics = pairwise_metrics(
-        chosen_rewards,
-        rejected_rewards,
-        chosen_logps,
-        rejected_logps,
-        chosen_logits_sum=cast(chosen_logits_sum, dtype),
-        rejected_logits_sum=cast(rejected_logits_sum, dtype),
-        chosen_num_tokens=chosen_num_tokens,
-        rejected_num_tokens=rejected_num_tokens,
-        vocab_size=vocab_size,
-        nll=nll,
-    )
     return PreferenceLossOutput(losses.mean(), losses, chosen_rewards, rejected_rewards, metrics)
 
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from . import fused_linear as fl
+from . import fused_linear_inputs as fi
 from . import pairwise as pl
 from .inputs import check_weight
 
@@ -47,11 +48,11 @@ class FusedLinearDPOLoss(nn.Module):
         discopop_tau: float = 0.05, loss_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        fl.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
+        fi.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
                         chunk_size=chunk_size, compute_nll_loss=compute_nll_loss,
                         use_ref_model=use_ref_model, average_log_prob=average_log_prob)
         check_weight("alpha", alpha)
-        fl.dpo_loss_types(loss_type, loss_weights, label_smoothing, average_log_prob)
+        fi.dpo_loss_types(loss_type, loss_weights, label_smoothing, average_log_prob)
         if "discopop" in ([loss_type] if isinstance(loss_type, str) else loss_type):
             pl.check_positive("discopop_tau", discopop_tau)
         self.ignore_index, self.beta, self.alpha = ignore_index, beta, alpha
@@ -87,7 +88,7 @@ class FusedLinearORPOLoss(nn.Module):
         compiled: bool = True, chunk_size: int = 1,
     ) -> None:
         super().__init__()
-        fl.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
+        fi.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
                         chunk_size=chunk_size, compute_nll_loss=compute_nll_loss)
         self.ignore_index, self.beta = ignore_index, beta
         self.compute_nll_loss, self.compiled = compute_nll_loss, compiled
@@ -115,15 +116,15 @@ class FusedLinearCPOLoss(nn.Module):
         simpo_gamma: float = 0.5,
     ) -> None:
         super().__init__()
-        fl.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
+        fi.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
                         chunk_size=chunk_size, compute_nll_loss=compute_nll_loss,
                         average_log_prob=average_log_prob)
         check_weight("alpha", alpha)
         check_weight("simpo_gamma", simpo_gamma)
         pl.check_label_smoothing(label_smoothing)
-        if loss_type not in fl.CPO_TYPES:
+        if loss_type not in fi.CPO_TYPES:
             raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are "
-                             f"{fl.CPO_TYPES}")
+                             f"{fi.CPO_TYPES}")
         self.ignore_index, self.beta, self.alpha = ignore_index, beta, alpha
         self.label_smoothing, self.compute_nll_loss = label_smoothing, compute_nll_loss
         self.compiled, self.average_log_prob = compiled, average_log_prob
@@ -150,7 +151,7 @@ class FusedLinearSimPOLoss(nn.Module):
         gamma: float = 0.5, chunk_size: int = 1,
     ) -> None:
         super().__init__()
-        fl.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
+        fi.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
                         chunk_size=chunk_size, compute_nll_loss=compute_nll_loss)
         check_weight("alpha", alpha)
         check_weight("gamma", gamma)
@@ -179,7 +180,7 @@ class FusedLinearKTOLoss(nn.Module):
         use_ref_model: bool = False, average_log_prob: bool = False, chunk_size: int = 1,
     ) -> None:
         super().__init__()
-        fl.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
+        fi.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
                         chunk_size=chunk_size, use_ref_model=use_ref_model,
                         average_log_prob=average_log_prob)
         self.ignore_index, self.beta, self.compiled = ignore_index, beta, compiled

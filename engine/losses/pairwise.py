@@ -9,7 +9,8 @@ Notation (every tensor is ``[B]``, one entry per preference pair):
 
 Each function returns the per-pair loss ``[B]``; the caller takes the (weighted) mean. Inputs are
 computed in float32 at least (float64 stays float64). Nothing here reads a tensor's value on the
-host, so the functions never synchronize with the device.
+host, so the functions never synchronize with the device. The per-pair reweightings (WPO, LD-DPO)
+are in ``weighting``; which loss type uses which function, in ``loss_types``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .inputs import (
+    at_least_fp32,
+    check_beta,
+    check_label_smoothing,
+    check_positive,
+    check_unit_interval,
+    check_weight,
+)
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
@@ -30,40 +40,8 @@ _LOG2 = math.log(2.0)
 
 
 # ----------------------------------------------------------------------------------------------
-# knobs and numerics
+# numerics
 # ----------------------------------------------------------------------------------------------
-def check_beta(beta: float) -> None:
-    check_positive("beta", beta)
-
-
-def check_label_smoothing(label_smoothing: float) -> None:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-
-
-def check_unit_interval(name: str, value: float) -> None:
-    """``value`` is a Python number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-
-
-def check_positive(name: str, value: float) -> None:
-    """``value`` is a finite Python number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-
-
-def at_least_fp32(x: Tensor) -> Tensor:
-    """Upcast half-precision tensors to float32; float32 and float64 are kept."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def log1mexp(x: Tensor) -> Tensor:
     """``log(1 − exp(x))`` for ``x ≤ 0`` without cancellation (Mächler, 2012).
 
@@ -210,14 +188,19 @@ def exo_pair_loss(
         σ(βΔ) (log σ(βΔ) − log(1 − ε)) + σ(−βΔ) (log σ(−βΔ) − log ε),   ε ∈ (0, 0.5)
     """
     check_beta(beta)
-    check_label_smoothing(label_smoothing)
-    if label_smoothing == 0:
-        raise ValueError("exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3)")
+    check_exo_pair_smoothing(label_smoothing)
     z = beta * (at_least_fp32(chosen_scores) - at_least_fp32(rejected_scores))
     log_q_win, log_q_lose = F.logsigmoid(z), F.logsigmoid(-z)
     return torch.sigmoid(z) * (log_q_win - math.log1p(-label_smoothing)) + torch.sigmoid(-z) * (
         log_q_lose - math.log(label_smoothing)
     )
+
+
+def check_exo_pair_smoothing(label_smoothing: float) -> None:
+    """exo_pair's ε: in (0, 0.5), as its target p_ε = (1 − ε, ε) enters through log ε."""
+    check_label_smoothing(label_smoothing)
+    if label_smoothing == 0:
+        raise ValueError("exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3)")
 
 
 def robust_loss(
@@ -378,8 +361,7 @@ def simpo_loss(
     ``alphapo_rewards`` this is AlphaPO."""
     check_beta(beta)
     check_label_smoothing(label_smoothing)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
-        raise ValueError(f"simpo_gamma must be a finite float, got {gamma!r}")
+    check_weight("simpo_gamma", gamma)
     z = beta * (at_least_fp32(chosen_rewards) - at_least_fp32(rejected_rewards)) - gamma
     return _smoothed_logistic(z, label_smoothing)
 
@@ -389,8 +371,7 @@ def alphapo_rewards(logps: Tensor, *, alpha: float) -> Tensor:
     al., 2025, "AlphaPO: Reward Shape Matters for LLM Alignment", arXiv:2501.03884).
     Computed as −expm1(−α logp)/α with the exponent capped at ``EXP_CAP``, so it is meant for
     length-averaged log-probs (SimPO): with α > 0 a summed log-prob below −EXP_CAP/α saturates."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite float, got {alpha!r}")
+    check_weight("alpha", alpha)
     logps = at_least_fp32(logps)
     if alpha == 0:
         return logps
@@ -411,90 +392,3 @@ def odds_ratio_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor) -> tup
     chosen, rejected = chosen.clamp(max=ceiling), rejected.clamp(max=ceiling)
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
     return -F.logsigmoid(log_odds), log_odds
-
-
-# ----------------------------------------------------------------------------------------------
-# per-pair weights and length desensitization
-# ----------------------------------------------------------------------------------------------
-def wpo_weights(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    *,
-    chosen_log_sum_sq_probs: Tensor,
-    rejected_log_sum_sq_probs: Tensor,
-    chosen_num_tokens: Tensor,
-    rejected_num_tokens: Tensor,
-) -> Tensor:
-    """WPO pair weight w(x, y_c) · w(x, y_r), detached (Zhou et al., 2024, "WPO",
-    arXiv:2406.11827, Eq. 2, with the paper's alignment of the sampling distribution):
-
-        w(x, y) = exp( (1/|y|) Σ_t [ log π(y_t | ·) − log Σ_v π(v | ·)² ] )
-
-    ``*_log_sum_sq_probs`` is, per sequence, Σ_t log Σ_v π(v | ·)² over its scored tokens
-    (= Σ_t logsumexp(2 · log_softmax(logits_t))).
-    """
-    chosen = per_token(at_least_fp32(chosen_logps) - chosen_log_sum_sq_probs, chosen_num_tokens)
-    rejected = per_token(
-        at_least_fp32(rejected_logps) - rejected_log_sum_sq_probs, rejected_num_tokens
-    )
-    return torch.exp(chosen + rejected).detach()
-
-
-def ld_logps(logps: Tensor, tail_logps: Tensor, *, ld_alpha: float) -> Tensor:
-    """LD-DPO length-desensitized log-prob: shared + α · tail = logps − (1 − α) · tail (Liu et
-    al., 2024, "Length Desensitization in Direct Preference Optimization", arXiv:2409.06411).
-    ``tail_logps`` is the part of ``logps`` beyond the pair's shared length (see
-    ``shared_length_tail_logps``)."""
-    check_unit_interval("ld_alpha", ld_alpha)
-    logps = at_least_fp32(logps)
-    return logps - (1.0 - ld_alpha) * tail_logps.to(logps.dtype)
-
-
-def shared_length_tail_logps(
-    chosen_token_logps: Tensor,
-    rejected_token_logps: Tensor,
-    *,
-    chosen_mask: Tensor,
-    rejected_mask: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Sum of the token log-probs beyond the pair's shared length, for ``ld_alpha``.
-
-    Per pair, ℓ = min(|y_c|, |y_r|) completion tokens are shared; the tail of each completion is
-    its completion tokens after the ℓ-th (counted in order along the sequence, whatever padding
-    or prompt sits between). Inputs are ``[B, T_c]`` / ``[B, T_r]`` token log-probs (e.g. from
-    ``fastpo.kernels.token_logps``) and masks that are true on completion tokens. Returns the
-    ``[B]`` tail sums of the chosen and of the rejected completions (0 for the shorter one).
-    """
-    for name, value in (
-        ("chosen_token_logps", chosen_token_logps),
-        ("rejected_token_logps", rejected_token_logps),
-        ("chosen_mask", chosen_mask),
-        ("rejected_mask", rejected_mask),
-    ):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
-        if value.dim() != 2:
-            raise ValueError(f"{name} must have shape [B, T], got {tuple(value.shape)}")
-    for side, logps, mask in (
-        ("chosen", chosen_token_logps, chosen_mask),
-        ("rejected", rejected_token_logps, rejected_mask),
-    ):
-        if logps.shape != mask.shape:
-            raise ValueError(
-                f"{side}_mask shape {tuple(mask.shape)} does not match {side}_token_logps shape "
-                f"{tuple(logps.shape)}"
-            )
-    if chosen_token_logps.shape[0] != rejected_token_logps.shape[0]:
-        raise ValueError(
-            f"chosen_token_logps has {chosen_token_logps.shape[0]} rows but rejected_token_logps "
-            f"has {rejected_token_logps.shape[0]}"
-        )
-    chosen_mask, rejected_mask = chosen_mask.bool(), rejected_mask.bool()
-    shared = torch.minimum(chosen_mask.sum(dim=1), rejected_mask.sum(dim=1)).unsqueeze(1)
-
-    def tail(token_logps: Tensor, mask: Tensor) -> Tensor:
-        token_logps = at_least_fp32(token_logps)
-        beyond = mask & (mask.cumsum(dim=1) > shared)
-        return torch.where(beyond, token_logps, torch.zeros_like(token_logps)).sum(dim=1)
-
-    return tail(chosen_token_logps, chosen_mask), tail(rejected_token_logps, rejected_mask)

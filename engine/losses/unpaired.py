@@ -7,16 +7,17 @@ desirable/undesirable split is a mask, not an index, so mixed batches need no sy
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import pairwise as pl
-from .inputs import check_logps, check_num_tokens, compute_dtype
-from .metrics import unpaired_metrics
+from fastpo.kernels.dtypes import accumulation_dtype
 
-KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+from . import pairwise as pl
+from .inputs import at_least_fp32, check_beta, check_logps, check_num_tokens, check_vocab_size
+from .metrics import unpaired_metrics
+from .options import KTOOptions, fold_keywords, no_keywords_left
 
 
 class KTOLossOutput(NamedTuple):
@@ -35,7 +36,7 @@ def kl_reference_point(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
     """KTO's z₀ estimate before clamping: mean over the batch of π_θ(y'|x) − π_ref(y'|x) on
     mismatched prompt/completion pairs (x, y'), detached. Average it across ranks (all-reduce)
     before passing it to ``kto_loss(kl=...)`` to match a multi-device estimate."""
-    return (pl.at_least_fp32(policy_kl_logps) - pl.at_least_fp32(ref_kl_logps)).mean().detach()
+    return (at_least_fp32(policy_kl_logps) - at_least_fp32(ref_kl_logps)).mean().detach()
 
 
 def kto_example_losses(
@@ -55,8 +56,8 @@ def kto_example_losses(
 
     ``kl`` is z₀ (already clamped at 0; it carries no gradient).
     """
-    pl.check_beta(beta)
-    logratios = pl.at_least_fp32(logratios)
+    check_beta(beta)
+    logratios = at_least_fp32(logratios)
     if isinstance(kl, Tensor):
         kl = kl.detach().to(logratios.dtype)
     desirable_loss = desirable_weight * torch.sigmoid(-beta * (logratios - kl))
@@ -75,8 +76,8 @@ def apo_zero_unpaired_example_losses(
     """APO-zero, unpaired (D'Oosterlinck et al., 2024, "Anchored Preference Optimization",
     arXiv:2408.06266, Eq. 7 per example): desirable λ_D · (1 − σ(βρ)), undesirable
     λ_U · σ(βρ)."""
-    pl.check_beta(beta)
-    logratios = pl.at_least_fp32(logratios)
+    check_beta(beta)
+    logratios = at_least_fp32(logratios)
     desirable_loss = desirable_weight * torch.sigmoid(-beta * logratios)
     undesirable_loss = undesirable_weight * torch.sigmoid(beta * logratios)
     return torch.where(desirable, desirable_loss, undesirable_loss)
@@ -87,37 +88,33 @@ def kto_loss(
     ref_logps: Tensor,
     desirable: Tensor,
     *,
-    loss_type: str = "kto",
-    beta: float = 0.1,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
+    options: KTOOptions | None = None,
     policy_kl_logps: Tensor | None = None,
     ref_kl_logps: Tensor | None = None,
     kl: Tensor | None = None,
     num_tokens: Tensor | None = None,
     logits_sum: Tensor | None = None,
     vocab_size: int | None = None,
+    **keywords: Any,
 ) -> KTOLossOutput:
     """Unpaired KTO loss with TRL ``KTOTrainer`` semantics; the mean is over all N examples.
 
     Args:
         policy_logps, ref_logps: ``[N]`` summed completion log-probs.
         desirable: bool ``[N]``, true for desirable ("chosen") examples.
-        loss_type: ``"kto"`` or ``"apo_zero_unpaired"`` (no reference point).
+        options: a ``KTOOptions`` (``loss_type`` ``"kto"`` or ``"apo_zero_unpaired"`` (no
+            reference point), ``beta``, ``desirable_weight``, ``undesirable_weight``); its
+            fields may also be given as keywords, replacing those of ``options``.
         policy_kl_logps, ref_kl_logps: ``[M]`` log-probs of mismatched prompt/completion pairs;
             z₀ = max(0, mean(policy − ref)). Alternatively ``kl``: the unclamped 0-d estimate,
             e.g. ``kl_reference_point`` averaged across ranks; it is clamped at 0 here. ``kto``
             needs exactly one of the two.
         num_tokens, logits_sum, vocab_size: ``[N]`` counts and logit sums for ``logits/*``.
     """
-    if loss_type not in KTO_LOSS_TYPES:
-        raise ValueError(
-            f"unknown loss_type {loss_type!r}; valid loss types are {list(KTO_LOSS_TYPES)}"
-        )
-    pl.check_beta(beta)
-    pl.check_positive("desirable_weight", desirable_weight)
-    pl.check_positive("undesirable_weight", undesirable_weight)
-    desirable_weight, undesirable_weight = float(desirable_weight), float(undesirable_weight)
+    keywords = dict(keywords)
+    options = fold_keywords(KTOOptions, options, keywords, "options")
+    no_keywords_left("kto_loss", keywords)
+    beta = options.beta
     policy_logps = check_logps("policy_logps", policy_logps)
     check_logps("ref_logps", ref_logps, like=policy_logps)
     if not isinstance(desirable, Tensor):
@@ -134,8 +131,8 @@ def kto_loss(
             f"{tuple(policy_logps.shape)}"
         )
 
-    dtype = compute_dtype(policy_logps, ref_logps)
-    if loss_type == "kto":
+    dtype = accumulation_dtype(policy_logps, ref_logps)
+    if options.uses_kl_reference_point:
         from_pairs = policy_kl_logps is not None or ref_kl_logps is not None
         if from_pairs and kl is not None:
             raise ValueError("give either kl or policy_kl_logps/ref_kl_logps, not both")
@@ -162,14 +159,12 @@ def kto_loss(
         check_logps("logits_sum", logits_sum, like=policy_logps)
         if num_tokens is None:
             raise ValueError("the logits/* metrics need num_tokens with logits_sum")
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
-            raise ValueError(
-                f"the logits/* metrics need vocab_size, a positive int; got {vocab_size!r}"
-            )
+        check_vocab_size(vocab_size)
 
     logratios = pl.log_ratios(policy_logps.to(dtype), ref_logps.to(dtype))
-    weights = {"desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight}
-    if loss_type == "kto":
+    weights = {"desirable_weight": options.desirable_weight,
+               "undesirable_weight": options.undesirable_weight}
+    if options.uses_kl_reference_point:
         losses = kto_example_losses(logratios, desirable, beta=beta, kl=z0, **weights)
     else:
         losses = apo_zero_unpaired_example_losses(logratios, desirable, beta=beta, **weights)

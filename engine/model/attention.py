@@ -3,18 +3,23 @@
 A packed row holds several sequences and a shared-prompt row holds ``[prompt | chosen |
 rejected]``; as a dense ``[L, L]`` mask through SDPA, every excluded block is still computed, so
 attention costs the square of the whole row. Here the row is cut into its pieces (on the host, at
-collate time: :class:`~fastpo.engine.data.segments.SegmentPlan`) and SDPA runs once per piece,
-with no mask:
+collate time: :class:`~fastpo.engine.data.segments.SegmentPlan`) and SDPA runs once per piece:
 
 - a sequence of ``n`` tokens (packed rows) or a ``[prompt | chosen]`` run: causal self-attention
-  over its own tokens (``n²/2`` query-key pairs);
+  over its own tokens;
 - the rejected completion of a shared-prompt pair (``r`` tokens after a ``[prompt | chosen]`` run
   whose first ``p`` tokens are the prompt): queries over the keys ``[prompt | rejected]``, the
-  prompt fully visible and the rejected part causal (``r·p + r²/2`` pairs);
+  prompt fully visible and the rejected part causal;
 - padding: no attention (its output is zero and never scored).
 
-Each query sees exactly the keys of the dense mask, so the result equals the dense-mask attention
-up to float summation order. The pieces are cut with ``unbind``/``split`` and joined with ``cat``
+A call has a fixed cost, and a piece's call on CPU splits only its heads over the threads, so
+where the pieces are few and short one dense-masked call over the whole rows costs less. Each
+batch is run the cheaper way by the estimate of :mod:`fastpo.engine.data.attention_cost` (the
+one ``data.layout: auto`` uses), decided once per batch on the host from the plan's lengths and
+kept in the plan with the dense mask, for every layer and the reference forward. Either way each
+query sees exactly the keys of the dense mask, so the result equals the dense-mask attention up to
+float summation order (a padding query of the dense call sees only itself, and its output is set
+to 0 as piece by piece). The pieces are cut with ``unbind``/``split`` and joined with ``cat``
 (whose backwards are one ``stack``/``cat`` each), so the backward allocates nothing per piece
 beyond the piece itself.
 
@@ -23,8 +28,8 @@ registered ``sdpa`` function once, and the wrapper runs the plan when the forwar
 (keyword ``fastpo_segments``, forwarded by the decoder layers to their attention) and is plain
 SDPA otherwise, so other models and other batches are untouched, and a gradient-checkpointed
 layer recomputes with the same plan. A forward with a plan passes a placeholder 4-D mask that
-hides every key (transformers returns a 4-D mask as it is, so no dense mask is built); attention
-that does not run the plan (a model that bypasses the interface) would give NaN, and
+hides every key (transformers returns a 4-D mask as it is, so no dense mask is built there);
+attention that does not run the plan (a model that bypasses the interface) would give NaN, and
 :func:`check_ran` turns that into an error after the forward. FlexAttention is no alternative on
 CPU (torch 2.13 has no FlexAttention backward there).
 """
@@ -39,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..data.attention_cost import AttentionMode, choose_attention
 from ..data.segments import BRANCH, PAD, SegmentPlan
 
 PLAN_KWARG = "fastpo_segments"
@@ -54,10 +60,62 @@ def _branch_mask(prompt: int, length: int, device: torch.device) -> Tensor:
     return (col[None, :] < prompt) | (col[None, :] - prompt <= row[:, None])
 
 
+def dense_mask(plan: SegmentPlan, device: torch.device) -> Tensor:
+    """``[R, 1, L, L]`` bool: the keys each query of the plan sees (a padding query: itself)."""
+    own, extra_start, extra_stop = [], [], []  # per piece, repeated over its tokens below
+    lengths = []
+    for pieces in plan.rows:
+        start = prev = 0
+        for p in pieces:
+            own.append(start if p.kind != PAD else -1)
+            extra_start.append(prev if p.kind == BRANCH else 0)
+            extra_stop.append(prev + p.prompt if p.kind == BRANCH else 0)
+            lengths.append(p.length)
+            prev, start = start, start + p.length
+    n = torch.tensor(lengths, device=device)
+    rows, width = len(plan.rows), plan.width
+
+    def per_token(values: list[int]) -> Tensor:
+        return torch.tensor(values, device=device).repeat_interleave(n).view(rows, width, 1)
+
+    q = torch.arange(width, device=device).view(1, width, 1)
+    k = torch.arange(width, device=device).view(1, 1, width)
+    start = per_token(own)
+    start = torch.where(start < 0, q, start)  # padding: only itself
+    mask = (k >= start) & (k <= q)
+    mask |= (k >= per_token(extra_start)) & (k < per_token(extra_stop))
+    return mask[:, None]
+
+
+def _real_tokens(plan: SegmentPlan, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``[R, L, 1, 1]``: 1 at the plan's tokens, 0 at its padding."""
+    keep = [float(p.kind != PAD) for row in plan.rows for p in row]
+    lengths = torch.tensor([p.length for row in plan.rows for p in row], device=device)
+    return torch.tensor(keep, device=device, dtype=dtype).repeat_interleave(lengths).view(
+        len(plan.rows), plan.width, 1, 1)
+
+
+def attention_mode(plan: SegmentPlan, query: Tensor) -> AttentionMode:
+    """How ``plan`` runs (pieces or one dense-masked call): forced by :func:`forced_mode`, else
+    the cost estimate's choice, made at the first layer and kept in the plan."""
+    forced = getattr(_state, "mode", None)
+    if forced is not None:
+        return forced
+    mode = plan.cache.get("mode")
+    if mode is None:
+        mode = plan.cache["mode"] = choose_attention(
+            plan, heads=query.shape[1], head_dim=query.shape[-1],
+            device_type=query.device.type, threads=torch.get_num_threads())
+    return mode
+
+
 def segment_attention(query: Tensor, key: Tensor, value: Tensor, plan: SegmentPlan, *,
-                      scale: float | None = None, dropout: float = 0.0) -> Tensor:
+                      scale: float | None = None, dropout: float = 0.0,
+                      mode: AttentionMode | None = None) -> Tensor:
     """Attention of ``query`` ``[R, H, L, D]`` over ``key``/``value`` ``[R, Hkv, L, D]`` (``H`` a
-    multiple of ``Hkv``) as the plan says; returns ``[R, L, H, D]`` (transformers' layout)."""
+    multiple of ``Hkv``) as the plan says; returns ``[R, L, H, D]`` (transformers' layout).
+    ``mode``: ``pieces`` (one call per piece), ``dense`` (one masked call) or None (the plan's
+    :func:`attention_mode`)."""
     rows, heads, width, dim = query.shape
     if rows != len(plan.rows) or width != plan.width:
         raise ValueError(f"segment attention: a [{rows}, {width}] batch for a plan of "
@@ -65,6 +123,19 @@ def segment_attention(query: Tensor, key: Tensor, value: Tensor, plan: SegmentPl
     if key.shape[1] == 0 or heads % key.shape[1]:
         raise ValueError(f"segment attention: {heads} query heads for {key.shape[1]} key heads")
     gqa = key.shape[1] != heads
+    if (mode or attention_mode(plan, query)) == "dense":
+        mask = plan.cache.get("dense_mask")
+        if mask is None or mask.device != query.device:
+            mask = plan.cache["dense_mask"] = dense_mask(plan, query.device)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale,
+            enable_gqa=gqa).transpose(1, 2)
+        if not any(p.kind == PAD for row in plan.rows for p in row):
+            return out.contiguous()
+        keep = plan.cache.get("keep")
+        if keep is None or keep.device != query.device or keep.dtype != out.dtype:
+            keep = plan.cache["keep"] = _real_tokens(plan, query.device, out.dtype)
+        return out * keep  # padding 0, as piece by piece (one pass: the contiguous copy)
     masks: dict[tuple[int, int], Tensor] = {}
     out_rows = []
     for q_row, k_row, v_row, pieces in zip(query.unbind(0), key.unbind(0), value.unbind(0),
@@ -132,8 +203,23 @@ def enabled() -> bool:
 
 
 @contextlib.contextmanager
+def forced_mode(mode: AttentionMode | None) -> Iterator[None]:
+    """Within the block, segment attention runs every plan as ``mode`` (``pieces`` or
+    ``dense``; None: the estimate's choice), e.g. to compare the two."""
+    if mode not in (None, "pieces", "dense"):
+        raise ValueError(f"segment attention mode must be 'pieces', 'dense' or None, got {mode!r}")
+    before = getattr(_state, "mode", None)
+    _state.mode = mode
+    try:
+        yield
+    finally:
+        _state.mode = before
+
+
+@contextlib.contextmanager
 def dense_attention() -> Iterator[None]:
-    """Within the block, packed and shared-prompt rows use dense 4-D masks (the fallback)."""
+    """Within the block, packed and shared-prompt rows use transformers' dense 4-D masks (the
+    fallback when segment attention does not apply)."""
     before = enabled()
     _state.enabled = False
     try:

@@ -14,7 +14,6 @@ and applies the from-logits op instead. Per-sequence sums are a segment sum over
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
@@ -22,6 +21,11 @@ from torch import Tensor, nn
 
 from fastpo import kernels
 from fastpo.kernels.linear_logprobs import linear_logits_sum, linear_token_logps
+from fastpo.kernels.logit_transform import (
+    config_logit_transform,
+    log_sum_sq_probs,
+    transform_logits,
+)
 from fastpo.kernels.zero3 import gathered_lm_head, resolve_lm_head
 
 from ..data.batch import PreferenceBatch
@@ -39,29 +43,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_head_config(model: nn.Module) -> tuple[float, float | None]:
-    """(logit scale, soft-cap or None) the model applies to its head's logits: Cohere's
-    ``logit_scale`` (z·s), then Gemma-2's ``final_logit_softcapping`` (c·tanh(z/c)); both paths
-    apply them (the fused op takes them as ``logit_scale`` / ``softcap``)."""
-    config = getattr(model, "config", None)
-    cap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-    scale = 1.0 if scale is None else scale
-    for name, value in (("logit_scale", scale), ("final_logit_softcapping", cap)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value <= 0):
-            raise ValueError(f"{type(model).__name__}: config.{name}={value!r} is not a finite "
-                             "number > 0")
-    return float(scale), (None if cap is None else float(cap))
-
-
 def _head_logits(h: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
                  cap: float | None) -> Tensor:
     """The model's logits of the hidden rows ``h``: ``(h Wᵀ + b)·s``, soft-capped."""
-    logits = torch.nn.functional.linear(h, weight, bias)
-    if scale != 1.0:
-        logits = logits * scale
-    return logits if cap is None else torch.tanh(logits / cap) * cap
+    return transform_logits(torch.nn.functional.linear(h, weight, bias), logit_scale=scale,
+                            softcap=cap)
 
 
 def _compute_dtype(model: nn.Module, device_type: str) -> torch.dtype:
@@ -136,14 +122,13 @@ class ForwardLogps(NamedTuple):
 
 def _log_sum_sq_probs(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
                       cap: float | None, chunk: int = 1024, scale: float = 1.0) -> Tensor:
-    """Per token ``log Σ_v softmax(z / T)_v² = lse(2z / T) − 2·lse(z / T)``, chunked, no grad."""
+    """Per token ``log Σ_v softmax(z / T)_v²`` of the model's logits z, chunked, no grad."""
     out = []
     with torch.no_grad():
         for part in h.detach().split(chunk):
             z = _head_logits(part, weight.detach(), None if bias is None else bias.detach(),
                              scale, cap).float()
-            z = z / temperature
-            out.append(torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
+            out.append(log_sum_sq_probs(transform_logits(z, temperature=temperature)))
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
 
@@ -161,12 +146,13 @@ def forward_logps(model: nn.Module, batch: PreferenceBatch, *, use_fused_linear:
     if with_tail_logps and batch.target_tail is None:
         raise ValueError("tail logps need a pair batch (collate_pairs / collate_batch)")
     model = unwrap_model(model)
-    scale, cap = _check_head_config(model)
+    # the scale and soft-cap the model applies to its head's logits: both paths apply them
+    scale, cap = config_logit_transform(getattr(model, "config", None), type(model).__name__)
     resolve_lm_head(model)  # a clear error for a model without output embeddings
     hidden = final_hidden_states(model, batch)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
-    if batch.target_labels is not None:  # shared prompt: a position can be scored twice
-        labels = batch.target_labels
+    if batch.shared_prompt is not None:  # a prompt's last position scores two tokens
+        labels = batch.shared_prompt.target_labels
     else:
         labels = batch.labels.reshape(-1).index_select(0, batch.target_index)
     logits_sum_tokens = sum_sq = None

@@ -9,11 +9,13 @@ import contextlib
 import torch
 from torch import nn
 
+from fastpo.kernels.zero3 import is_zero3_parameter
+
 
 @contextlib.contextmanager
 def gathered(params: list[nn.Parameter], *, modifier_rank: int | None = None):
     """DeepSpeed ZeRO-3 partitioned parameters gathered whole inside the block (else no-op)."""
-    if any(hasattr(p, "ds_id") for p in params):
+    if any(is_zero3_parameter(p) for p in params):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):

@@ -42,8 +42,6 @@ class ReferenceStrategy(ABC):
     """Reference log-probs for a training loop. Only :meth:`reference_logps` is required; the
     hooks default to "nothing to do" where a strategy has nothing to do."""
 
-    reference_free = False  # True: the logps are zeros (no reference model)
-
     @abstractmethod
     def reference_logps(self, batch: PreferenceBatch, *, with_tail_logps: bool = False
                         ) -> ReferenceLogps:
@@ -80,8 +78,6 @@ class ReferenceStrategy(ABC):
 
 class NoReference(ReferenceStrategy):
     """No reference model: logps are zeros (reference-free losses), nothing is run."""
-
-    reference_free = True
 
     def reference_logps(self, batch: PreferenceBatch, *, with_tail_logps: bool = False
                         ) -> ReferenceLogps:

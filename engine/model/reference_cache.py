@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastpo.kernels.zero3 import is_zero3_parameter
+
 from ..data.batch import PreferenceBatch, collate_batch, plan_batches
 from ..data.dataset import TokenizedDataset
 from .forward import SequenceLogps, unwrap_model
@@ -62,7 +64,7 @@ def weights_hash(model: nn.Module) -> str:
         entries[plain] = value
     for name in sorted(entries):
         tensor = entries[name].detach()
-        if hasattr(entries[name], "ds_id"):
+        if is_zero3_parameter(entries[name]):
             raise ValueError(f"parameter {name} is partitioned by DeepSpeed ZeRO-3; hash (and "
                              "precompute reference logps) on an unpartitioned model")
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())

@@ -15,6 +15,8 @@ iterative DPO sets ref ← policy (α = 1) at the start of each round.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -46,9 +48,11 @@ def soft_update_separate(reference: nn.Module, policy: nn.Module, alpha: float) 
 
 
 def _set_trainable(param: nn.Parameter, value: torch.Tensor) -> None:
-    """Give a trainable parameter a new value, including its optimizer master copy."""
+    """Give a trainable parameter a new value, including its optimizer master copy: under
+    DeepSpeed (imported by then) its public ``safe_set_full_fp32_param`` updates the fp32 master
+    of a ZeRO or bf16-optimizer parameter and leaves any other parameter alone."""
     param.data.copy_(value.to(param.dtype))
-    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+    if "deepspeed" in sys.modules:
         from deepspeed.utils import safe_set_full_fp32_param
 
         safe_set_full_fp32_param(param, value.float())

@@ -3,6 +3,7 @@
     config.py, config_loading.py   the typed config tree; YAML + ``--key value`` overrides
     default.yaml                   the default job
     deepspeed_config.py, runtime.py  DeepSpeed (or plain torch) set-up and its config
+    optimization.py, torch_backend.py, deepspeed_backend.py   the two optimization backends
     model_loading.py               policy, reference model and tokenizer from the config; export
     job.py                         datasets and the reference strategy from the config
     layout.py                      ``data.layout: auto``: the cheapest batch layout for the job

@@ -1,11 +1,11 @@
 """The typed configuration of a training job: one pydantic tree (loaded by ``config_loading``).
 
 Sections: ``model`` (policy, LoRA), ``reference`` (how the reference log-probs are obtained and
-whether the reference follows the policy), ``data``, ``loss``, ``optimization``, ``deepspeed``,
-``logging`` (progress, JSONL, TensorBoard, evaluation, early stopping) and ``checkpoint``.
-Every model forbids unknown keys. Cross-field rules that no
-single field can check (ZeRO-3 with a precomputed reference, LoRA with a separate reference ...)
-live in :meth:`TrainConfig._check_combinations`.
+whether the reference follows the policy), ``data``, ``loss`` (in ``loss_config``),
+``optimization``, ``deepspeed``, ``logging`` (progress, JSONL, TensorBoard, evaluation, early
+stopping) and ``checkpoint``. Every section forbids unknown keys (``config_base.Section``).
+Cross-field rules that no single field can check (ZeRO-3 with a precomputed reference, LoRA with
+a separate reference ...) live in :meth:`TrainConfig._check_combinations`.
 
 Without a config file the embedded default job (``default.yaml`` next to this module) is the
 base: SmolLM2-135M-Instruct + LoRA on the 300 demo pairs.
@@ -16,27 +16,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from ..errors import InputError
-from ..losses import CPO_LOSS_TYPES, KTO_LOSS_TYPES, LOSS_TYPES
+from ..online.config import OnlineConfig
+from .config_base import ConfigError, Section
+from .loss_config import LossConfig
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
-LOSS_METHODS = ("dpo", "cpo", "simpo", "orpo", "kto")
 DEFAULT_MICRO_BATCH = 4
 
 
-class ConfigError(InputError):
-    """A configuration that cannot be used; the message names the key(s) at fault."""
-
-
-class _Section(BaseModel):
-    # every float of the config is finite: .inf / nan (and "1e999") are refused with the key
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
 # ------------------------------------------------------------------------------------ model
-class LoraConfig(_Section):
+class LoraConfig(Section):
     """LoRA adapter on the policy (PEFT). The reference is then the policy with it disabled."""
 
     enabled: bool = False
@@ -47,7 +38,7 @@ class LoraConfig(_Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The policy. ``name_or_path`` null means SmolLM2-135M-Instruct from the package registry."""
 
     name_or_path: str | None = None
@@ -61,7 +52,7 @@ class ModelConfig(_Section):
 
 
 # -------------------------------------------------------------------------------- reference
-class ReferenceConfig(_Section):
+class ReferenceConfig(Section):
     """Where the reference log-probs come from, and whether the reference follows the policy.
 
     mode: ``auto`` = ``none`` for reference-free losses, ``adapter_disabled`` with LoRA, else
@@ -80,7 +71,7 @@ class ReferenceConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------- data
-class DataConfig(_Section):
+class DataConfig(Section):
     """Preference data. ``train`` null means the 300 English demo pairs (``demo_name``)."""
 
     train: str | None = None
@@ -130,78 +121,8 @@ class DataConfig(_Section):
         return bool(self.share_prompt) or self.layout in ("shared", "shared_packed")
 
 
-# ------------------------------------------------------------------------------------- loss
-class LossConfig(_Section):
-    """The loss, with TRL's names. ``method`` picks the family (TRL trainer): ``dpo``
-    (``loss_type`` a list, weighted sum), ``cpo``, ``simpo`` (= cpo + simpo, cpo_alpha 0),
-    ``orpo`` or ``kto`` (unpaired; paired data is split into desirable/undesirable)."""
-
-    method: Literal["dpo", "cpo", "simpo", "orpo", "kto"] = "dpo"
-    loss_type: list[str] | None = None  # default: sigmoid (dpo, cpo), simpo, kto
-    loss_weights: list[float] | None = None
-    beta: float = Field(0.1, gt=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
-    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence",
-                               "alpha_divergence"] = "reverse_kl"
-    f_alpha_divergence_coef: float = Field(0.5, ge=0.0, le=1.0)
-    discopop_tau: float = Field(0.05, gt=0.0)
-    reference_free: bool = False
-    ld_alpha: float | None = Field(None, ge=0.0, le=1.0)
-    use_weighting: bool = False
-    cpo_alpha: float | None = None  # default 1.0 (cpo), 0.0 (simpo)
-    simpo_gamma: float = 0.5
-    alphapo_alpha: float = 0.0
-    desirable_weight: float = Field(1.0, gt=0.0)
-    undesirable_weight: float = Field(1.0, gt=0.0)
-
-    @field_validator("loss_type", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    def resolved_loss_types(self) -> list[str]:
-        """The loss types, with each method's default filled in."""
-        if self.loss_type:
-            return list(self.loss_type)
-        return {"dpo": ["sigmoid"], "cpo": ["sigmoid"], "simpo": ["simpo"], "orpo": ["orpo"],
-                "kto": ["kto"]}[self.method]
-
-    def resolved_cpo_alpha(self) -> float:
-        if self.cpo_alpha is not None:
-            return self.cpo_alpha
-        return 0.0 if self.method == "simpo" else 1.0
-
-    def needs_reference(self) -> bool:
-        """Whether the loss reads reference log-probs."""
-        if self.method in ("cpo", "simpo", "orpo"):
-            return False
-        if self.method == "kto":
-            return True
-        if self.reference_free:
-            return False
-        return any(LOSS_TYPES[t].needs_reference for t in self.resolved_loss_types())
-
-    def check_names(self) -> None:
-        """Loss types known to the method, one weight per type; raises ConfigError."""
-        types_ = self.resolved_loss_types()
-        valid = {"dpo": list(LOSS_TYPES), "cpo": list(CPO_LOSS_TYPES), "simpo": ["simpo"],
-                 "orpo": ["orpo"], "kto": list(KTO_LOSS_TYPES)}[self.method]
-        for name in types_:
-            if name not in valid:
-                raise ConfigError(f"loss.loss_type: unknown {name!r} for loss.method "
-                                  f"{self.method!r}; valid: {', '.join(valid)}")
-        if self.method != "dpo" and len(types_) != 1:
-            raise ConfigError(f"loss.loss_type: loss.method {self.method!r} takes one loss type, "
-                              f"got {types_}; combined losses are a dpo feature")
-        if self.loss_weights is not None and len(self.loss_weights) != len(types_):
-            raise ConfigError(f"loss.loss_weights has {len(self.loss_weights)} entries for "
-                              f"{len(types_)} loss types {types_}")
-        if "exo_pair" in types_ and self.label_smoothing == 0:
-            raise ConfigError("loss.label_smoothing must be > 0 for exo_pair (e.g. 1e-3)")
-
-
 # ----------------------------------------------------------------------------- optimization
-class OptimizationConfig(_Section):
+class OptimizationConfig(Section):
     """AdamW, schedule, batch shape and numerics. Batches are per rank: a step sees
     micro_batch_size × gradient_accumulation_steps × world_size pairs."""
 
@@ -233,7 +154,7 @@ class OptimizationConfig(_Section):
 
 
 # -------------------------------------------------------------------------------- deepspeed
-class DeepSpeedSection(_Section):
+class DeepSpeedSection(Section):
     """DeepSpeed. ``enabled: auto`` uses it under a launcher (several ranks), with ZeRO > 0, or
     with a user JSON (``config_file``); a single plain process uses PyTorch otherwise."""
 
@@ -248,7 +169,7 @@ class DeepSpeedSection(_Section):
 
 
 # ---------------------------------------------------------------------------------- logging
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     """Progress bar, JSONL (``<output_dir>/metrics.jsonl``), TensorBoard, evaluation."""
 
     output_dir: str = "runs/fastpo"
@@ -262,7 +183,7 @@ class LoggingConfig(_Section):
 
 
 # ------------------------------------------------------------------------------- checkpoint
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     """Atomic checkpoints every N steps under ``dir`` (default ``<output_dir>/checkpoints``),
     the last ``keep_last`` kept. ``resume``: true = the latest valid one, or a checkpoint path.
     ``export``: final ``save_pretrained`` (auto: the adapter with LoRA, else the full model).
@@ -279,7 +200,7 @@ class CheckpointConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------- root
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """A whole training job."""
 
     seed: int = 0
@@ -291,11 +212,12 @@ class TrainConfig(_Section):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    online: OnlineConfig | None = None  # online DPO: pairs generated during training
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
         try:
-            self.loss.check_names()
+            self.loss.check()
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         problems = combination_problems(self)

@@ -9,14 +9,12 @@ Layouts (``data.layout``; the flags are ``(padding_free, share_prompt)``):
 - ``shared_packed``: those segments packed into one row.
 
 ``auto`` estimates the decoder's cost of one epoch in each valid layout from the items' lengths
-(the micro-batches ``plan_batches`` would form) and picks the cheapest. The estimate counts, per
-layer, ``2·P`` FLOPs per token through the projections and MLP (``P`` the layer's matmul
-parameters, padding included since it is computed), ``4·hidden`` FLOPs per attended query-key
-pair (``QKᵀ`` and ``PV``), and a fixed cost per attention call: with segment attention
-(:mod:`fastpo.engine.model.attention`) a packed or shared-prompt row attends piece by piece
-(``Σ n²/2`` pairs), with a dense mask the whole row (``L²``), and padded rows with a padding mask
-``L²`` per row. ``data.padding_free`` / ``data.share_prompt``, when set, fix that dimension of the
-choice (an explicit choice wins); an explicit ``data.layout`` takes no estimate at all.
+(the micro-batches ``plan_batches`` would form) and picks the cheapest. The estimate is
+:mod:`fastpo.engine.data.attention_cost`'s, the one the model's segment attention uses to run each
+batch piece by piece or with a dense mask: tokens through the projections and MLP (padding
+included), the query-key pairs the attention kernel computes, and a fixed cost per attention call.
+``data.padding_free`` / ``data.share_prompt``, when set, fix that dimension of the choice (an
+explicit choice wins); an explicit ``data.layout`` takes no estimate at all.
 """
 
 from __future__ import annotations
@@ -29,8 +27,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import torch
+
+from ..data.attention_cost import BatchCost, DeviceCosts, ModelDims, device_costs, layout_cost
 from ..data.batch import kl_partner, plan_batches
 from ..data.dataset import TokenizedDataset
+from ..data.segments import packed_plan, shared_prompt_plan
 
 logger = logging.getLogger(__name__)
 
@@ -50,39 +52,10 @@ def valid_layouts(*, paired: bool, attn_implementation: str | None) -> list[str]
 
 
 @dataclass(frozen=True)
-class ModelDims:
-    """What the cost estimate needs of the model (defaults: SmolLM2-135M)."""
-
-    hidden: int = 576
-    intermediate: int = 1536
-    heads: int = 9
-    kv_heads: int = 3
-    head_dim: int = 64
-
-    @classmethod
-    def of(cls, config: Any) -> ModelDims:
-        hidden = getattr(config, "hidden_size", None)
-        if not isinstance(hidden, int):
-            return cls()
-        heads = getattr(config, "num_attention_heads", None) or 1
-        return cls(hidden=hidden,
-                   intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
-                   heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(config, "head_dim", None) or hidden // heads)
-
-    def flops_per_token(self) -> float:
-        """Forward matmul FLOPs of one token through one layer (q, k, v, o and a gated MLP)."""
-        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
-        return 2.0 * (attn + 3 * self.hidden * self.intermediate)
-
-    def flops_per_pair(self) -> float:
-        return 4.0 * self.heads * self.head_dim
-
-
-@dataclass(frozen=True)
 class LayoutCost:
-    """One layout's estimate over an epoch: tokens computed (padding included), attended
-    query-key pairs, attention calls per layer, and their FLOP-equivalent total per layer."""
+    """One layout's estimate over an epoch: tokens computed (padding included), query-key pairs
+    the attention computes, attention calls per layer, and their FLOP-equivalent total per
+    layer."""
 
     layout: str
     tokens: int
@@ -105,54 +78,50 @@ def _sequences(dataset: TokenizedDataset, i: int, with_kl: bool) -> list[int]:
 
 
 def batch_cost(dataset: TokenizedDataset, indices: Sequence[int], layout: str, *,
-               with_kl: bool, attention: str) -> tuple[int, int, int]:
-    """(tokens computed, query-key pairs, attention calls) of one micro-batch in ``layout``.
+               with_kl: bool, attention: str, dims: ModelDims | None = None,
+               device: DeviceCosts | None = None) -> BatchCost:
+    """One micro-batch in ``layout``: :func:`~fastpo.engine.data.attention_cost.layout_cost`.
 
-    ``attention``: ``segments`` (packed and shared-prompt rows piece by piece), ``varlen``
-    (flash-attention: packed rows in one call over the sequences) or ``dense`` (4-D masks)."""
+    ``attention``: ``segments`` (packed and shared-prompt rows piece by piece or with a dense
+    mask, whichever is cheaper), ``varlen`` (flash-attention: packed rows in one call over the
+    sequences) or ``dense`` (4-D masks); ``device``: the CPU's costs (one thread) unless given."""
     packed, shared = LAYOUTS[layout]
+    dims, device = dims or ModelDims(), device or device_costs("cpu")
+    plan = None
     if shared:
         shapes = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))
                   for p in (dataset.pairs[i] for i in indices)]
         lengths = [p + c + r for p, c, r in shapes]
-        piece_pairs = sum((p + c) * (p + c + 1) // 2 + r * p + r * (r + 1) // 2
-                          for p, c, r in shapes)
-        pieces = 2 * len(shapes)
+        rows, width = (1, sum(lengths)) if packed else (len(lengths), max(lengths))
+        plan = shared_prompt_plan([shapes] if packed else [[s] for s in shapes], width)
     else:
         lengths = [n for i in indices for n in _sequences(dataset, i, with_kl)]
-        piece_pairs = sum(n * (n + 1) // 2 for n in lengths)
-        pieces = len(lengths)
-    if packed:
-        total = sum(lengths)
-        if attention == "segments":
-            return total, piece_pairs, pieces
-        if attention == "varlen" and not shared:
-            return total, piece_pairs, 1
-        return total, total * total, 1
-    rows, width = len(lengths), max(lengths)
-    if shared and attention == "segments":
-        return rows * width, piece_pairs, pieces
-    # a padding mask (or the shared-prompt mask): SDPA computes every block of every row
-    return rows * width, rows * width * width, 1
+        rows, width = (1, sum(lengths)) if packed else (len(lengths), max(lengths))
+        if packed:
+            plan = packed_plan(lengths, width)
+    return layout_cost(plan=plan, rows=rows, width=width, dims=dims, attention=attention,
+                       device=device)
 
 
 def estimate(dataset: TokenizedDataset, layout: str, *, dims: ModelDims,
              pairs_per_batch: int | None, max_tokens_per_batch: int | None, with_kl: bool,
-             attention: str, call_cost_tokens: float = 1.0, seed: int = 0) -> LayoutCost:
+             attention: str, device_type: str = "cpu", threads: int = 1, seed: int = 0
+             ) -> LayoutCost:
     """The per-layer cost of one epoch (epoch 0's batches) in ``layout``; ``attention`` as in
-    :func:`batch_cost`; ``call_cost_tokens``: the fixed cost of one attention call, in tokens'
-    worth of matmul work (launch overhead; small on a CPU)."""
+    :func:`batch_cost`, on ``device_type`` with ``threads`` CPU threads."""
     packed, shared = LAYOUTS[layout]
+    device = device_costs(device_type, threads)
     batches = plan_batches(dataset, pairs_per_batch=pairs_per_batch,
                            max_tokens_per_batch=max_tokens_per_batch, seed=seed,
                            padding_free=packed, share_prompt=shared, with_kl=with_kl)
-    tokens = pairs = calls = 0
+    tokens = calls = 0
+    pairs = cost = 0.0
     for indices in batches:
-        t, p, c = batch_cost(dataset, indices, layout, with_kl=with_kl, attention=attention)
-        tokens, pairs, calls = tokens + t, pairs + p, calls + c
-    per_token = dims.flops_per_token()
-    cost = tokens * per_token + pairs * dims.flops_per_pair() + calls * call_cost_tokens * per_token
-    return LayoutCost(layout, tokens, pairs, calls, cost)
+        b = batch_cost(dataset, indices, layout, with_kl=with_kl, attention=attention, dims=dims,
+                       device=device)
+        tokens, pairs, calls, cost = (tokens + b.tokens, pairs + b.pairs, calls + b.calls,
+                                      cost + b.flops)
+    return LayoutCost(layout, tokens, int(pairs), calls, cost)
 
 
 def choose_layout(dataset: TokenizedDataset, candidates: Sequence[str], **kwargs: Any
@@ -227,8 +196,8 @@ def resolve_layout(cfg: Any, dataset: TokenizedDataset, *, model_config: Any = N
         choice, costs = choose_layout(
             dataset, candidates, dims=ModelDims.of(model_config or _model_config(model_path)),
             pairs_per_batch=opt.pairs_per_batch(), max_tokens_per_batch=opt.max_tokens_per_batch,
-            with_kl=with_kl, attention=attention,
-            call_cost_tokens=1.0 if device_type == "cpu" else 256.0, seed=cfg.seed)
+            with_kl=with_kl, attention=attention, device_type=device_type,
+            threads=torch.get_num_threads(), seed=cfg.seed)
         logger.info(describe(choice, costs))
     data.layout = choice
     data.padding_free, data.share_prompt = LAYOUTS[choice]

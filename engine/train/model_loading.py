@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastpo.kernels.zero3 import find_lm_head, full_shape
+
 from ..errors import InputError
 from ..model.gather import full_state_dict
 from .config import TrainConfig
@@ -153,12 +155,11 @@ def load_reference(cfg: TrainConfig, path: str, dtype: torch.dtype) -> nn.Module
 
 
 def vocab_size(model: nn.Module) -> int:
-    head = model.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    if weight is not None and hasattr(weight, "ds_shape"):
-        return int(weight.ds_shape[0])
-    if weight is not None and weight.dim() == 2 and weight.shape[0] > 0:
-        return int(weight.shape[0])
+    """Rows of the output head (also of a ZeRO-3 partitioned one), else ``config.vocab_size``."""
+    weight = getattr(find_lm_head(model), "weight", None)
+    shape = full_shape(weight) if isinstance(weight, torch.Tensor) else ()
+    if len(shape) == 2 and shape[0] > 0:
+        return int(shape[0])
     return int(model.config.vocab_size)
 
 

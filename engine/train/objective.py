@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 
 from ..data.batch import PreferenceBatch
-from ..losses.registry import cpo_loss, kto_loss, orpo_loss, preference_loss
+from ..losses import PairStats, cpo_loss, kto_loss, orpo_loss, preference_loss
 from ..losses.unpaired import kl_reference_point
 from ..model.forward import ForwardLogps, split_pairs, split_unpaired
 from ..model.reference import ReferenceLogps
-from .config import LossConfig
+from .loss_config import LossConfig
 
 # sums that evaluation accumulates over the held-out split (and across ranks)
 EVAL_KEYS = ("items", "loss", "correct", "margin", "chosen_reward", "rejected_reward",
@@ -34,20 +34,25 @@ class ObjectiveOutput:
 
 
 class Objective:
-    """``objective(policy, reference, batch)`` for the configured loss."""
+    """``objective(policy, reference, batch)`` for the configured loss.
+
+    ``with_tails`` / ``with_sum_sq``: whether the forward passes must give the LD-DPO tails and
+    WPO's log Σp² sums (the trainer asks for them); ``paired``: pair batches (else KTO's)."""
 
     def __init__(self, cfg: LossConfig, *, vocab_size: int,
                  all_reduce_mean: Callable[[Tensor], Tensor] | None = None) -> None:
-        self.cfg = cfg
         self.method = cfg.method
-        self.types = cfg.resolved_loss_types()
         self.vocab_size = vocab_size
         self.all_reduce_mean = all_reduce_mean or (lambda t: t)
         self.paired = self.method != "kto"
-        self.with_tails = self.method == "dpo" and cfg.ld_alpha is not None
-        self.with_sum_sq = self.method == "dpo" and cfg.use_weighting
-        self.with_kl = self.method == "kto" and "kto" in self.types
         self.uses_reference = cfg.needs_reference()
+        self.with_kl = cfg.with_kl()
+        self.orpo_beta = cfg.beta
+        self.dpo = cfg.dpo_options() if self.method == "dpo" else None
+        self.cpo = cfg.cpo_options() if self.method in ("cpo", "simpo") else None
+        self.kto = cfg.kto_options() if self.method == "kto" else None
+        self.with_tails = self.dpo is not None and self.dpo.ld_alpha is not None
+        self.with_sum_sq = self.dpo is not None and self.dpo.use_weighting
 
     def __call__(self, policy: ForwardLogps, reference: ReferenceLogps,
                  batch: PreferenceBatch) -> ObjectiveOutput:
@@ -62,38 +67,17 @@ class Objective:
             raise ValueError(f"loss.method {self.method!r} needs pair batches")
         b = batch.num_pairs
         chosen, rejected = split_pairs(policy.sequence, b)
-        common = dict(chosen_logits_sum=chosen.logits_sum, rejected_logits_sum=rejected.logits_sum,
-                      vocab_size=self.vocab_size if chosen.logits_sum is not None else None)
-        counts = dict(chosen_num_tokens=chosen.num_tokens, rejected_num_tokens=rejected.num_tokens)
-        c = self.cfg
-        if self.method == "dpo":
+        stats = self._pair_stats(policy, reference, b)
+        if self.dpo is not None:
             ref_c = ref_r = None
-            extra: dict[str, Tensor | None] = {}
             if self.uses_reference:
-                ref_c, ref_r = split_pairs(reference.sequence, b)
-                ref_c, ref_r = ref_c.logps, ref_r.logps
-            if self.with_tails:
-                extra.update(policy_chosen_tail_logps=policy.tail_logps[:b],
-                             policy_rejected_tail_logps=policy.tail_logps[b:])
-                if self.uses_reference:
-                    extra.update(ref_chosen_tail_logps=reference.tail_logps[:b],
-                                 ref_rejected_tail_logps=reference.tail_logps[b:])
-            if self.with_sum_sq:
-                extra.update(chosen_log_sum_sq_probs=policy.log_sum_sq_probs[:b],
-                             rejected_log_sum_sq_probs=policy.log_sum_sq_probs[b:])
-            out = preference_loss(
-                chosen.logps, rejected.logps, ref_c, ref_r, loss_type=self.types,
-                loss_weights=c.loss_weights, beta=c.beta, label_smoothing=c.label_smoothing,
-                f_divergence_type=c.f_divergence_type,
-                f_alpha_divergence_coef=c.f_alpha_divergence_coef, discopop_tau=c.discopop_tau,
-                reference_free=c.reference_free, ld_alpha=c.ld_alpha,
-                use_weighting=c.use_weighting, **counts, **extra, **common)
-        elif self.method in ("cpo", "simpo"):
-            out = cpo_loss(chosen.logps, rejected.logps, loss_type=self.types[0], beta=c.beta,
-                           label_smoothing=c.label_smoothing, cpo_alpha=c.resolved_cpo_alpha(),
-                           simpo_gamma=c.simpo_gamma, alpha=c.alphapo_alpha, **counts, **common)
+                ref_c, ref_r = (side.logps for side in split_pairs(reference.sequence, b))
+            out = preference_loss(chosen.logps, rejected.logps, ref_c, ref_r, options=self.dpo,
+                                  stats=stats)
+        elif self.cpo is not None:
+            out = cpo_loss(chosen.logps, rejected.logps, options=self.cpo, stats=stats)
         else:
-            out = orpo_loss(chosen.logps, rejected.logps, beta=c.beta, **counts, **common)
+            out = orpo_loss(chosen.logps, rejected.logps, beta=self.orpo_beta, stats=stats)
         metrics = dict(out.metrics)
         if self.uses_reference:
             metrics["ref_kl"] = _log_ratio_kl(policy, reference)
@@ -103,6 +87,25 @@ class Objective:
             items, out.losses.detach().sum(), (margin > 0).sum(), margin.sum(),
             out.chosen_rewards.sum(), out.rejected_rewards.sum(), items, items]).double()
         return ObjectiveOutput(out.loss, metrics, sums)
+
+    def _pair_stats(self, policy: ForwardLogps, reference: ReferenceLogps, b: int) -> PairStats:
+        """The statistics of the pairs beside their log-probs: token counts and logit sums, and
+        the LD-DPO tails and WPO sums when the options ask for them."""
+        chosen, rejected = split_pairs(policy.sequence, b)
+        extra: dict[str, Tensor | None] = {}
+        if self.with_tails:
+            extra.update(policy_chosen_tail_logps=policy.tail_logps[:b],
+                         policy_rejected_tail_logps=policy.tail_logps[b:])
+            if self.uses_reference:
+                extra.update(ref_chosen_tail_logps=reference.tail_logps[:b],
+                             ref_rejected_tail_logps=reference.tail_logps[b:])
+        if self.with_sum_sq:
+            extra.update(chosen_log_sum_sq_probs=policy.log_sum_sq_probs[:b],
+                         rejected_log_sum_sq_probs=policy.log_sum_sq_probs[b:])
+        return PairStats(
+            chosen_num_tokens=chosen.num_tokens, rejected_num_tokens=rejected.num_tokens,
+            chosen_logits_sum=chosen.logits_sum, rejected_logits_sum=rejected.logits_sum,
+            vocab_size=self.vocab_size if chosen.logits_sum is not None else None, **extra)
 
     # ------------------------------------------------------------------------------- KTO
     def _unpaired(self, policy: ForwardLogps, reference: ReferenceLogps,
@@ -118,11 +121,8 @@ class Objective:
                 raise ValueError("loss_type 'kto' needs the mismatched KL sequences in the batch")
             # z0 over the whole global batch: mean of the per-rank means (equal batch sizes)
             kl = self.all_reduce_mean(kl_reference_point(kl_policy.logps, kl_ref.logps))
-        c = self.cfg
         desirable = batch.desirable.to(examples.logps.device)
-        out = kto_loss(examples.logps, ref_examples.logps, desirable,
-                       loss_type=self.types[0], beta=c.beta, desirable_weight=c.desirable_weight,
-                       undesirable_weight=c.undesirable_weight, kl=kl,
+        out = kto_loss(examples.logps, ref_examples.logps, desirable, options=self.kto, kl=kl,
                        num_tokens=examples.num_tokens, logits_sum=examples.logits_sum,
                        vocab_size=self.vocab_size if examples.logits_sum is not None else None)
         metrics = dict(out.metrics)

@@ -97,12 +97,16 @@ def _safe_engine_class() -> type:
 def install_safe_checkpoint_engine(engine: Any) -> None:
     """Give a DeepSpeed engine the safe loader: its default torch checkpoint engine is replaced
     by :class:`SafeTorchCheckpointEngine`; another writer (configured in the DeepSpeed JSON) keeps
-    its own save but loads through :func:`torch_load` too."""
+    its own save but loads through :func:`torch_load` too.
+
+    DeepSpeed's config picks among its own checkpoint engines only, none of which loads with
+    ``weights_only=True``: the engine's ``checkpoint_engine`` attribute, which every
+    ``save_checkpoint`` / ``load_checkpoint`` goes through, is the one place to put ours."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     current = engine.checkpoint_engine
     if type(current) is TorchCheckpointEngine:
-        safe = _safe_engine_class()(getattr(engine, "_config", None))
+        safe = _safe_engine_class()()
         safe.zipfile_serialization = current.zipfile_serialization
         engine.checkpoint_engine = safe
         return

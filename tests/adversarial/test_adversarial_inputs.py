@@ -58,7 +58,7 @@ def write_rows(path, rows) -> None:
     (["--model.lora.alpha", ".inf"], ["model.lora.alpha", "finite number"]),
     (["--loss.f_alpha_divergence_coef", "2"], ["loss.f_alpha_divergence_coef", "less than"]),
     (["--loss.method", "kto", "--loss.loss_type", "sigmoid"],
-     ["loss.loss_type", "unknown 'sigmoid' for loss.method 'kto'", "kto"]),
+     ["loss.loss_type", "unknown loss_type 'sigmoid'", "kto"]),
 ])
 def test_bad_config_values_exit_2_naming_the_key(capsys, argv, words):
     code, _, err = run_cli(capsys, ["--print-config", *argv])

@@ -139,11 +139,11 @@ def run_case(tied: bool, inside_forward: bool, register: bool) -> dict[str, floa
 
 
 def worker() -> None:
-    import deepspeed.comm.torch  # noqa: F401  (the module; `deepspeed.comm.torch` is shadowed)
+    from fastpo.engine.train.runtime import skip_deepspeed_shm_op
 
     # The shared-memory all-reduce op is a JIT-compiled speed-up for large CPU tensors (~60 s to
     # build on first use); this model's tensors are tiny, so gloo alone does the collectives.
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    skip_deepspeed_shm_op()
     results = {f"tied={tied},inside={inside},fwd_module={register}":
                run_case(tied, inside, register) for tied, inside, register in CASES}
     # one file per rank: the launcher merges the ranks' stdout, and two reports printed at the

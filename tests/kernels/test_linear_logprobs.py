@@ -223,7 +223,7 @@ def test_weight_grad_chunk():
 
 
 def test_launch_config_per_architecture():
-    from fastpo.kernels.linear_logprobs_triton import arch_of, launch_config
+    from fastpo.kernels.linear_logprobs_launch import arch_of, launch_config
 
     assert [arch_of(c) for c in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0))] == [80, 80, 80, 90, 90]
     # sm_80 half backward: 16 warps (mma.sync accumulators in registers); sm_90: 8 on wgmma

@@ -96,7 +96,7 @@ def test_dispatcher_uses_the_model(monkeypatch):
         return "tile"
 
     monkeypatch.setattr(linear_logprobs, "choose_design", spy)
-    monkeypatch.setattr(linear_logprobs, "_use_triton", lambda h, w: True)
+    monkeypatch.setattr(linear_logprobs, "uses_triton", lambda h, w: True)
     hidden, weight = torch.empty(32, 16, dtype=torch.bfloat16), torch.empty(100, 16)
     assert linear_logprobs._design("forward", hidden, weight, None, "auto") == "tile"
     assert seen[-1] == ("forward", Shape(32, 16, 100, 4), False)
@@ -105,7 +105,7 @@ def test_dispatcher_uses_the_model(monkeypatch):
     linear_logprobs._design("backward", hidden, weight, None, "auto", False, True, False, 7)
     assert seen[-1] == ("backward", Shape(32, 16, 100, 4, need_weight=False, scored=7), False)
     assert linear_logprobs._design("backward", hidden, weight, None, "gemm") == "gemm"
-    monkeypatch.setattr(linear_logprobs, "_use_triton", lambda h, w: False)
+    monkeypatch.setattr(linear_logprobs, "uses_triton", lambda h, w: False)
     assert linear_logprobs._design("forward", hidden, weight, None, "auto") == "chunked"
 
 
@@ -127,7 +127,7 @@ def test_rows_charged_with_and_without_the_num_scored_hint():
 
 
 def test_tile_shapes_are_the_launchers_on_sm90():
-    from fastpo.kernels.linear_logprobs_triton import launch_config
+    from fastpo.kernels.linear_logprobs_launch import launch_config
 
     for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float16, "ieee"),
                              (torch.float32, "ieee"), (torch.float32, "tf32")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -141,6 +142,22 @@ def test_batch_to_device():
     assert moved.input_ids.device.type == "meta" and moved.cu_seqlens.device.type == "meta"
     assert moved.target_index.device.type == "meta" and batch.input_ids.device.type == "cpu"
     assert (moved.num_pairs, moved.packed, moved.num_tokens) == (1, True, batch.num_tokens)
+    assert moved.target_tail.device.type == "meta" and moved.attention_plan is batch.attention_plan
+
+
+def test_batch_is_built_whole_and_frozen():
+    """Every field is set by the collate function that builds the batch; nothing patches it."""
+    pairs = B.collate_pairs(make_pairs([(2, 2, 3), (1, 1, 1)]), pad_token_id=PAD)
+    assert pairs.num_pairs == 2 and pairs.target_tail.tolist() == [False, False, False,
+                                                                    False, False, True, False]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pairs.num_pairs = 3
+    examples = [TokenizedExample([1], [2], True), TokenizedExample([3], [4, 5], False)]
+    in_batch = B.collate_unpaired(examples, pad_token_id=PAD)
+    assert not in_batch.kl_from_dataset and in_batch.target_tail is None
+    assert B.collate_batch(dataset_of(examples), [0, 1], pad_token_id=PAD).kl_from_dataset
+    assert not B.collate_batch(dataset_of(examples), [0, 1], pad_token_id=PAD,
+                               with_kl=False).kl_from_dataset
 
 
 def test_sdpa_mask_is_block_diagonal_for_packed_position_ids(tiny_config):
@@ -205,15 +222,16 @@ def test_oversized_item_alone_and_argument_errors(caplog):
         B.plan_batches(dataset, pairs_per_batch=0)
     with pytest.raises(ValueError, match="shard_index 2 must be in"):
         B.plan_batches(dataset, pairs_per_batch=1, num_shards=2, shard_index=2)
-    with pytest.raises(ValueError, match="start_index must be a non-negative int"):
-        next(B.iterate_batches(dataset, pairs_per_batch=1, start_index=-1))
 
 
-def test_iterate_batches_resumes_and_shards():
+def test_plan_is_deterministic_in_seed_and_epoch_and_shards():
+    """A resumed epoch re-plans it from (seed, epoch) and skips the batches already run: the
+    plan must come out the same every time, and another epoch must give another order."""
     dataset = dataset_of(make_pairs([(3, 2, 2)] * 11))
-    full = list(B.iterate_batches(dataset, pairs_per_batch=2, seed=5, epoch=3))
-    assert list(B.iterate_batches(dataset, pairs_per_batch=2, seed=5, epoch=3,
-                                  start_index=4)) == full[4:]
+    full = B.plan_batches(dataset, pairs_per_batch=2, seed=5, epoch=3)
+    assert full == B.plan_batches(dataset, pairs_per_batch=2, seed=5, epoch=3)
+    assert full != B.plan_batches(dataset, pairs_per_batch=2, seed=5, epoch=4)
+    assert sorted(i for b in full for i in b) == list(range(11))
     shards = [B.plan_batches(dataset, pairs_per_batch=2, seed=5, epoch=3, num_shards=2,
                              shard_index=k) for k in range(2)]
     assert len(shards[0]) == len(shards[1]) == 3  # 6 batches, cut to a multiple of 2

@@ -48,13 +48,11 @@ def test_grouping_cuts_padding_and_is_deterministic_and_resumable(share_prompt):
     assert grouped != B.plan_batches(data, epoch=1, group_by_length=10, **kw)
     longest = [max(shapes[i][1] for i in b) for b in grouped]
     assert longest != sorted(longest, reverse=True)
-    # a resumed epoch continues exactly where it stopped
-    resumed = list(B.iterate_batches(data, epoch=0, start_index=17, group_by_length=10, **kw))
-    assert resumed == grouped[17:]
-    # data-parallel shards split the same grouped plan
+    # a resumed run re-plans its epoch (the same plan, above) and continues at its saved index
+    # data-parallel shards share the items out, each once (the global batches: the test below)
     shards = [B.plan_batches(data, epoch=0, group_by_length=10, num_shards=2, shard_index=k,
                              **kw) for k in (0, 1)]
-    assert shards[0] == grouped[0::2] and shards[1] == grouped[1::2]
+    assert sorted(i for shard in shards for b in shard for i in b) == list(range(len(data)))
 
 
 def test_grouping_under_a_token_budget_and_in_order():
@@ -82,3 +80,17 @@ def test_config_turns_grouping_on_for_padded_rows_only():
     assert data(padding_free=False, group_by_length=False).length_grouping() is None
     with pytest.raises(ValueError, match="length_window"):
         data(length_window=0)
+
+
+@pytest.mark.parametrize("group_by_length", [None, 10])
+def test_every_world_size_draws_the_same_global_batches(group_by_length):
+    """One process with micro-batches of 4 and 2 ranks with 2 each (or 4 ranks with 1): the same
+    items in each global step, in the same order, grouped by length or not."""
+    data = ragged(n=96)
+    kw = dict(seed=3, epoch=1, group_by_length=group_by_length)
+    single = B.plan_batches(data, pairs_per_batch=4, **kw)
+    for world in (2, 4):
+        shards = [B.plan_batches(data, pairs_per_batch=4 // world, num_shards=world,
+                                 shard_index=k, **kw) for k in range(world)]
+        steps = [sorted(i for shard in shards for i in shard[j]) for j in range(len(shards[0]))]
+        assert steps == [sorted(b) for b in single], world

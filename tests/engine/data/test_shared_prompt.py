@@ -82,9 +82,11 @@ def test_layout_positions_targets_and_mask():
     assert batch.position_ids[1, :3].tolist() == [0, 1, 1]
     # chosen 0, chosen 1, rejected 0, rejected 1; rejected[0] is scored at the prompt's end
     assert batch.target_index.tolist() == [2, 3, 8 + 0, 2, 5, 6, 8 + 0]
-    assert batch.target_labels.tolist() == [21, 22, 23, 31, 32, 33, 34]
+    assert batch.shared_prompt.target_labels.tolist() == [21, 22, 23, 31, 32, 33, 34]
     assert batch.target_sequence.tolist() == [0, 0, 1, 2, 2, 2, 3]
     assert batch.completion_tokens.tolist() == [2, 1, 3, 1]
+    # LD-DPO's tail: the rejected token past min(|chosen|, |rejected|) = 2 of the first pair
+    assert batch.target_tail.tolist() == [False, False, False, False, False, True, False]
     assert batch.num_pairs == 2 and batch.num_sequences == 4 and batch.prompt_shared
     assert batch.indices.tolist() == [4, 7]
     # segment attention: [prompt | chosen] causal, rejected over its prompt, then padding
@@ -106,6 +108,10 @@ def test_layout_positions_targets_and_mask():
                                          torch.bfloat16)
     assert eager.dtype == torch.bfloat16
     assert torch.equal(eager == 0, mask)
+    # moving the batch moves the shared-prompt tensors too
+    moved = batch.to("meta").shared_prompt
+    assert moved.segment_ids.device.type == moved.target_labels.device.type == "meta"
+    assert moved.prompt_tokens == 4 and batch.shared_prompt.segment_ids.device.type == "cpu"
 
 
 def test_unsupported_attention_and_short_sliding_window_are_refused():

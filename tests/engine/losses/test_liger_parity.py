@@ -195,6 +195,8 @@ def _policy_and_ref(data):
 
 
 def test_ipo_matches_preference_loss_with_float64_reference():
+    """The module (loss-fused: its own fp32 GEMMs, so equal to fp32 rounding) and the logps
+    design (the same computation as preference_loss on the op's log-probs: equal to 1e-12)."""
     data = make_batch(7)
     x, w, pol, ref = _policy_and_ref(data)
     out = preference_loss(pol.logps[:B], pol.logps[B:], ref[:B], ref[B:], loss_type="ipo",
@@ -209,7 +211,16 @@ def test_ipo_matches_preference_loss_with_float64_reference():
         w2, x2, data["target"], data["b"], ref_chosen_logps=ref[:B], ref_rejected_logps=ref[B:])
     loss.backward()
     assert loss.dtype == torch.float64  # the float64 reference keeps the loss in float64
-    for a, e in zip((loss, x2.grad, w2.grad, aux[5], aux[6]), expected):
+    assert_same((expected[0], expected[3:], expected[1:3]), (loss, aux[5:], (x2.grad, w2.grad)))
+
+    x3 = data["x"].clone().requires_grad_()
+    w3 = data["w"].clone().requires_grad_()
+    loss, aux = fused_linear_dpo_loss(x3, w3, data["target"], data["b"], loss_type="ipo",
+                                      beta=0.4, ref_chosen_logps=ref[:B],
+                                      ref_rejected_logps=ref[B:], design="logps")
+    loss.backward()
+    assert loss.dtype == torch.float64
+    for a, e in zip((loss, x3.grad, w3.grad, aux[5], aux[6]), expected):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastpo.engine.losses import LOSS_TYPES, cpo_loss, kto_loss, orpo_loss, preference_loss
-from fastpo.engine.losses.pairwise import shared_length_tail_logps
+from fastpo.engine.losses.weighting import shared_length_tail_logps
 
 try:  # the references sit next to the tests; works with or without package-style test dirs
     from .loss_references import (

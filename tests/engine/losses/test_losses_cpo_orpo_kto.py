@@ -260,8 +260,12 @@ def test_bad_input_cpo_orpo_kto():
         cpo_loss(pc, pr, cpo_alpha=float("inf"), **counts)
     with pytest.raises(ValueError, match="beta must be"):
         orpo_loss(pc, pr, beta=0, **counts)
-    with pytest.raises(TypeError, match="missing 2 required keyword-only"):
+    with pytest.raises(TypeError, match="orpo_loss needs chosen_num_tokens and rejected_num_tok"):
         orpo_loss(pc, pr)  # ORPO averages per token: counts are required
+    with pytest.raises(TypeError, match="cpo_loss needs chosen_num_tokens and rejected_num_tok"):
+        cpo_loss(pc, pr, chosen_num_tokens=counts["chosen_num_tokens"])
+    with pytest.raises(TypeError, match=r"cpo_loss\(\) got an unexpected keyword argument 'gamma'"):
+        cpo_loss(pc, pr, gamma=0.5, **counts)  # SimPO's γ is simpo_gamma
     d = torch.tensor([True, False] * 3 + [True])
     with pytest.raises(ValueError, match="valid loss types are \\['kto', 'apo_zero_unpaired'\\]"):
         kto_loss(pc, rc, d, loss_type="sigmoid")

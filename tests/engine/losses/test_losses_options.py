@@ -1,22 +1,35 @@
-"""``preference_loss`` options: multi-loss weighting, WPO weights, LD-DPO, reference-free,
-input dtypes and the metrics, against the independent references of ``loss_references``."""
+"""``preference_loss`` options: the options and statistics objects against the keyword form,
+multi-loss weighting, WPO weights, LD-DPO, reference-free, input dtypes and the metrics, against
+the independent references of ``loss_references``."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from fastpo.engine.losses import preference_loss
-from fastpo.engine.losses.pairwise import shared_length_tail_logps
+from fastpo.engine.losses import (
+    CPOOptions,
+    DPOOptions,
+    KTOOptions,
+    OptionError,
+    PairStats,
+    cpo_loss,
+    kto_loss,
+    preference_loss,
+)
+from fastpo.engine.losses.weighting import shared_length_tail_logps
 
 try:  # the references sit next to the tests; works with or without package-style test dirs
     from .loss_references import (
         BETA,
         dpo,
         moderate_batch,
+        ref_cpo,
         ref_dpo,
+        ref_kto,
         sig,
         tensors,
     )
@@ -25,10 +38,88 @@ except ImportError:
         BETA,
         dpo,
         moderate_batch,
+        ref_cpo,
         ref_dpo,
+        ref_kto,
         sig,
         tensors,
     )
+
+
+def test_options_and_stats_objects_match_the_keyword_form():
+    batch = moderate_batch(seed=3)
+    x = tensors(batch)
+    options = DPOOptions(loss_type=["sigmoid", "sft"], loss_weights=[0.5, 1], label_smoothing=0.1)
+    stats = PairStats(chosen_num_tokens=x["nc"], rejected_num_tokens=x["nr"])
+    out = preference_loss(x["pc"], x["pr"], x["rc"], x["rr"], options=options, stats=stats)
+    expected = [0.5 * s + n for s, n in zip(ref_dpo("sigmoid", **batch, eps=0.1),
+                                            ref_dpo("sft", **batch))]
+    torch.testing.assert_close(out.losses, torch.tensor(expected, dtype=torch.float64))
+    keywords = dpo(["sigmoid", "sft"], x, loss_weights=[0.5, 1.0], label_smoothing=0.1)
+    torch.testing.assert_close(keywords.losses, out.losses)
+    # a keyword replaces that field of the object
+    beta = preference_loss(x["pc"], x["pr"], x["rc"], x["rr"], options=options, stats=stats,
+                           beta=0.3)
+    same = dpo(["sigmoid", "sft"], x, loss_weights=[0.5, 1.0], label_smoothing=0.1, beta=0.3)
+    torch.testing.assert_close(beta.losses, same.losses)
+    assert not torch.allclose(beta.losses, out.losses)
+    assert options.beta == BETA  # the object is unchanged (and frozen)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.beta = 0.3  # type: ignore[misc]
+
+
+def test_options_are_normalized_and_errors_name_the_option():
+    assert DPOOptions(loss_type="ipo").loss_type == ("ipo",)
+    assert DPOOptions(loss_type=["ipo", "sft"]).weights == (1.0, 1.0)
+    assert DPOOptions(loss_weights=[2]).loss_weights == (2.0,)
+    assert DPOOptions() == DPOOptions(loss_type=["sigmoid"])  # hashable, compared by value
+    for kwargs, option, error in [
+        ({"loss_type": "exo_pair"}, "label_smoothing", ValueError),
+        ({"loss_weights": 1.0}, "loss_weights", TypeError),
+        ({"loss_type": "aot", "use_weighting": True}, "use_weighting", ValueError),
+        ({"reference_free": 1}, "reference_free", TypeError),
+        ({"ld_alpha": -0.1}, "ld_alpha", ValueError),
+    ]:
+        with pytest.raises(error) as info:
+            DPOOptions(**kwargs)
+        assert isinstance(info.value, OptionError) and info.value.option == option
+    with pytest.raises(OptionError, match="simpo_gamma must be a finite float") as info:
+        CPOOptions(simpo_gamma=math.nan)
+    assert info.value.option == "simpo_gamma"
+    with pytest.raises(OptionError, match="undesirable_weight must be a finite number > 0"):
+        KTOOptions(undesirable_weight=0.0)
+    assert CPOOptions(loss_type="alphapo", cpo_alpha=1.0).nll_weight == 0.0
+    assert KTOOptions().uses_kl_reference_point
+    assert not KTOOptions(loss_type="apo_zero_unpaired").uses_kl_reference_point
+
+
+def test_fronts_refuse_unknown_keywords_and_wrong_objects():
+    x = tensors(moderate_batch())
+    with pytest.raises(TypeError, match="preference_loss\\(\\) got an unexpected keyword "
+                                        "argument 'betta'"):
+        dpo("sigmoid", x, betta=0.1)
+    with pytest.raises(TypeError, match="options must be a DPOOptions, got dict"):
+        preference_loss(x["pc"], x["pr"], x["rc"], x["rr"], options={"beta": 0.1})
+    with pytest.raises(TypeError, match="stats must be a PairStats, got dict"):
+        preference_loss(x["pc"], x["pr"], x["rc"], x["rr"], stats={})
+    with pytest.raises(TypeError, match="kto_loss\\(\\) got an unexpected keyword argument"):
+        kto_loss(x["pc"], x["rc"], x["nc"] > 5, kl=torch.tensor(0.0), cpo_alpha=1.0)
+
+
+def test_cpo_and_kto_options_objects():
+    batch = moderate_batch(seed=5)
+    x = tensors(batch)
+    stats = PairStats(chosen_num_tokens=x["nc"], rejected_num_tokens=x["nr"])
+    options = CPOOptions(loss_type="simpo", cpo_alpha=0.5, simpo_gamma=0.3)
+    out = cpo_loss(x["pc"], x["pr"], options=options, stats=stats)
+    expected = ref_cpo("simpo", batch["pc"], batch["pr"], batch["nc"], batch["nr"],
+                       cpo_alpha=0.5, gamma=0.3)
+    torch.testing.assert_close(out.losses, torch.tensor(expected, dtype=torch.float64))
+    desirable = x["nc"] % 2 == 0
+    kto = kto_loss(x["pc"], x["rc"], desirable, options=KTOOptions(desirable_weight=2.0),
+                   kl=torch.tensor(0.25, dtype=torch.float64))
+    expected = ref_kto(batch["pc"], batch["rc"], desirable.tolist(), 0.25, wd=2.0)
+    torch.testing.assert_close(kto.losses, torch.tensor(expected, dtype=torch.float64))
 
 
 def test_multi_loss_is_weighted_sum_of_means():

@@ -17,7 +17,7 @@ import torch
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer", reason="TRL is not installed")
 
 from fastpo.engine.losses import cpo_loss, kto_loss, orpo_loss, preference_loss  # noqa: E402
-from fastpo.engine.losses.pairwise import shared_length_tail_logps  # noqa: E402
+from fastpo.engine.losses.weighting import shared_length_tail_logps  # noqa: E402
 
 B, L, VOCAB = 6, 12, 17
 

@@ -1,7 +1,7 @@
-"""Segment attention (fastpo.engine.model.attention): per-piece SDPA equals the dense-mask
-attention of packed and shared-prompt rows, forward and gradients, against a float64 reference;
-the model path runs it (also under gradient checkpointing) and falls back or fails loudly where it
-can't."""
+"""Segment attention (fastpo.engine.model.attention): per-piece SDPA and its one dense-masked
+call equal the dense-mask attention of packed and shared-prompt rows, forward and gradients,
+against a float64 reference; the cost estimate picks between them per batch; the model path runs
+it (also under gradient checkpointing) and falls back or fails loudly where it can't."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fastpo.engine.data import attention_cost as C
 from fastpo.engine.data import segments as S
 from fastpo.engine.data.batch import collate_pairs
 from fastpo.engine.data.dataset import TokenizedPair
@@ -55,10 +56,11 @@ PLANS = {
 }
 
 
+@pytest.mark.parametrize("mode", ["pieces", "dense"])
 @pytest.mark.parametrize("plan_name", list(PLANS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [(6, 2), (3, 3)], ids=["gqa", "mha"])
-def test_segment_attention_matches_float64_dense_mask(plan_name, dtype, heads):
+def test_segment_attention_matches_float64_dense_mask(plan_name, dtype, heads, mode):
     plan = PLANS[plan_name]()
     h, hkv = heads
     rows, width, dim = len(plan.rows), plan.width, 10  # head dim not a power of two
@@ -70,7 +72,7 @@ def test_segment_attention_matches_float64_dense_mask(plan_name, dtype, heads):
     for t in (q, k, v):
         t.requires_grad_(True)
     scale = dim ** -0.5
-    out = A.segment_attention(q, k, v, plan, scale=scale)
+    out = A.segment_attention(q, k, v, plan, scale=scale, mode=mode)
     assert out.shape == (rows, width, h, dim) and out.dtype == dtype
     allowed = dense_allowed(plan)
     ref_inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
@@ -101,6 +103,56 @@ def test_segment_attention_matches_float64_dense_mask(plan_name, dtype, heads):
     # padding produces 0 and takes no gradient from anything
     padded = padded_rows(allowed)
     assert torch.equal(out.detach()[padded], torch.zeros_like(out.detach()[padded]))
+
+
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_dense_mask_is_the_plan_spelled_out(plan_name):
+    plan = PLANS[plan_name]()
+    allowed = dense_allowed(plan)
+    eye = torch.eye(plan.width, dtype=torch.bool).expand_as(allowed)
+    expected = torch.where(padded_rows(allowed)[..., None], eye, allowed)
+    assert torch.equal(A.dense_mask(plan, torch.device("cpu"))[:, 0], expected)
+
+
+def test_the_estimate_picks_pieces_or_a_dense_call_per_batch():
+    def pick(plan, threads=2, device="cpu"):
+        return C.choose_attention(plan, heads=9, head_dim=64, device_type=device,
+                                  threads=threads)
+
+    # short [p | c | r] rows: the fixed cost of four calls outweighs the pairs they skip
+    assert pick(S.shared_prompt_plan([[(32, 32, 32)]] * 2, 96)) == "dense"
+    # long ones, and packed rows (whose dense square grows with every sequence): pieces
+    assert pick(S.shared_prompt_plan([[(128, 128, 128)]] * 2, 384)) == "pieces"
+    assert pick(S.packed_plan([64] * 4, 256)) == "pieces"
+    assert pick(S.packed_plan([300, 200, 250, 280], 1100)) == "pieces"
+    # one piece per row (no pair to skip): one batched call
+    assert pick(S.SegmentPlan(128, ((S.Piece(S.CAUSAL, 128),),) * 4)) == "dense"
+    # the costs behind it: a CPU call computes its whole square; CUDA skips causal blocks
+    cpu, cuda = C.device_costs("cpu", 2), C.device_costs("cuda")
+    causal = C.Call(1, 100, 100, causal_tail=100)
+    assert C.computed_pairs(causal, cpu) == 100 * 100
+    assert C.computed_pairs(causal, cuda) == 100 * 101 / 2
+    assert C.computed_pairs(C.Call(2, 10, 30, 10, masked=True), cuda) == 600
+    # one row's backward splits its 9 heads over 2 threads: 5 and 4
+    assert C._load_balance(C.Call(1, 8, 8), 9, cpu) == pytest.approx(0.25 + 0.75 * 10 / 9)
+    assert C._load_balance(C.Call(2, 8, 8), 9, cpu) == 1.0
+
+
+def test_the_choice_is_made_once_per_batch_and_can_be_forced():
+    model = tiny()
+    batch = collate_pairs(pairs(), pad_token_id=0, share_prompt=True)
+    plan = batch.attention_plan
+    forward_logps(model, batch)
+    assert plan.cache["mode"] in ("pieces", "dense") and plan.calls == 2
+    plan.cache["mode"] = "dense"  # kept: the next forward (e.g. the reference's) reuses it
+    forward_logps(model, batch)
+    assert "dense_mask" in plan.cache
+    with A.forced_mode("pieces"):
+        assert A.attention_mode(plan, torch.zeros(1, 4, 1, 8)) == "pieces"
+    assert A.attention_mode(plan, torch.zeros(1, 4, 1, 8)) == "dense"
+    with pytest.raises(ValueError, match="mode must be 'pieces', 'dense' or None, got 'flex'"):
+        with A.forced_mode("flex"):
+            pass
 
 
 def test_cost_and_plan_checks():
@@ -142,10 +194,11 @@ def logps_and_grads(model, batch):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("mode", ["pieces", "dense"])
 @pytest.mark.parametrize("layout", [dict(padding_free=True), dict(share_prompt=True),
                                     dict(share_prompt=True, padding_free=True)],
                          ids=["packed", "shared", "shared-one-row"])
-def test_gradient_checkpointing_recomputes_with_the_plan(layout):
+def test_gradient_checkpointing_recomputes_with_the_plan(layout, mode):
     model = tiny()
     data = pairs()
     ref, ref_grads = logps_and_grads(model, collate_pairs(data, pad_token_id=0))
@@ -155,7 +208,8 @@ def test_gradient_checkpointing_recomputes_with_the_plan(layout):
         model.gradient_checkpointing_enable()
     model.train()
     batch = collate_pairs(data, pad_token_id=0, pad_to_multiple_of=8, **layout)
-    out, grads = logps_and_grads(model, batch)
+    with A.forced_mode(mode):
+        out, grads = logps_and_grads(model, batch)
     # every layer's forward and its recompute in the backward ran the plan
     assert batch.attention_plan.calls == 2 * model.config.num_hidden_layers
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

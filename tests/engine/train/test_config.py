@@ -8,6 +8,7 @@ import math
 import pytest
 import yaml
 
+from fastpo.engine.losses import CPOOptions, DPOOptions, KTOOptions
 from fastpo.engine.train import cli
 from fastpo.engine.train.config import ConfigError, TrainConfig
 from fastpo.engine.train.config_loading import (
@@ -21,7 +22,7 @@ from fastpo.engine.train.deepspeed_config import (
     reconcile_user_config,
     reference_deepspeed_config,
 )
-from fastpo.engine.train.runtime import lr_lambda
+from fastpo.engine.train.optimization import lr_lambda
 
 
 def write(tmp_path, text: str, name: str = "job.yaml"):
@@ -142,10 +143,20 @@ BASE = {"model": {"lora": {"enabled": False}}}
     ({"logging": {"early_stopping_patience": 2}}, "early_stopping_patience needs"),
     ({"logging": {"eval_every": 5}, "data": {"eval_fraction": 0}}, "eval_every > 0 needs"),
     ({"checkpoint": {"export": "merged"}}, "needs model.lora.enabled"),
-    ({"loss": {"loss_type": ["sigmoid", "nope"]}}, "unknown 'nope' for loss.method 'dpo'"),
+    ({"loss": {"loss_type": ["sigmoid", "nope"]}},
+     "loss.loss_type: unknown loss_type 'nope'; valid loss types are ['sigmoid', 'hinge'"),
     ({"loss": {"method": "cpo", "loss_type": ["sigmoid", "hinge"]}}, "takes one loss type"),
-    ({"loss": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}}, "1 entries for 2"),
-    ({"loss": {"loss_type": "exo_pair"}}, "label_smoothing must be > 0 for exo_pair"),
+    ({"loss": {"method": "kto", "loss_type": "sigmoid"}}, "loss.loss_type: unknown loss_type "
+     "'sigmoid'; valid loss types are ['kto', 'apo_zero_unpaired'] (loss.method 'kto')"),
+    ({"loss": {"method": "orpo", "loss_type": "ipo"}}, "unknown 'ipo' for loss.method 'orpo'"),
+    ({"loss": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}},
+     "loss.loss_weights: loss_weights has 1 entries but loss_type has 2"),
+    ({"loss": {"loss_type": "exo_pair"}},
+     "loss.label_smoothing: exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3)"),
+    ({"loss": {"loss_type": "aot", "use_weighting": True}},
+     "loss.use_weighting: use_weighting is not defined for ['aot']: they sort the batch"),
+    ({"loss": {"loss_type": "nca_pair", "f_divergence_type": "js_divergence"}},
+     "loss.f_divergence_type: f_divergence_type='js_divergence' is defined only for loss types"),
 ])
 def test_impossible_combinations(settings, message):
     data = json.loads(json.dumps(BASE))
@@ -154,6 +165,22 @@ def test_impossible_combinations(settings, message):
     with pytest.raises(ConfigError, match="invalid configuration") as info:
         config_from_dict(data)
     assert message in str(info.value)
+
+
+def test_the_loss_section_gives_the_loss_options():
+    dpo = config_from_dict({"loss": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1, 0.5],
+                                     "beta": 0.2, "ld_alpha": 0.5}}).loss
+    assert dpo.dpo_options() == DPOOptions(loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.5),
+                                           beta=0.2, ld_alpha=0.5)
+    simpo = config_from_dict({"loss": {"method": "simpo", "simpo_gamma": 0.3}}).loss
+    assert simpo.cpo_options() == CPOOptions(loss_type="simpo", cpo_alpha=0.0, simpo_gamma=0.3)
+    assert config_from_dict({"loss": {"method": "cpo"}}).loss.cpo_options().cpo_alpha == 1.0
+    kto = config_from_dict({"loss": {"method": "kto", "desirable_weight": 2.0}}).loss
+    assert kto.kto_options() == KTOOptions(desirable_weight=2.0)
+    # KTO's mismatched KL sequences: only loss_type kto reads them
+    assert kto.with_kl() and not dpo.with_kl()
+    assert not config_from_dict({"loss": {"method": "kto",
+                                          "loss_type": "apo_zero_unpaired"}}).loss.with_kl()
 
 
 def test_reference_mode_resolution():

@@ -31,6 +31,8 @@ Documented counts (tiny Llama, separate reference model, plain PyTorch backend):
   not ours to remove.
 - a logging step: exactly 1 from fastpo, the read of the one packed metrics tensor
   (``StepMetrics.read_steps``); under several ranks it follows one ``all_gather``.
+- online training: the step that generates a round synchronizes (sampling decides when to stop,
+  the sampled ids and scores come to the host); the round's other steps: 0 from fastpo.
 """
 
 from __future__ import annotations
@@ -300,3 +302,35 @@ def test_gemm_design_op_calls_do_not_synchronize(backend, hint):
     assert "aten._assert_async" in counter.ops
     assert ("aten.nonzero_static" in counter.ops) == hint
     assert "aten.nonzero" not in counter.ops
+
+
+# --------------------------------------------------------------------------- online steps
+def test_online_steps_after_the_generating_one_do_not_synchronize(tiny_dir, tmp_path):
+    """Online training: the step that generates a round waits for the host (sampling decides
+    when to stop and the sampled ids are read back); the round's other steps train on pairs
+    already on the host, with no synchronization of ours, like offline steps."""
+    import json
+
+    from fastpo.engine.train import Trainer
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n"
+                               for i in range(4)))
+    data = job(tiny_dir, prompts, tmp_path, optimization={"max_steps": 2},
+               logging={"log_every": 2}, deepspeed={"enabled": False},
+               online={"prompts": str(prompts), "samples_per_prompt": 3, "max_new_tokens": 5,
+                       "prompts_per_generation": 4, "steps_per_generation": 2,
+                       "scorer": {"function": "length_penalty",
+                                  "kwargs": {"limit": 1, "unit": "characters"}}})
+    trainer = Trainer(config_from_dict(data))
+    with SyncCounter() as first:
+        trainer.train_step()
+    assert len(ours(first.hits)) > 0  # generation: counted, and attributed to us
+    assert trainer.source.round is not None and trainer.source.step_in_round == 1
+    with SyncCounter() as second:
+        record = trainer.train_step()
+    assert ours(second.hits) == [], ours(second.hits)
+    _third_party_bounded(second.hits, micro_batches=1)
+    assert trainer.source.round is None  # the round is used up
+    trainer.read_metrics()
+    assert record["tokens"] > 0 and record["online/pairs"] == 2 and not record["skipped"]

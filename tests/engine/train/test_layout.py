@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from fastpo.engine.data import attention_cost as C
 from fastpo.engine.data.dataset import DataStats, TokenizedDataset, TokenizedExample, TokenizedPair
 from fastpo.engine.train import layout as Lay
 from fastpo.engine.train.config import ConfigError, TrainConfig
@@ -27,24 +28,34 @@ SHAPES = [(4, 3, 6), (1, 1, 1), (7, 2, 3)]
 
 
 def test_batch_cost_counts_tokens_pairs_and_calls():
-    data, idx = pairs_of(SHAPES), [0, 1, 2]
-    seqs = [7, 10, 2, 2, 9, 10]  # prompt + chosen, prompt + rejected
-    tri = sum(n * (n + 1) // 2 for n in seqs)
-    cost = {name: Lay.batch_cost(data, idx, name, with_kl=False, attention="segments")
-            for name in Lay.LAYOUTS}
-    assert cost["padded"] == (6 * 10, 6 * 10 * 10, 1)  # a padding mask: every block
-    assert cost["packed"] == (40, tri, 6)
-    # [p | c] causal, rejected over prompt + causal: 28 + 24 + 21, 3 + 1 + 1, 45 + 21 + 6
-    shared_pairs = 73 + 5 + 72
-    assert cost["shared"] == (3 * 13, shared_pairs, 6)
-    assert cost["shared_packed"] == (13 + 3 + 12, shared_pairs, 6)
-    dense = Lay.batch_cost(data, idx, "shared_packed", with_kl=False, attention="dense")
-    assert dense == (28, 28 * 28, 1)
-    assert Lay.batch_cost(data, idx, "packed", with_kl=False, attention="varlen") == (40, tri, 1)
+    cpu, cuda = C.device_costs("cpu"), C.device_costs("cuda")
+
+    def cost(data, layout, attention="segments", device=cpu, idx=(0, 1, 2), with_kl=False):
+        b = Lay.batch_cost(data, list(idx), layout, with_kl=with_kl, attention=attention,
+                           device=device)
+        return b.tokens, b.pairs, b.calls
+
+    short = pairs_of(SHAPES)  # sequences 7, 10 | 2, 2 | 9, 10 (prompt + chosen, + rejected)
+    assert cost(short, "padded") == (6 * 10, 6 * 10 * 10, 1)  # a padding mask: every block
+    # pieces this short: one dense-masked call per batch costs less than six calls
+    assert cost(short, "packed") == (40, 40 * 40, 1)
+    assert cost(short, "shared") == (3 * 13, 3 * 13 * 13, 1)
+    assert cost(short, "shared_packed") == cost(short, "shared_packed", "dense") == (28, 784, 1)
+    # long pieces: one call each, and a CPU kernel computes a causal square whole
+    long = pairs_of([(40 * p, 40 * c, 40 * r) for p, c, r in SHAPES])
+    seqs = [280, 400, 80, 80, 360, 400]
+    assert cost(long, "packed") == (1600, sum(n * n for n in seqs), 6)
+    # [p | c] causal, rejected over prompt + rejected: 280², 240 × 400; 80², 40 × 80; ...
+    shared_pairs = 280 ** 2 + 240 * 400 + 80 ** 2 + 40 * 80 + 360 ** 2 + 120 * 400
+    assert cost(long, "shared") == (3 * 520, shared_pairs, 6)
+    assert cost(long, "shared_packed") == (1120, shared_pairs, 6)
+    assert cost(long, "shared_packed", "dense") == (1120, 1120 ** 2, 1)
+    # flash-attention's varlen call: the packed row's sequences in one call, causal blocks skipped
+    assert cost(long, "packed", "varlen", cuda) == (1600, sum(n * (n + 1) / 2 for n in seqs), 1)
     # KTO with KL sequences: prompt i + completion of example i + 1
     kto = kto_of([(2, 3), (4, 1)])
-    assert Lay.batch_cost(kto, [0, 1], "packed", with_kl=True,
-                          attention="segments") == (5 + 3 + 5 + 7, 15 + 6 + 15 + 28, 4)
+    assert cost(kto, "packed", "dense", idx=[0, 1], with_kl=True) == (5 + 3 + 5 + 7, 400, 1)
+    assert cost(kto, "padded", idx=[0, 1], with_kl=True) == (4 * 7, 4 * 49, 1)
 
 
 def test_auto_picks_by_the_estimate():
@@ -61,8 +72,13 @@ def test_auto_picks_by_the_estimate():
     # sharing dearer than plain padded rows
     even = pairs_of([(1, 400, 400)] * 8)
     assert Lay.choose_layout(even, list(Lay.LAYOUTS), attention="dense", **kw)[0] == "padded"
-    # the same rows with segment attention: packing costs no more than padding
+    # the same rows with segment attention: the pieces save no pair on a CPU (a causal square is
+    # computed whole), so padded rows, one call per batch, stay the cheaper
     choice, costs = Lay.choose_layout(even, ["padded", "packed"], attention="segments", **kw)
+    assert choice == "padded" and costs[1].pairs == costs[0].pairs
+    # ragged lengths: packing saves the padding's tokens and pairs
+    ragged = pairs_of([(1, 50 + 90 * i, 30 + 40 * i) for i in range(8)])
+    choice, costs = Lay.choose_layout(ragged, ["padded", "packed"], attention="segments", **kw)
     assert choice == "packed" and costs[1].pairs < costs[0].pairs
 
 
@@ -112,7 +128,8 @@ def test_resolve_sets_the_flags_and_logs_the_choice_once(caplog):
     assert not caplog.records
     # KTO never gets shared-prompt rows
     kto = TrainConfig.model_validate({"loss": {"method": "kto"}})
-    choice = Lay.resolve_layout(kto, kto_of([(50, 40)] * 6), with_kl=True)
+    choice = Lay.resolve_layout(kto, kto_of([(50, 20 + 150 * (i % 3)) for i in range(6)]),
+                                with_kl=True)
     assert choice == "packed" and kto.data.share_prompt is False
 
 

@@ -1,0 +1,204 @@
+"""Online DPO learns: the mean reward of fresh samples on held-out prompts rises.
+
+    python -m benchmarks.online_dpo                  # the recorded run (minutes on 2 idle cores)
+    python -m benchmarks.online_dpo --quick          # a short check that the job runs
+    python -m benchmarks.online_dpo --steps 60 --out runs/online-dpo --plots benchmarks/plots
+
+The job: the embedded SmolLM2-135M-Instruct with a LoRA adapter (the reference is the policy
+with the adapter off), trained by ``fastpo-train``'s online mode on prompts generated here (no
+download): "Answer in at most 5 words: <question>", questions from templates over a list of
+topics, the held-out prompts on topics never trained on. The reward is verifiable, a Python
+function of the text (:func:`brevity`): 1 for an answer of 1 to ``limit`` words, ``limit /
+words`` for a longer one (a completion cut at ``max_new_tokens`` is long), 0 for an empty one.
+Each round samples 4 completions of 8 prompts at temperature 1, pairs the best and the worst of
+each prompt and takes one optimizer step on them.
+
+The held-out evaluation (``online.eval_prompts``: 2 fresh samples of each held-out prompt, drawn
+from the same seeded generator each time) runs before training, every ``--eval-every`` steps and
+after. Written: ``online_dpo.csv`` (per step: the round's mean sample reward, its chosen and
+rejected means, the loss; and the held-out mean at evaluation steps) and ``online_dpo.png``
+(both curves) under ``--plots``; the trainer's own ``metrics.jsonl`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TOPICS = [
+    "a volcano", "the moon", "a river", "a library", "a bicycle", "a glacier", "a desert",
+    "a lighthouse", "a violin", "a compass", "a rainbow", "a forest", "an island", "a bridge",
+    "a telescope", "a museum", "a harbor", "a canyon", "a windmill", "a waterfall", "a castle",
+    "a submarine", "a garden", "a comet", "a piano", "a kite", "a train", "a market", "a cloud",
+    "a mountain", "a camera", "a candle", "an orchard", "a beehive", "a coral reef", "a meadow",
+    "a clock", "a map", "a tunnel", "a greenhouse", "a satellite", "a fountain", "a bakery",
+    "a lantern", "a snowflake", "a pyramid", "a swamp", "a thunderstorm", "a sailboat",
+    "a keyboard", "an airport", "a vineyard", "a cave", "a parrot", "a whale", "a tornado",
+    "a bookshelf", "a chess board", "a volleyball", "a subway", "a tea kettle", "a sunflower",
+    "a robot", "a scarecrow", "a pine tree", "a hammock", "a stadium", "an anchor", "a quilt",
+    "a battery", "a microscope", "a dolphin", "a cactus", "a penguin", "a hot air balloon",
+    "a bicycle bell", "a marathon", "a canoe", "a kitchen", "a factory", "a tractor",
+]
+HELD_OUT_TOPICS = [
+    "a planetarium", "a ferry", "a lagoon", "an aquarium", "a skyscraper", "a hedgehog",
+    "a trumpet", "an igloo", "a carousel", "a mango", "a zeppelin", "a tugboat", "a bonfire",
+    "a typewriter", "a peacock", "a saxophone", "a monastery", "an owl", "a glacier lake",
+    "a lemonade stand", "a tram", "a treehouse", "a jellyfish", "a sandcastle",
+]
+QUESTIONS = ["what is {t}?", "describe {t}.", "why do people like {t}?", "what does {t} do?",
+             "where would you find {t}?", "what is special about {t}?"]
+INSTRUCTION = "Answer in at most {limit} words: {question}"
+
+
+def brevity(prompts: Sequence[Any], completions: Sequence[str], *, limit: int = 8
+            ) -> list[float]:
+    """1 for 1 to ``limit`` words, ``limit / words`` beyond, 0 for an empty answer."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    scores = []
+    for text in completions:
+        words = len(text.split())
+        scores.append(0.0 if words == 0 else 1.0 if words <= limit else limit / words)
+    return scores
+
+
+def write_prompts(path: Path, topics: Sequence[str], *, limit: int, seed: int) -> int:
+    """Every question template over ``topics`` (shuffled), one conversational prompt a line."""
+    rows = [{"prompt": [{"role": "user", "content": INSTRUCTION.format(
+        limit=limit, question=q.format(t=t).capitalize())}]} for t in topics for q in QUESTIONS]
+    random.Random(seed).shuffle(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return len(rows)
+
+
+def job(args: argparse.Namespace, prompts: Path, held_out: Path) -> dict[str, Any]:
+    """The training job (a config dict, validated like a YAML file)."""
+    return {
+        "seed": args.seed,
+        "model": {"name_or_path": None, "lora": {
+            "enabled": True, "r": 16, "alpha": 32,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                               "down_proj"]}},
+        "data": {"max_prompt_length": 64},
+        "loss": {"method": "dpo", "loss_type": ["sigmoid"], "beta": args.beta},
+        "optimization": {"learning_rate": args.learning_rate, "max_steps": args.steps,
+                         "micro_batch_size": args.prompts_per_round, "lr_scheduler": "constant",
+                         "warmup_steps": 0, "max_grad_norm": 1.0},
+        "deepspeed": {"enabled": False},
+        "logging": {"output_dir": str(args.out), "progress": "none", "tensorboard": False,
+                    "eval_every": args.eval_every, "eval_before": True},
+        "checkpoint": {"export": "none"},
+        "online": {"prompts": str(prompts), "eval_prompts": str(held_out),
+                   "samples_per_prompt": args.samples, "temperature": 1.0, "top_p": 1.0,
+                   "max_new_tokens": args.max_new_tokens,
+                   "prompts_per_generation": args.prompts_per_round, "steps_per_generation": 1,
+                   "pair_rule": "best_worst", "eval_samples_per_prompt": 2,
+                   "scorer": {"function": "benchmarks.online_dpo:brevity",
+                              "kwargs": {"limit": args.limit}}},
+    }
+
+
+def write_results(metrics: Path, plots: Path) -> tuple[Path, Path | None, list[dict[str, Any]]]:
+    """``online_dpo.csv`` and ``online_dpo.png`` from the run's ``metrics.jsonl``."""
+    from fastpo.engine.train.metrics_log import read_jsonl
+
+    train = read_jsonl(metrics, "train")
+    evals = {e["step"]: e["online/eval_score_mean"] for e in read_jsonl(metrics, "eval")}
+    rows = []
+    for step in sorted({0, *(r["step"] for r in train), *evals}):
+        record = next((r for r in train if r["step"] == step), {})
+        rows.append({"step": step, "eval_score_mean": evals.get(step),
+                     "train_score_mean": record.get("online/score_mean"),
+                     "chosen_score_mean": record.get("online/chosen_score_mean"),
+                     "rejected_score_mean": record.get("online/rejected_score_mean"),
+                     "loss": record.get("loss"),
+                     "completion_length_mean": record.get("online/completion_length_mean"),
+                     "tie_fraction": record.get("online/tie_fraction")})
+    plots.mkdir(parents=True, exist_ok=True)
+    table = plots / "online_dpo.csv"
+    with open(table, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; no plot")
+        return table, None, rows
+    fig, ax = plt.subplots(figsize=(7, 4))
+    points = [(r["step"], r["train_score_mean"]) for r in rows if r["train_score_mean"] is not None]
+    ax.plot(*zip(*points), color="0.6", lw=1, label="training rounds: mean reward of samples")
+    held = [(r["step"], r["eval_score_mean"]) for r in rows if r["eval_score_mean"] is not None]
+    ax.plot(*zip(*held), "o-", color="C0", lw=2, label="held-out prompts: mean reward")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward (brevity, 0-1)")
+    ax.set_title("Online DPO, SmolLM2-135M-Instruct + LoRA (CPU)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    figure = plots / "online_dpo.png"
+    fig.savefig(figure, dpi=120)
+    plt.close(fig)
+    return table, figure, rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--prompts-per-round", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--limit", type=int, default=5, help="words of a full-reward answer")
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--held-out", type=int, default=24, help="held-out prompts")
+    parser.add_argument("--out", type=Path, default=Path("runs/online-dpo"))
+    parser.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    parser.add_argument("--quick", action="store_true",
+                        help="2 steps, 2 prompts × 3 samples of 8 tokens, a 2-word limit, 4 "
+                             "held-out prompts")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.eval_every, args.prompts_per_round = 2, 0, 2
+        args.samples, args.max_new_tokens, args.held_out, args.limit = 3, 8, 4, 2
+    from fastpo.engine.train import train
+    from fastpo.engine.train.config_loading import config_from_dict
+
+    data_dir = args.out / "prompts"
+    count = write_prompts(data_dir / "train.jsonl", TOPICS, limit=args.limit, seed=args.seed)
+    write_prompts(data_dir / "held_out.jsonl", HELD_OUT_TOPICS, limit=args.limit,
+                  seed=args.seed + 1)
+    held_out = data_dir / "held_out.jsonl"
+    lines = held_out.read_text(encoding="utf-8").splitlines()[:args.held_out]
+    held_out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    metrics = args.out / "metrics.jsonl"
+    if metrics.exists():
+        metrics.unlink()  # this run's records only
+    print(f"online DPO: {count} training prompts, {len(lines)} held out, {args.steps} steps",
+          flush=True)
+    start = time.perf_counter()
+    result = train(config_from_dict(job(args, data_dir / "train.jsonl", held_out)))
+    seconds = time.perf_counter() - start
+    table, figure, _ = write_results(metrics, args.plots)
+    before = (result.eval_before or {}).get("online/eval_score_mean")
+    after = (result.eval_after or {}).get("online/eval_score_mean")
+    print(f"held-out mean reward of fresh samples: {before:.3f} before → {after:.3f} after "
+          f"{result.steps} steps ({seconds:.0f} s); {table}" + (f", {figure}" if figure else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The host-side metrics of online training: scores of the pairs, skipped prompts, generation.
+
+All of them are computed from host data (the scorer's scores and the sampled token ids come back
+to the host anyway), so they add no synchronization to the training steps. Per step, of the
+pairs the step trains on (:func:`score_stats`):
+
+- ``online/chosen_score_{mean,min,max}``, ``online/rejected_score_{mean,min,max}``;
+- ``online/score_margin``: the mean chosen − rejected score gap; ``online/pairs``.
+
+Per generation round, repeated on each step trained on it (:func:`round_metrics`):
+
+- ``online/score_{mean,min,max}``: the scores of every sample of the round (the reward of fresh
+  samples as training goes);
+- ``online/prompts``; ``online/tie_fraction`` (prompts whose samples all scored the same) and
+  ``online/skipped_fraction`` (prompts that gave no pair: ties, gaps within the margin, or only
+  identical completions);
+- ``online/round_pairs`` and ``online/pairs_unused`` (over the micro-batch cap);
+- ``online/completion_length_{mean,min,max}`` (tokens) and ``online/completion_ended_fraction``
+  (ended with EOS rather than cut at ``max_new_tokens``);
+- ``online/generation_tokens_per_s``: sampled tokens per second of ``generate``.
+
+The step that generates a round also gets ``online/generation_seconds`` (generation and
+scoring), which the trainer keeps out of its training ``tokens_per_s``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..online.pairs import PairSelection
+
+
+def _summary(name: str, values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {f"{name}_mean": sum(values) / len(values), f"{name}_min": float(min(values)),
+            f"{name}_max": float(max(values))}
+
+
+def score_stats(chosen: Sequence[float], rejected: Sequence[float]) -> dict[str, float]:
+    """Score statistics of the pairs of one step (``chosen[i]``, ``rejected[i]`` a pair)."""
+    if len(chosen) != len(rejected):
+        raise ValueError(f"{len(chosen)} chosen scores but {len(rejected)} rejected scores")
+    out = {"online/pairs": float(len(chosen))}
+    out.update(_summary("online/chosen_score", chosen))
+    out.update(_summary("online/rejected_score", rejected))
+    if chosen:
+        out["online/score_margin"] = sum(c - r for c, r in zip(chosen, rejected)) / len(chosen)
+    return out
+
+
+def round_metrics(selections: Sequence[PairSelection], completions: Sequence[Sequence[int]],
+                  scores: Sequence[float], *, eos_token_id: int | None,
+                  generate_seconds: float, pairs: int, unused: int) -> dict[str, float]:
+    """Metrics of one generation round: its pair selections (one per generation call), every
+    sampled completion and its score (aligned)."""
+    prompts = sum(s.num_prompts for s in selections)
+    lengths = [len(c) for c in completions]
+    tokens = sum(lengths)
+    out = {"online/prompts": float(prompts),
+           "online/tie_fraction": sum(s.tied for s in selections) / max(prompts, 1),
+           "online/skipped_fraction": sum(s.num_skipped for s in selections) / max(prompts, 1),
+           "online/round_pairs": float(pairs), "online/pairs_unused": float(unused),
+           "online/completion_ended_fraction": sum(
+               1 for c in completions if c and c[-1] == eos_token_id) / max(len(completions), 1),
+           "online/generation_tokens_per_s": tokens / max(generate_seconds, 1e-9)}
+    out.update(_summary("online/score", scores))
+    out.update(_summary("online/completion_length", [float(n) for n in lengths]))
+    return out
