@@ -93,3 +93,60 @@ def isolated_launch():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# A child process that trains a job (argv[1], JSON) and SIGKILLs itself at the end of step argv[2]:
+# what a crash or an OOM kill leaves behind, for the exact-resume tests.
+KILLED_RUN = """
+import json, os, signal, sys
+from fastpo.engine.train.config_loading import config_from_dict
+from fastpo.engine.train import Callback, train
+
+data, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
+
+class Kill(Callback):
+    def on_step_end(self, trainer, step, record):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(config_from_dict(data), callbacks=[Kill()])
+"""
+
+
+def run_killed(data: dict, kill_at: int, **kwargs):
+    """Train ``data`` in a child process killed after step ``kill_at``; the finished process."""
+    import json
+    import subprocess
+
+    return subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(data), str(kill_at)],
+                          capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def launch_workers(test_file: str, report_dir: Path, *, world: int, report_env: str
+                   ) -> tuple[str, list[dict]]:
+    """Run ``test_file --worker`` on ``world`` ranks with DeepSpeed's launcher (one thread each,
+    compiled Triton not interpreted); each rank writes ``report_dir/rank<k>.json``. Returns the
+    launcher's output and the reports, in rank order, after asserting that every rank wrote."""
+    import json
+    import socket
+    import subprocess
+
+    launcher = Path(sys.executable).with_name("deepspeed")  # deepspeed is a dependency
+    assert launcher.exists(), f"deepspeed launcher not found next to {sys.executable}"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["OMP_NUM_THREADS"] = "1"
+    env[report_env] = str(report_dir)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run(
+        [str(launcher), "--num_gpus", str(world), "--master_port", str(port),
+         str(Path(test_file).resolve()), "--worker"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=300, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    reports = [json.loads(p.read_text()) for p in sorted(report_dir.glob("rank*.json"))]
+    assert sorted(r["rank"] for r in reports) == list(range(world)), output[-4000:]
+    return output, reports

@@ -146,12 +146,9 @@ def fused_linear_dpo_loss(
         losses = outs[0].losses if len(outs) == 1 else outs[0].losses + outs[1].losses
         return losses, outs[0].chosen_rewards, outs[0].rejected_rewards
 
-    loss, logps, counts, nll = design_loss(
-        _input, weight, target, bias, terms, paired=True, average=average_log_prob,
-        nll_weight=alpha if compute_nll_loss else None, fused=fused, ignore_index=ignore_index)
-    with torch.no_grad():
-        _, chosen_rewards, rejected_rewards = terms(logps.detach(), counts, whole_batch)
-    return loss, paired_aux(logps, _input, weight, bias, nll, chosen_rewards, rejected_rewards)
+    return _paired(_input, weight, target, bias, terms, average=average_log_prob,
+                   nll_weight=alpha if compute_nll_loss else None, fused=fused,
+                   ignore_index=ignore_index)
 
 
 def fused_linear_orpo_loss(
@@ -211,12 +208,9 @@ def _cpo_family(_input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | N
                        label_smoothing=label_smoothing, cpo_alpha=0.0, simpo_gamma=gamma)
         return out.losses, out.chosen_rewards, out.rejected_rewards
 
-    loss, logps, counts, nll = design_loss(
-        _input, weight, target, bias, terms, paired=True, average=average_log_prob,
-        nll_weight=alpha if compute_nll_loss else None, fused=fused, ignore_index=ignore_index)
-    with torch.no_grad():
-        _, chosen_rewards, rejected_rewards = terms(logps.detach(), counts, whole_batch)
-    return loss, paired_aux(logps, _input, weight, bias, nll, chosen_rewards, rejected_rewards)
+    return _paired(_input, weight, target, bias, terms, average=average_log_prob,
+                   nll_weight=alpha if compute_nll_loss else None, fused=fused,
+                   ignore_index=ignore_index)
 
 
 
@@ -315,3 +309,16 @@ def fused_linear_kto_loss(
     return loss, (side_sum(logps, desirable), side_sum(logps, undesirable),
                   side_sum(logit_sums, desirable), side_sum(logit_sums, undesirable),
                   side_sum(rewards, desirable), side_sum(rewards, undesirable))
+
+
+def _paired(_input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, terms, *,
+            average: bool, nll_weight: float | None, fused: bool, ignore_index: int
+            ) -> tuple[Tensor, Aux]:
+    """A paired loss from its per-pair ``terms`` (losses, chosen and rejected rewards): the
+    loss by the chosen design, the rewards of the aux tuple from the detached log-probs."""
+    loss, logps, counts, nll = design_loss(
+        _input, weight, target, bias, terms, paired=True, average=average,
+        nll_weight=nll_weight, fused=fused, ignore_index=ignore_index)
+    with torch.no_grad():
+        _, chosen_rewards, rejected_rewards = terms(logps.detach(), counts, whole_batch)
+    return loss, paired_aux(logps, _input, weight, bias, nll, chosen_rewards, rejected_rewards)

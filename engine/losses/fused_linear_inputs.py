@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from . import pairwise as pl
-from .inputs import check_weight
-from .registry import LOSS_TYPES
+from .options import DPOOptions
 
 CPO_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 # How a loss reaches the hidden states: "loss-fused" (every gradient made in the forward by the
@@ -37,35 +36,15 @@ def check_common(*, ignore_index: int, beta: float, compiled: bool, chunk_size: 
 def dpo_loss_types(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None,
                    label_smoothing: float, average_log_prob: bool,
                    ) -> tuple[list[str], list[float]]:
-    """Validated DPO loss types and their weights."""
-    if isinstance(loss_type, str):
-        types = [loss_type]
-    elif isinstance(loss_type, Sequence) and all(isinstance(t, str) for t in loss_type):
-        types = list(loss_type)
-    else:
-        raise TypeError(f"loss_type must be a name or a list of names from {list(LOSS_TYPES)}, "
-                        f"got {loss_type!r}")
-    if not types:
-        raise ValueError(f"loss_type is empty; give one or more of {list(LOSS_TYPES)}")
-    unknown = [t for t in types if t not in LOSS_TYPES]
-    if unknown:
-        raise ValueError(f"unknown loss_type {unknown}; valid loss types are {list(LOSS_TYPES)}")
-    if loss_weights is None:
-        weights = [1.0] * len(types)
-    elif isinstance(loss_weights, str) or not isinstance(loss_weights, Sequence):
-        raise TypeError(f"loss_weights must be a list of floats, got {type(loss_weights).__name__}")
-    elif len(loss_weights) != len(types):
-        raise ValueError(f"loss_weights has {len(loss_weights)} entries but loss_type has "
-                         f"{len(types)} ({types}); give one weight per loss type")
-    else:
-        weights = [check_weight(f"loss_weights[{i}]", w) for i, w in enumerate(loss_weights)]
-    pl.check_label_smoothing(label_smoothing)
-    if "exo_pair" in types and label_smoothing == 0:
-        raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (EXO recommends 1e-3)")
+    """Validated DPO loss types and their weights (the rules of :class:`.options.DPOOptions`),
+    and the one rule of the hidden-state form: ``sft`` needs summed log-probs."""
+    options = DPOOptions(loss_type=loss_type, loss_weights=loss_weights,
+                         label_smoothing=label_smoothing)
+    types = list(options.loss_type)
     if "sft" in types and average_log_prob:
         raise ValueError("loss_type 'sft' is the NLL of the summed log-probs and is not defined "
                          "with average_log_prob=True; use compute_nll_loss=True with alpha")
-    return types, weights
+    return types, list(options.weights)
 
 
 def check_batch(_input: object, target: object, *, paired: bool, name: str = "_input",

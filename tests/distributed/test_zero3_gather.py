@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -168,30 +166,11 @@ def test_gathered_lm_head_without_zero3_yields_the_parameters():
         resolve_lm_head(nn.ReLU())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_zero3_gathered_lm_head_gradients_match_single_process(tmp_path):
-    launcher = Path(sys.executable).with_name("deepspeed")  # deepspeed is a dependency
-    assert launcher.exists(), f"deepspeed launcher not found next to {sys.executable}"
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["OMP_NUM_THREADS"] = "1"
-    env[REPORT_DIR_ENV] = str(tmp_path)
-    repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [str(launcher), "--num_gpus", str(WORLD), "--master_port", str(_free_port()),
-         str(Path(__file__).resolve()), "--worker"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=False,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    reports = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
-    assert sorted(r["rank"] for r in reports) == list(range(WORLD)), output[-4000:]
+    from trainer_helpers import launch_workers  # tests/ is not on a worker's path
+
+    _, reports = launch_workers(__file__, tmp_path, world=WORLD, report_env=REPORT_DIR_ENV)
     for report in reports:
         for case, result in report["results"].items():
             assert result["partitioned"], f"rank {report['rank']} {case}: lm_head not partitioned"

@@ -13,8 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,30 +73,11 @@ def worker() -> None:
         "loss": float(loss)}))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_zero3_generation_matches_the_unsharded_model(tmp_path):
-    launcher = Path(sys.executable).with_name("deepspeed")
-    assert launcher.exists(), f"deepspeed launcher not found next to {sys.executable}"
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["OMP_NUM_THREADS"] = "1"
-    env[REPORT_DIR_ENV] = str(tmp_path)
-    repo = Path(__file__).resolve().parents[3]
-    proc = subprocess.run(
-        [str(launcher), "--num_gpus", str(WORLD), "--master_port", str(_free_port()),
-         str(Path(__file__).resolve()), "--worker"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=False,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
-    assert sorted(r["rank"] for r in reports) == list(range(WORLD)), output[-4000:]
+    from trainer_helpers import launch_workers  # tests/ is not on a worker's path
+
+    _, reports = launch_workers(__file__, tmp_path, world=WORLD, report_env=REPORT_DIR_ENV)
     for report in reports:
         rank = report["rank"]
         assert report["partitioned_before"] and report["partitioned_after"], report

@@ -10,13 +10,12 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from trainer_helpers import losses, merge, run
+from trainer_helpers import losses, merge, run, run_killed
 
 from fastpo.engine.train import Callback
 from fastpo.engine.train.config import ConfigError
@@ -151,20 +150,6 @@ def test_generated_pairs_feed_the_same_forward_as_offline_pairs(tiny_dir, prompt
 
 
 # ------------------------------------------------------------------------- kill and resume
-CHILD = textwrap.dedent("""
-    import json, os, signal, sys
-    from fastpo.engine.train.config_loading import config_from_dict
-    from fastpo.engine.train import Callback, train
-
-    data, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
-
-    class Kill(Callback):
-        def on_step_end(self, trainer, step, record):
-            if step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    train(config_from_dict(data), callbacks=[Kill()])
-""")
 
 
 def test_a_killed_online_run_resumes_exactly(tiny_dir, prompts_file, rewards_module, tmp_path):
@@ -178,8 +163,7 @@ def test_a_killed_online_run_resumes_exactly(tiny_dir, prompts_file, rewards_mod
     killed = online_job(tiny_dir, prompts_file, tmp_path / "killed", **sections)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(rewards_module), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(killed), "4"],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    proc = run_killed(killed, 4, env=env, cwd=tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     checkpoint = tmp_path / "killed" / "checkpoints" / "step-00000003"
     state = json.loads((checkpoint / "trainer_state.json").read_text())

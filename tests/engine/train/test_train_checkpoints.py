@@ -7,33 +7,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from trainer_helpers import job, losses, merge, run
+from trainer_helpers import job, losses, merge, run, run_killed
 
 from fastpo.engine.train import Callback
 from fastpo.engine.train.checkpoint import LATEST, MANIFEST, CheckpointManager, validate_checkpoint
 from fastpo.engine.train.metrics_log import read_jsonl
 
 # ------------------------------------------------------------------------- kill and resume
-CHILD = textwrap.dedent("""
-    import json, os, signal, sys
-    from fastpo.engine.train.config_loading import config_from_dict
-    from fastpo.engine.train import Callback, train
-
-    data, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
-
-    class Kill(Callback):
-        def on_step_end(self, trainer, step, record):
-            if step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    train(config_from_dict(data), callbacks=[Kill()])
-""")
 
 
 def test_kill_and_resume_continues_exactly(tiny_dir, pairs_file, tmp_path):
@@ -47,8 +30,7 @@ def test_kill_and_resume_continues_exactly(tiny_dir, pairs_file, tmp_path):
         optimization={"max_steps": 5, "gradient_accumulation_steps": 2, "warmup_steps": 2},
         checkpoint={"every_steps": 2, "keep_last": 2, "export": "adapter"})
     killed = job(tiny_dir, pairs_file, tmp_path / "killed", **sections)
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(killed), "3"],
-                          capture_output=True, text=True, timeout=600)
+    proc = run_killed(killed, 3)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     ckpts = tmp_path / "killed" / "checkpoints"
     assert (ckpts / LATEST).read_text().strip() == "step-00000002"
