@@ -57,6 +57,14 @@ def full_shape(param: Tensor) -> tuple[int, ...]:
     return tuple(shape) if shape is not None else tuple(param.shape)
 
 
+def unwrap_engine(model: nn.Module) -> nn.Module:
+    """The module inside a DeepSpeed engine or a DDP wrapper (hooks stay on the submodules)."""
+    while type(model).__name__ in ("DeepSpeedEngine", "DistributedDataParallel") and hasattr(
+            model, "module"):
+        model = model.module
+    return model
+
+
 def find_lm_head(model: nn.Module) -> nn.Module:
     """The output head of a causal LM, ``model.get_output_embeddings()``; ``TypeError`` naming the
     model when it has none (a decoder body, say)."""

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from fastpo import kernels
 from fastpo.kernels.logit_transform import config_logit_transform, transform_logits
-from fastpo.kernels.zero3 import find_lm_head, gathered_lm_head
+from fastpo.kernels.zero3 import find_lm_head, gathered_lm_head, unwrap_engine
 
 IGNORE_INDEX = -100
 
@@ -57,9 +57,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside DeepSpeed/DDP and PEFT wrappers (adapter layers stay on)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    while type(model).__name__ in ("DeepSpeedEngine", "DistributedDataParallel") and hasattr(
-            model, "module"):
-        model = model.module
+    model = unwrap_engine(model)
     peft_config = getattr(model, "peft_config", None)
     if isinstance(peft_config, dict) and hasattr(model, "get_base_model"):
         active = getattr(model, "active_adapter", None)

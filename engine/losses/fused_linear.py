@@ -12,10 +12,11 @@ Design (``design=``; ``fused_linear_paths`` has both). "loss-fused" computes the
 fused linear op, chunk by chunk of whole pairs, with every gradient made in the forward (6·N·V·H
 of matmul work per step, where the op's log-probs and a backward that recomputes the logits take
 8·N·V·H); "logps" takes the log-probs from ``fastpo.kernels.linear_sequence_logps`` and autograd
-through the loss. "auto" (the default) is loss-fused wherever the loss is a sum over pairs with
-batch-level constants: every loss here except DPO's ``aot`` and ``aot_unpaired`` (they sort the
-batch's margins), DPO's ``sft`` (its own mean over the batch's tokens, as a per-pair entry) and
-ORPO with an ``nll_target`` (a second set of labels); those take the logps design.
+through the loss. "auto" (the default) is loss-fused where the loss is a sum over pairs with
+batch-level constants and, on CUDA, the roofline model predicts it faster than the op + loss
+(``fused_linear_inputs.prefer_loss_fused``; on CPU the op's chunked path is faster and leaner).
+Not sums over pairs: DPO's ``aot`` and ``aot_unpaired`` (they sort the batch's margins), DPO's
+``sft`` (its own mean over the batch's tokens) and ORPO with an ``nll_target`` (second labels).
 
 Per sequence, π is the summed log-prob of its scored tokens, or that over their count (π̄, "average
 log-prob", 0 for a sequence with no scored token). The NLL term is per chosen token over the batch:
@@ -118,7 +119,8 @@ def fused_linear_dpo_loss(
     types, weights = dpo_loss_types(loss_type, loss_weights, label_smoothing, average_log_prob)
     check_batch(_input, target, paired=True)
     coupled = [t for t in types if t in _BATCH_COUPLED]
-    fused = check_design(design, f"loss_type {coupled} couples the pairs" if coupled else None)
+    fused = check_design(design, f"loss_type {coupled} couples the pairs" if coupled else None,
+                         hidden=_input, weight=weight, rows_per_unit=2)
     ref = reference_logps(use_ref_model, {"ref_chosen_logps": ref_chosen_logps,
                                           "ref_rejected_logps": ref_rejected_logps},
                           ref_input, ref_weight, ref_bias, target, _input,
@@ -173,7 +175,7 @@ def fused_linear_orpo_loss(
     if nll_target is not None and compute_nll_loss:
         check_batch(_input, nll_target, paired=True, target_name="nll_target")
         blocker = "the NLL has its own labels (nll_target)"
-    fused = check_design(design, blocker)
+    fused = check_design(design, blocker, hidden=_input, weight=weight, rows_per_unit=2)
 
     def terms(policy: Tensor, counts: Tensor, take: Take) -> tuple[Tensor]:
         k = policy.shape[0] // 2
@@ -198,7 +200,7 @@ def _cpo_family(_input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | N
     if loss_type not in CPO_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {CPO_TYPES}")
     alpha = check_weight("alpha", alpha)
-    fused = check_design(design, None)
+    fused = check_design(design, None, hidden=_input, weight=weight, rows_per_unit=2)
 
     def terms(policy: Tensor, counts: Tensor, take: Take) -> tuple[Tensor, Tensor, Tensor]:
         k = policy.shape[0] // 2
@@ -282,7 +284,7 @@ def fused_linear_kto_loss(
                  use_ref_model=use_ref_model, average_log_prob=average_log_prob)
     check_batch(_input, target, paired=False)
     check_preference_labels(preference_labels, _input)
-    fused = check_design(design, None)
+    fused = check_design(design, None, hidden=_input, weight=weight, rows_per_unit=1)
     ref = reference_logps(use_ref_model, {"ref_logps": ref_logps}, ref_input, ref_weight,
                           ref_bias, target, _input, ignore_index=ignore_index,
                           average=average_log_prob)

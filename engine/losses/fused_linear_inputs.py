@@ -10,6 +10,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fastpo.kernels.linear_logprobs_cost import LOSS_FUSED, best_plan, predict
+from fastpo.kernels.linear_logprobs_roofline import Shape, device_spec
+from fastpo.kernels.zero3 import full_shape
+
 from . import pairwise as pl
 from .options import DPOOptions
 
@@ -80,15 +84,36 @@ def check_ref_logps(name: str, value: object, rows: int, like: Tensor) -> Tensor
     return value.detach()
 
 
-def check_design(design: object, blocker: str | None) -> bool:
+def check_design(design: object, blocker: str | None, *, hidden: Tensor, weight: Tensor,
+                 rows_per_unit: int) -> bool:
     """Whether to take the loss-fused design: ``design`` from ``DESIGNS``; ``blocker`` says why
-    this call's loss does not decompose over pairs (None: it does)."""
+    this call's loss does not decompose over pairs (None: it does). ``"auto"`` asks
+    :func:`prefer_loss_fused` with this call's shape: ``hidden [rows, T, H]``, ``weight [V, H]``,
+    ``rows_per_unit`` rows per indivisible piece (2 for a pair, 1 for KTO's examples)."""
     if design not in DESIGNS:
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
     if design == "loss-fused" and blocker is not None:
         raise ValueError(f"design='loss-fused' needs a loss that is a sum over pairs, but "
                          f"{blocker}; use design='logps' or 'auto'")
-    return design != "logps" and blocker is None
+    if design != "auto" or blocker is not None:
+        return design == "loss-fused"
+    rows, length, size = hidden.shape
+    shape = Shape(tokens=rows * length, hidden=size, vocab=full_shape(weight)[0],
+                  dtype_bytes=hidden.element_size(), unit_tokens=rows_per_unit * length)
+    name = torch.cuda.get_device_name(hidden.device) if hidden.is_cuda else None
+    return prefer_loss_fused(shape, hidden.device.type, name)
+
+
+def prefer_loss_fused(shape: Shape, device_type: str, device_name: str | None) -> bool:
+    """``design="auto"``: the loss-fused design where the roofline model of
+    ``kernels/linear_logprobs_cost.py`` predicts its forward + backward faster than the op's best
+    plan (tile / gemm) plus the loss; on CUDA only. On CPU the op's chunked path wins (measured,
+    benchmarks/RESULTS.md: B8×T512×V49152 fp32, 3.8 s / 132 MB against 4.7 s / 1,662 MB)."""
+    if device_type != "cuda":
+        return False
+    spec = device_spec(device_name)
+    fused = predict(LOSS_FUSED, "fwd+bwd", shape, spec).time_s
+    return fused < best_plan(shape, spec)[2].time_s
 
 
 def check_preference_labels(preference_labels: object, like: Tensor) -> None:

@@ -27,20 +27,13 @@ from fastpo.kernels.logit_transform import (
     transform_logits,
 )
 from fastpo.kernels.zero3 import gathered_lm_head, resolve_lm_head
+from fastpo.kernels.zero3 import unwrap_engine as unwrap_model
 
 from ..data.batch import PreferenceBatch
 from ..data.shared_prompt import shared_prompt_attention_mask
 from . import attention as segment_attention
 
 SequenceLogps = kernels.SequenceLogps
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside a DeepSpeed engine or DDP wrapper (hooks stay on the submodules)."""
-    while type(model).__name__ in ("DeepSpeedEngine", "DistributedDataParallel") and hasattr(
-            model, "module"):
-        model = model.module
-    return model
 
 
 def _head_logits(h: Tensor, weight: Tensor, bias: Tensor | None, scale: float,

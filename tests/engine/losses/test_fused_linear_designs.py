@@ -139,18 +139,38 @@ def test_auto_picks_the_design_each_loss_allows():
         return type(fn(x, data["w"], data["target"], None, **kw)[0].grad_fn).__name__
 
     fused = "_LossFusedLinearBackward"
-    assert grad_fn(fl.fused_linear_dpo_loss, loss_type=["sigmoid", "nca_pair"], **ref) == fused
-    assert grad_fn(fl.fused_linear_cpo_loss) == fused
+    forced = dict(design="loss-fused")
+    assert grad_fn(fl.fused_linear_dpo_loss, loss_type=["sigmoid", "nca_pair"], **forced,
+                   **ref) == fused
+    assert grad_fn(fl.fused_linear_cpo_loss, **forced) == fused
+    assert grad_fn(fl.fused_linear_orpo_loss, **forced) == fused
+    # CPU tensors: "auto" keeps the op's chunked path (measured faster and leaner on CPU)
+    assert grad_fn(fl.fused_linear_dpo_loss, loss_type="sigmoid", **ref) != fused
+    assert grad_fn(fl.fused_linear_cpo_loss) != fused
     for types in ("aot", "aot_unpaired", ["sigmoid", "sft"]):
         assert grad_fn(fl.fused_linear_dpo_loss, loss_type=types, **ref) != fused
         with pytest.raises(ValueError, match="couples the pairs"):
             grad_fn(fl.fused_linear_dpo_loss, loss_type=types, design="loss-fused", **ref)
     nll_target = data["target"].clone()
     nll_target[:, :2] = -100
-    assert grad_fn(fl.fused_linear_orpo_loss) == fused
     assert grad_fn(lambda *a, **k: fl.fused_linear_orpo_loss(*a, nll_target, **k)) != fused
     with pytest.raises(ValueError, match="design must be one of"):
         grad_fn(fl.fused_linear_cpo_loss, design="fast")
+
+
+def test_auto_follows_the_cost_model_on_cuda():
+    """"auto" on CUDA takes the loss-fused design where the roofline model predicts it faster
+    than the op + loss (the 8B head × 32k tokens), not where it predicts it slower (a 135M
+    model's head × 4k tokens); never on CPU."""
+    from fastpo.engine.losses.fused_linear_inputs import prefer_loss_fused
+    from fastpo.kernels.linear_logprobs_roofline import Shape
+
+    big = Shape(tokens=32768, hidden=4096, vocab=128256, unit_tokens=2048)
+    small = Shape(tokens=4096, hidden=576, vocab=49152, unit_tokens=1024)
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        assert prefer_loss_fused(big, "cuda", name)
+        assert not prefer_loss_fused(small, "cuda", name)
+    assert not prefer_loss_fused(big, "cpu", None)
 
 
 def test_aot_on_the_logps_design_still_matches_a_whole_batch_evaluation():
@@ -173,9 +193,10 @@ def test_a_call_does_not_synchronize():
 
     def call():
         run(fl.fused_linear_dpo_loss, data, compute_nll_loss=True, loss_type=["sigmoid", "ipo"],
-            ref_chosen_logps=ref[:B], ref_rejected_logps=ref[B:])
+            ref_chosen_logps=ref[:B], ref_rejected_logps=ref[B:], design="loss-fused")
         run(lambda x, w, t, b: fl.fused_linear_kto_loss(x, w, t, labels, b, kl=0.1,
-                                                         use_ref_model=False), data)
+                                                         use_ref_model=False,
+                                                         design="loss-fused"), data)
 
     call()
     with SyncCounter(data_dependent=True) as counter:
@@ -223,6 +244,6 @@ def test_chunk_loss_launches_fit_the_cost_model(monkeypatch, one_pair_chunks):
     data = ugly_batch(8)
     ref = torch.randn(2 * B, generator=torch.Generator().manual_seed(3))
     run(fl.fused_linear_dpo_loss, data, compute_nll_loss=True, ref_chosen_logps=ref[:B],
-        ref_rejected_logps=ref[B:])
+        ref_rejected_logps=ref[B:], design="loss-fused")
     assert len(counts) == B  # one chunk per pair
     assert 0 < max(counts) <= linear_logprobs_cost.CHUNK_LOSS_LAUNCHES - 12, counts
