@@ -113,6 +113,18 @@ def _label_cols(lab: Tensor, start: int, width: int) -> tuple[Tensor, Tensor]:
     return local.clamp(0, width - 1), inside
 
 
+def _logit_tile(h_scaled: Tensor, weight: Tensor, bias_t: Tensor | None, v0: int, width: int,
+                buffer: Tensor) -> tuple[Tensor, Tensor]:
+    """(the weight slice, the logit tile ``h·W[v0:v0+width]ᵀ/T + b/T``) of a chunk's scaled
+    hidden rows, the tile written into ``buffer`` (in the accumulation dtype of ``h_scaled``)."""
+    w = weight[v0:v0 + width].to(h_scaled.dtype)
+    tile = buffer[:h_scaled.shape[0] * w.shape[0]].view(h_scaled.shape[0], w.shape[0])
+    torch.mm(h_scaled, w.t(), out=tile)
+    if bias_t is not None:
+        tile.add_(bias_t[v0:v0 + width])
+    return w, tile
+
+
 def chunked_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None,
                                  labels: Tensor, ignore_index: int, temperature: float,
                                  chunk_tokens: int = 0, chunk_vocab: int = 0, *,
@@ -138,11 +150,7 @@ def chunked_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | 
         running = torch.full((rows.numel(),), float("-inf"), dtype=acc, device=hidden.device)
         picked = torch.zeros(rows.numel(), dtype=acc, device=hidden.device)
         for v0 in range(0, vocab, width):
-            w = weight[v0:v0 + width].to(acc)
-            tile = buffer[:rows.numel() * w.shape[0]].view(rows.numel(), w.shape[0])
-            torch.mm(h_scaled, w.t(), out=tile)
-            if bias_t is not None:
-                tile.add_(bias_t[v0:v0 + width])
+            w, tile = _logit_tile(h_scaled, weight, bias_t, v0, width, buffer)
             if post is not None:
                 tile.tanh_().mul_(post)
             col, inside = _label_cols(lab, v0, w.shape[0])
@@ -184,11 +192,7 @@ def chunked_linear_logps_backward(grad_logps: Tensor, hidden: Tensor, weight: Te
             acc_h = torch.zeros((rows.numel(), h_dim), dtype=acc, device=device) \
                 if need_hidden else None
             for v0 in range(0, vocab, width):
-                w = weight[v0:v0 + width].to(acc)
-                tile = buffer[:rows.numel() * w.shape[0]].view(rows.numel(), w.shape[0])
-                torch.mm(h_scaled, w.t(), out=tile)
-                if bias_t is not None:
-                    tile.add_(bias_t[v0:v0 + width])
+                w, tile = _logit_tile(h_scaled, weight, bias_t, v0, width, buffer)
                 d = None
                 if slope is not None:  # t = tanh(u), d = 1 − t², z = post·t
                     d = slope[:tile.numel()].view_as(tile)

@@ -34,6 +34,7 @@ from .preference_batch import (
     PreferenceBatch,
     SequenceRows,
     check_token_ids,
+    empty_rows,
     row_layout,
 )
 from .sampler import length_grouped_order, shuffle_batches
@@ -75,9 +76,8 @@ def sequence_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
     rows, width, starts, row_of = row_layout(lengths, padding_free=padding_free,
                                              pad_to_multiple_of=pad_to_multiple_of)
 
-    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
-    labels = torch.full((rows, width), ignore_index, dtype=torch.long)
-    sequence_ids = torch.full((rows, width), -1, dtype=torch.long)
+    input_ids, labels, sequence_ids = empty_rows(rows, width, pad_token_id=pad_token_id,
+                                                 ignore_index=ignore_index)
     if padding_free:
         position_ids = torch.empty((1, width), dtype=torch.long)
     else:

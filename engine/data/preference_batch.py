@@ -128,6 +128,15 @@ class SequenceRows(NamedTuple):
     ignore_index: int
 
 
+def empty_rows(rows: int, width: int, *, pad_token_id: int, ignore_index: int
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """``input_ids`` (``pad_token_id``), ``labels`` (``ignore_index``) and ``sequence_ids`` (-1):
+    the int64 ``[rows, width]`` buffers a collate function fills."""
+    return (torch.full((rows, width), pad_token_id, dtype=torch.long),
+            torch.full((rows, width), ignore_index, dtype=torch.long),
+            torch.full((rows, width), -1, dtype=torch.long))
+
+
 def row_layout(lengths: Sequence[int], *, padding_free: bool, pad_to_multiple_of: int | None
                ) -> tuple[int, int, list[int], list[int]]:
     """(rows, width, start of each item in its row, row of each item) for items of ``lengths``

@@ -34,6 +34,7 @@ from .preference_batch import (
     SequenceRows,
     SharedPromptRows,
     check_token_ids,
+    empty_rows,
     row_layout,
 )
 from .segments import shared_prompt_plan
@@ -65,9 +66,8 @@ def shared_prompt_rows(pairs: Sequence[TokenizedPair], *, pad_token_id: int,
     rows, width, starts, row_of = row_layout(lengths, padding_free=padding_free,
                                              pad_to_multiple_of=pad_to_multiple_of)
 
-    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
-    labels = torch.full((rows, width), ignore_index, dtype=torch.long)
-    sequence_ids = torch.full((rows, width), -1, dtype=torch.long)
+    input_ids, labels, sequence_ids = empty_rows(rows, width, pad_token_id=pad_token_id,
+                                                 ignore_index=ignore_index)
     segment_ids = torch.full((rows, width), -1, dtype=torch.long)
     branch_ids = torch.full((rows, width), PROMPT, dtype=torch.long)
     position_ids = torch.zeros((rows, width), dtype=torch.long)
