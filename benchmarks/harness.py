@@ -49,6 +49,17 @@ class SkipCase(Exception):
     """The case cannot run here (missing optional library, no GPU, ...); the reason is recorded."""
 
 
+def skip_if_unavailable(spec: CaseSpec, cuda_only: dict[str, str]) -> None:
+    """SkipCase for a CUDA case without a CUDA device, or a CUDA-only implementation (``impl`` →
+    reason, in ``cuda_only``) asked for on another device."""
+    import torch
+
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SkipCase("no CUDA device")
+    if spec.impl in cuda_only and not spec.device.startswith("cuda"):
+        raise SkipCase(cuda_only[spec.impl])
+
+
 @dataclass
 class CaseSpec:
     """One implementation of one workload at one size."""

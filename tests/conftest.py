@@ -84,3 +84,15 @@ def _isolate_process_group():
 
     with isolated_launch():
         yield
+
+
+@pytest.fixture(params=["native", "torch", "triton"])
+def backend(request):
+    """Each CPU backend of the from-logits op in turn (the native kernel skipped, with the
+    reason, where it was not built)."""
+    from fastpo.kernels import native, ops
+
+    if request.param == "native" and not native.AVAILABLE:
+        pytest.skip(f"native CPU kernel not built: {native.UNAVAILABLE_REASON}")
+    with ops.use_cpu_backend(request.param):
+        yield request.param

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks import linear_logprobs
-from benchmarks.harness import CaseSpec, SkipCase, Workload, masked_labels
+from benchmarks.harness import CaseSpec, SkipCase, Workload, masked_labels, skip_if_unavailable
 from benchmarks.suites import kernels
 
 CUDA_ONLY = {**kernels.CUDA_ONLY, "quack": "quack's kernels need a CUDA device",
@@ -92,10 +92,7 @@ def _build_linear_forward(spec: CaseSpec, cfg: dict) -> Workload:
 
 def build(spec: CaseSpec) -> Workload:
     """The workload of one case (called in the measuring process)."""
-    if spec.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SkipCase("no CUDA device")
-    if spec.impl in CUDA_ONLY and not spec.device.startswith("cuda"):
-        raise SkipCase(CUDA_ONLY[spec.impl])
+    skip_if_unavailable(spec, CUDA_ONLY)
     if spec.family == "logits":
         return _build_logits(spec)
     if spec.family == "linear":

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import CaseSpec, SkipCase, Workload, masked_labels
+from benchmarks.harness import CaseSpec, SkipCase, Workload, masked_labels, skip_if_unavailable
 
 BETA = 0.1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -301,10 +301,7 @@ def _build_hidden(spec: CaseSpec) -> Workload:
 
 def build(spec: CaseSpec) -> Workload:
     """The workload of one case (called in the measuring process)."""
-    if spec.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SkipCase("no CUDA device")
-    if spec.impl in CUDA_ONLY and not spec.device.startswith("cuda"):
-        raise SkipCase(CUDA_ONLY[spec.impl])
+    skip_if_unavailable(spec, CUDA_ONLY)
     if spec.family == "logits":
         return _build_logits(spec)
     if spec.family == "hidden":

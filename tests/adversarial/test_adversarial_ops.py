@@ -8,19 +8,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastpo.kernels as K
-from fastpo.kernels import checks, native, ops
+from fastpo.kernels import checks, ops
 from fastpo.kernels.logprobs_torch import token_logps_reference
 
 IGNORE = -100
 BACKENDS = ["native", "torch", "triton"]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "native" and not native.AVAILABLE:
-        pytest.skip(f"native CPU kernel not built: {native.UNAVAILABLE_REASON}")
-    with ops.use_cpu_backend(request.param):
-        yield request.param
 
 
 def _inputs(shape=(2, 3), vocab=10, seed=0):

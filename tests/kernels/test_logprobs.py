@@ -15,17 +15,6 @@ BACKENDS = ["triton", "torch", "native"]
 EPS = {torch.float32: 2**-23, torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float64: 2**-52}
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "native":
-        try:
-            from fastpo.kernels import native
-        except ImportError:
-            pytest.skip("native CPU kernel module is not present")
-        if not native.AVAILABLE:
-            pytest.skip(f"native CPU kernel not built: {native.UNAVAILABLE_REASON}")
-    with ops.use_cpu_backend(request.param):
-        yield request.param
 
 
 def make_inputs(shape, vocab, dtype, *, seed=0, masked_fraction=0.3, scale=3.0):

@@ -84,15 +84,6 @@ def make_labels(b, t, v, gen, *, all_masked_row=True):
     return labels
 
 
-@pytest.fixture(params=["torch", "triton", "native"])
-def backend(request):
-    if request.param == "native":
-        from fastpo.kernels import native
-
-        if not native.AVAILABLE:
-            pytest.skip(f"native CPU kernel not built: {native.UNAVAILABLE_REASON}")
-    with ops.use_cpu_backend(request.param):
-        yield request.param
 
 
 # --------------------------------------------------------------------------- the labels

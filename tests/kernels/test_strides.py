@@ -38,15 +38,6 @@ PATTERNS = {
 OVERLAPPING = {"expanded_batch", "expanded_rows_2d"}
 
 
-@pytest.fixture(params=["native", "torch", "triton"])
-def backend(request):
-    if request.param == "native":
-        from fastpo.kernels import native
-
-        if not native.AVAILABLE:
-            pytest.skip(f"native CPU kernel not built: {native.UNAVAILABLE_REASON}")
-    with ops.use_cpu_backend(request.param):
-        yield request.param
 
 
 def _labels(shape, seed):
