@@ -18,8 +18,11 @@ def test_deepspeed_lora_checkpoint_leaves_out_a_frozen_tied_head(tokenizer, pair
                     optimization={"max_steps": 3}, checkpoint={"every_steps": 2})
     saved = job(model_dir, pairs_file, tmp_path / "a", **sections)
     first = run(saved)
-    states = torch.load(tmp_path / "a" / "checkpoints" / "step-00000002" / "deepspeed"
-                        / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    from fastpo.engine.train.safe_load import deepspeed_safe_globals, torch_load
+
+    states = torch_load(tmp_path / "a" / "checkpoints" / "step-00000002" / "deepspeed"
+                        / "mp_rank_00_model_states.pt", map_location="cpu",
+                        allow=deepspeed_safe_globals())
     names = list(states["module"])
     assert names and all("lora_" in name for name in names), names  # adapters only
     resumed = run(merge(saved, {"logging": {"output_dir": str(tmp_path / "b")},
