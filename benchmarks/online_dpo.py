@@ -18,6 +18,22 @@ from the same seeded generator each time) runs before training, every ``--eval-e
 after. Written: ``online_dpo.csv`` (per step: the round's mean sample reward, its chosen and
 rejected means, the loss; and the held-out mean at evaluation steps) and ``online_dpo.png``
 (both curves) under ``--plots``; the trainer's own ``metrics.jsonl`` under ``--out``.
+
+``--scorer judge`` scores with a pairwise judge instead (``online.scorer.judge``): the same
+embedded SmolLM2-135M-Instruct folder, asked with the default judge template which of two
+completions of a prompt is better (each pair in both orders, a sample's score its win rate;
+``engine/online/judge.py``). A win rate ranks the samples of one prompt only, so there is no
+held-out score to compare before and after (two fresh samples share their wins): this run has
+no evaluation, and ``online_dpo_judge.csv`` / ``online_dpo_judge.png`` follow the training
+rounds instead: the chosen and rejected win rates, the fraction of the judge's answers that
+were neither "1" nor "2" (``online/scorer_no_decision_fraction``), the tie fraction, the
+completion length (the prompts ask for at most ``--limit`` words) and the seconds of each
+round's generation and judging. No reward model is used: there is no local one to load.
+SmolLM2-135M is a weak judge: most of its answers do not start with the digit ("The answer is
+1.") and count as no decision, so many prompts tie and a round may sample more prompts.
+
+    python -m benchmarks.online_dpo --scorer judge --quick        # 2 tiny steps
+    python -m benchmarks.online_dpo --scorer judge --steps 4      # ~40-80 s a round, 2 cores
 """
 
 from __future__ import annotations
@@ -80,7 +96,9 @@ def write_prompts(path: Path, topics: Sequence[str], *, limit: int, seed: int) -
 
 
 def job(args: argparse.Namespace, prompts: Path, held_out: Path) -> dict[str, Any]:
-    """The training job (a config dict, validated like a YAML file)."""
+    """The training job (a config dict, validated like a YAML file); a judged run has no
+    held-out evaluation (module docstring)."""
+    evaluate = not judged(args)
     return {
         "seed": args.seed,
         "model": {"name_or_path": None, "lora": {
@@ -94,16 +112,32 @@ def job(args: argparse.Namespace, prompts: Path, held_out: Path) -> dict[str, An
                          "warmup_steps": 0, "max_grad_norm": 1.0},
         "deepspeed": {"enabled": False},
         "logging": {"output_dir": str(args.out), "progress": "none", "tensorboard": False,
-                    "eval_every": args.eval_every, "eval_before": True},
+                    "eval_every": args.eval_every if evaluate else 0,
+                    "eval_before": evaluate},
         "checkpoint": {"export": "none"},
-        "online": {"prompts": str(prompts), "eval_prompts": str(held_out),
+        "online": {"prompts": str(prompts),
+                   "eval_prompts": str(held_out) if evaluate else None,
                    "samples_per_prompt": args.samples, "temperature": 1.0, "top_p": 1.0,
                    "max_new_tokens": args.max_new_tokens,
                    "prompts_per_generation": args.prompts_per_round, "steps_per_generation": 1,
                    "pair_rule": "best_worst", "eval_samples_per_prompt": 2,
-                   "scorer": {"function": "benchmarks.online_dpo:brevity",
-                              "kwargs": {"limit": args.limit}}},
+                   "scorer": scorer(args)},
     }
+
+
+def judged(args: argparse.Namespace) -> bool:
+    return args.scorer == "judge"
+
+
+def scorer(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``online.scorer`` section: the brevity reward, or SmolLM2 as a pairwise judge."""
+    if not judged(args):
+        return {"function": "benchmarks.online_dpo:brevity", "kwargs": {"limit": args.limit}}
+    from fastpo.engine.data.assets import default_model_dir
+
+    return {"judge": str(default_model_dir()), "both_orders": True,
+            "max_new_tokens": args.judge_max_new_tokens, "batch_size": args.judge_batch_size,
+            "dtype": args.judge_dtype}
 
 
 def write_results(metrics: Path, plots: Path) -> tuple[Path, Path | None, list[dict[str, Any]]]:
@@ -153,6 +187,63 @@ def write_results(metrics: Path, plots: Path) -> tuple[Path, Path | None, list[d
     return table, figure, rows
 
 
+JUDGE_COLUMNS = {"chosen_win_rate": "online/chosen_score_mean",
+                 "rejected_win_rate": "online/rejected_score_mean",
+                 "no_decision_fraction": "online/scorer_no_decision_fraction",
+                 "comparisons": "online/scorer_comparisons",
+                 "tie_fraction": "online/tie_fraction",
+                 "completion_length_mean": "online/completion_length_mean",
+                 "round_seconds": "online/generation_seconds", "loss": "loss"}
+
+
+def write_judge_results(metrics: Path, plots: Path
+                        ) -> tuple[Path, Path | None, list[dict[str, Any]]]:
+    """``online_dpo_judge.csv`` and ``.png``: per step, the judged round's numbers (a round's
+    comparisons and seconds only on the step that generated it)."""
+    from fastpo.engine.train.metrics_log import read_jsonl
+
+    rows = [{"step": r["step"], **{name: r.get(key) for name, key in JUDGE_COLUMNS.items()}}
+            for r in read_jsonl(metrics, "train")]
+    plots.mkdir(parents=True, exist_ok=True)
+    table = plots / "online_dpo_judge.csv"
+    with open(table, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", *JUDGE_COLUMNS])
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; no plot")
+        return table, None, rows
+    if not rows:
+        return table, None, rows
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    steps = [r["step"] for r in rows]
+    for name, style in (("chosen_win_rate", "C0"), ("rejected_win_rate", "C3"),
+                        ("no_decision_fraction", "0.5"), ("tie_fraction", "C1")):
+        points = [(s, r[name]) for s, r in zip(steps, rows) if r[name] is not None]
+        if points:
+            top.plot(*zip(*points), "o-", color=style, lw=1.5, ms=3, label=name)
+    top.set_ylabel("fraction")
+    top.set_ylim(-0.05, 1.05)
+    top.legend(loc="center right", fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.plot(steps, [r["completion_length_mean"] for r in rows], "o-", color="C2", lw=1.5,
+                ms=3)
+    bottom.set_ylabel("completion tokens (mean)")
+    bottom.set_xlabel("optimizer step")
+    bottom.grid(alpha=0.3)
+    top.set_title("Online DPO judged by SmolLM2-135M-Instruct (pairwise, both orders)")
+    fig.tight_layout()
+    figure = plots / "online_dpo_judge.png"
+    fig.savefig(figure, dpi=120)
+    plt.close(fig)
+    return table, figure, rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=24)
@@ -167,6 +258,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--held-out", type=int, default=24, help="held-out prompts")
     parser.add_argument("--out", type=Path, default=Path("runs/online-dpo"))
     parser.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
+    parser.add_argument("--scorer", choices=("brevity", "judge"), default="brevity",
+                        help="the brevity reward, or SmolLM2-135M-Instruct as a pairwise judge")
+    parser.add_argument("--judge-max-new-tokens", type=int, default=8,
+                        help="tokens of the judge's answer")
+    parser.add_argument("--judge-batch-size", type=int, default=16,
+                        help="judge questions per generate call")
+    parser.add_argument("--judge-dtype", choices=("float32", "bfloat16", "float16"),
+                        default="float32")
     parser.add_argument("--quick", action="store_true",
                         help="2 steps, 2 prompts × 3 samples of 8 tokens, a 2-word limit, 4 "
                              "held-out prompts")
@@ -187,16 +286,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = args.out / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()  # this run's records only
-    print(f"online DPO: {count} training prompts, {len(lines)} held out, {args.steps} steps",
-          flush=True)
+    print(f"online DPO: {count} training prompts, "
+          + ("judged by SmolLM2-135M-Instruct, no held-out evaluation" if judged(args)
+             else f"{len(lines)} held out") + f", {args.steps} steps", flush=True)
     start = time.perf_counter()
     result = train(config_from_dict(job(args, data_dir / "train.jsonl", held_out)))
     seconds = time.perf_counter() - start
+    files = f"stopped: {result.stopped}"
+    if judged(args):
+        table, figure, rows = write_judge_results(metrics, args.plots)
+        files += f"; {table}" + (f", {figure}" if figure else "")
+        if not rows:
+            print(f"no training step in {seconds:.0f} s ({files})")
+            return 1
+        rounds = [r for r in rows if r["comparisons"] is not None]
+        print(f"judged {len(rounds)} rounds, {result.steps} steps in {seconds:.0f} s "
+              f"({sum(r['round_seconds'] for r in rounds) / len(rounds):.1f} s of generation "
+              f"and judging per round); chosen / rejected win rate "
+              f"{rows[0]['chosen_win_rate']:.2f} / {rows[0]['rejected_win_rate']:.2f} at step 1; "
+              f"no-decision fraction {rounds[0]['no_decision_fraction']:.2f} (round 1) → "
+              f"{rounds[-1]['no_decision_fraction']:.2f} (last); completion length "
+              f"{rows[0]['completion_length_mean']:.1f} → {rows[-1]['completion_length_mean']:.1f}"
+              f" tokens; {files}")
+        return 0
     table, figure, _ = write_results(metrics, args.plots)
+    files += f"; {table}" + (f", {figure}" if figure else "")
     before = (result.eval_before or {}).get("online/eval_score_mean")
     after = (result.eval_after or {}).get("online/eval_score_mean")
+    if before is None or after is None:
+        print(f"no held-out score after {result.steps} steps ({seconds:.0f} s; {files})")
+        return 1
     print(f"held-out mean reward of fresh samples: {before:.3f} before → {after:.3f} after "
-          f"{result.steps} steps ({seconds:.0f} s); {table}" + (f", {figure}" if figure else ""))
+          f"{result.steps} steps ({seconds:.0f} s); {files}")
     return 0
 
 

@@ -17,7 +17,12 @@ Per generation round, repeated on each step trained on it (:func:`round_metrics`
 - ``online/round_pairs`` and ``online/pairs_unused`` (over the micro-batch cap);
 - ``online/completion_length_{mean,min,max}`` (tokens) and ``online/completion_ended_fraction``
   (ended with EOS rather than cut at ``max_new_tokens``);
-- ``online/generation_tokens_per_s``: sampled tokens per second of ``generate``.
+- ``online/generation_tokens_per_s``: sampled tokens per second of ``generate``;
+- the scorer's counters (``Scorer.last_stats``) summed over the round's scoring calls, as
+  ``online/scorer_<counter>`` (:func:`scorer_counts`, :func:`scorer_metrics`): a judge gives
+  ``online/scorer_comparisons`` (questions asked) and ``online/scorer_no_decisions`` (answers
+  that were neither "1" nor "2"), and with both ``online/scorer_no_decision_fraction``; a
+  scorer without counters (a reward model, a function) adds none.
 
 The step that generates a round also gets ``online/generation_seconds`` (generation and
 scoring), which the trainer keeps out of its training ``tokens_per_s``.
@@ -25,7 +30,7 @@ scoring), which the trainer keeps out of its training ``tokens_per_s``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..online.pairs import PairSelection
 
@@ -49,11 +54,31 @@ def score_stats(chosen: Sequence[float], rejected: Sequence[float]) -> dict[str,
     return out
 
 
+def scorer_counts(stats: Sequence[Mapping[str, int]]) -> dict[str, int]:
+    """The scorer's counters (its ``last_stats`` after each scoring call) summed by name."""
+    totals: dict[str, int] = {}
+    for counts in stats:
+        for key, value in counts.items():
+            totals[key] = totals.get(key, 0) + int(value)
+    return totals
+
+
+def scorer_metrics(totals: Mapping[str, int]) -> dict[str, float]:
+    """``online/scorer_<counter>`` for each summed counter, and the no-decision fraction when
+    the counters have ``comparisons`` and ``no_decisions`` (a judge)."""
+    out = {f"online/scorer_{key}": float(value) for key, value in totals.items()}
+    if "comparisons" in totals and "no_decisions" in totals:
+        out["online/scorer_no_decision_fraction"] = \
+            totals["no_decisions"] / max(totals["comparisons"], 1)
+    return out
+
+
 def round_metrics(selections: Sequence[PairSelection], completions: Sequence[Sequence[int]],
                   scores: Sequence[float], *, eos_token_id: int | None,
-                  generate_seconds: float, pairs: int, unused: int) -> dict[str, float]:
+                  generate_seconds: float, pairs: int, unused: int,
+                  scorer_stats: Sequence[Mapping[str, int]] = ()) -> dict[str, float]:
     """Metrics of one generation round: its pair selections (one per generation call), every
-    sampled completion and its score (aligned)."""
+    sampled completion and its score (aligned), and the scorer's counters of each call."""
     prompts = sum(s.num_prompts for s in selections)
     lengths = [len(c) for c in completions]
     tokens = sum(lengths)
@@ -66,4 +91,5 @@ def round_metrics(selections: Sequence[PairSelection], completions: Sequence[Seq
            "online/generation_tokens_per_s": tokens / max(generate_seconds, 1e-9)}
     out.update(_summary("online/score", scores))
     out.update(_summary("online/completion_length", [float(n) for n in lengths]))
+    out.update(scorer_metrics(scorer_counts(scorer_stats)))
     return out

@@ -49,7 +49,7 @@ from ..online.scoring import Scorer
 from .batch_source import SourceExhausted, collate_to_device
 from .config import ConfigError, TrainConfig
 from .integrity import CheckpointError, write_hashed
-from .online_metrics import round_metrics, score_stats
+from .online_metrics import round_metrics, score_stats, scorer_counts
 from .online_prompts import PromptStream
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,16 @@ def _set_generator_state(generator: torch.Generator, text: Any) -> None:
         raise TypeError(f"generator state must be base64 text, got {type(text).__name__}")
     raw = bytearray(base64.b64decode(text, validate=True))
     generator.set_state(torch.frombuffer(raw, dtype=torch.uint8))
+
+
+def _counts_text(scorer: Scorer, counts: dict[str, int]) -> str:
+    """The scorer's counters for an error message ("" when it keeps none)."""
+    if not counts:
+        return ""
+    text = f"; {scorer}: " + ", ".join(f"{value} {key}" for key, value in counts.items())
+    if counts.get("no_decisions") and counts.get("no_decisions") == counts.get("comparisons"):
+        text += " (not one comparison was decided: check that the judge answers '1' or '2')"
+    return text
 
 
 class OnlineSource:
@@ -143,6 +153,7 @@ class OnlineSource:
         selections: list[PairSelection] = []
         completions: list[list[int]] = []
         sample_scores: list[float] = []
+        scorer_stats: list[dict[str, int]] = []  # the scorer's counters of each call
         generate_seconds = 0.0
         while True:
             rows = self.stream.next_rows()
@@ -150,6 +161,7 @@ class OnlineSource:
             sampled, scores, seconds = self.sample([self.prompts[r] for r in rows], prompt_ids,
                                                    self.options, self.generator)
             generate_seconds += seconds
+            scorer_stats.append(dict(self.scorer.last_stats))
             selection = form_pairs(scores, rule=self.online.pair_rule, margin=self.online.margin,
                                    completion_ids=sampled)
             selection = self._per_prompt_cap(selection)
@@ -171,12 +183,13 @@ class OnlineSource:
                 f"online: {seen} prompts of {self.online.prompts} (× {self.rt.world_size} ranks) "
                 "gave no pair: every prompt's samples scored the same (or within online.margin); "
                 "the policy has converged on the scorer, or the scorer cannot tell samples apart "
-                "(check it, raise online.samples_per_prompt or lower online.margin)")
+                "(check it, raise online.samples_per_prompt or lower online.margin)"
+                + _counts_text(self.scorer, scorer_counts(scorer_stats)))
         kept, unused = self._keep(chosen, rejected)
         metrics = round_metrics(selections, completions, sample_scores,
                                 eos_token_id=self.tokenizer.eos_token_id,
                                 generate_seconds=generate_seconds, pairs=len(items),
-                                unused=unused)
+                                unused=unused, scorer_stats=scorer_stats)
         return {"items": [items[i] for i in kept], "chosen": [chosen[i] for i in kept],
                 "rejected": [rejected[i] for i in kept], "metrics": metrics,
                 "seconds": time.perf_counter() - start}
