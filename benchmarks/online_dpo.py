@@ -21,19 +21,24 @@ rejected means, the loss; and the held-out mean at evaluation steps) and ``onlin
 
 ``--scorer judge`` scores with a pairwise judge instead (``online.scorer.judge``): the same
 embedded SmolLM2-135M-Instruct folder, asked with the default judge template which of two
-completions of a prompt is better (each pair in both orders, a sample's score its win rate;
-``engine/online/judge.py``). A win rate ranks the samples of one prompt only, so there is no
-held-out score to compare before and after (two fresh samples share their wins): this run has
-no evaluation, and ``online_dpo_judge.csv`` / ``online_dpo_judge.png`` follow the training
-rounds instead: the chosen and rejected win rates, the fraction of the judge's answers that
-were neither "1" nor "2" (``online/scorer_no_decision_fraction``), the tie fraction, the
-completion length (the prompts ask for at most ``--limit`` words) and the seconds of each
-round's generation and judging. No reward model is used: there is no local one to load.
-SmolLM2-135M is a weak judge: most of its answers do not start with the digit ("The answer is
-1.") and count as no decision, so many prompts tie and a round may sample more prompts.
+completions of a prompt is better (each pair in both orders; ``engine/online/judge.py``). By
+default (``--judge-decision probability``) the judge generates nothing: P(response 1 is better)
+is its next-token softmax restricted to the tokens "1" and "2", and a sample's score is its mean
+probability of being preferred, so every question is decided. ``--judge-decision generate``
+reads its greedy answer instead (a sample's score is its win rate); SmolLM2-135M is a weak
+judge that way: most of its answers do not start with the digit ("The answer is 1.") and count
+as no decision, so many prompts tie and a round may sample more prompts. A judge's score ranks
+the samples of one prompt only, so there is no held-out score to compare before and after (two
+fresh samples share their wins): this run has no evaluation, and ``online_dpo_judge.csv`` /
+``online_dpo_judge.png`` follow the training rounds instead: the chosen and rejected scores,
+the fraction of the judge's questions left undecided (``online/scorer_no_decision_fraction``,
+0 with probabilities), the tie fraction, the completion length (the prompts ask for at most
+``--limit`` words) and the seconds of each round's generation and judging. No reward model is
+used: there is no local one to load.
 
     python -m benchmarks.online_dpo --scorer judge --quick        # 2 tiny steps
     python -m benchmarks.online_dpo --scorer judge --steps 4      # ~40-80 s a round, 2 cores
+    python -m benchmarks.online_dpo --scorer judge --judge-decision generate --steps 4
 """
 
 from __future__ import annotations
@@ -135,9 +140,12 @@ def scorer(args: argparse.Namespace) -> dict[str, Any]:
         return {"function": "benchmarks.online_dpo:brevity", "kwargs": {"limit": args.limit}}
     from fastpo.engine.data.assets import default_model_dir
 
-    return {"judge": str(default_model_dir()), "both_orders": True,
-            "max_new_tokens": args.judge_max_new_tokens, "batch_size": args.judge_batch_size,
-            "dtype": args.judge_dtype}
+    section = {"judge": str(default_model_dir()), "both_orders": True,
+               "decision": args.judge_decision, "batch_size": args.judge_batch_size,
+               "dtype": args.judge_dtype}
+    if args.judge_decision == "generate":
+        section["max_new_tokens"] = args.judge_max_new_tokens
+    return section
 
 
 def write_results(metrics: Path, plots: Path) -> tuple[Path, Path | None, list[dict[str, Any]]]:
@@ -196,7 +204,7 @@ JUDGE_COLUMNS = {"chosen_win_rate": "online/chosen_score_mean",
                  "round_seconds": "online/generation_seconds", "loss": "loss"}
 
 
-def write_judge_results(metrics: Path, plots: Path
+def write_judge_results(metrics: Path, plots: Path, decision: str = "probability"
                         ) -> tuple[Path, Path | None, list[dict[str, Any]]]:
     """``online_dpo_judge.csv`` and ``.png``: per step, the judged round's numbers (a round's
     comparisons and seconds only on the step that generated it)."""
@@ -236,7 +244,8 @@ def write_judge_results(metrics: Path, plots: Path
     bottom.set_ylabel("completion tokens (mean)")
     bottom.set_xlabel("optimizer step")
     bottom.grid(alpha=0.3)
-    top.set_title("Online DPO judged by SmolLM2-135M-Instruct (pairwise, both orders)")
+    top.set_title(f"Online DPO judged by SmolLM2-135M-Instruct (pairwise, both orders, "
+                  f"{decision})")
     fig.tight_layout()
     figure = plots / "online_dpo_judge.png"
     fig.savefig(figure, dpi=120)
@@ -260,10 +269,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plots", type=Path, default=Path("benchmarks/plots"))
     parser.add_argument("--scorer", choices=("brevity", "judge"), default="brevity",
                         help="the brevity reward, or SmolLM2-135M-Instruct as a pairwise judge")
+    parser.add_argument("--judge-decision", choices=("generate", "probability"),
+                        default="probability",
+                        help="the judge's probabilities of '1' and '2' (default), or its "
+                             "greedy answer")
     parser.add_argument("--judge-max-new-tokens", type=int, default=8,
-                        help="tokens of the judge's answer")
+                        help="tokens of the judge's answer (--judge-decision generate)")
     parser.add_argument("--judge-batch-size", type=int, default=16,
-                        help="judge questions per generate call")
+                        help="judge questions per forward / generate call")
     parser.add_argument("--judge-dtype", choices=("float32", "bfloat16", "float16"),
                         default="float32")
     parser.add_argument("--quick", action="store_true",
@@ -287,14 +300,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if metrics.exists():
         metrics.unlink()  # this run's records only
     print(f"online DPO: {count} training prompts, "
-          + ("judged by SmolLM2-135M-Instruct, no held-out evaluation" if judged(args)
+          + (f"judged by SmolLM2-135M-Instruct ({args.judge_decision}), no held-out "
+             "evaluation" if judged(args)
              else f"{len(lines)} held out") + f", {args.steps} steps", flush=True)
     start = time.perf_counter()
     result = train(config_from_dict(job(args, data_dir / "train.jsonl", held_out)))
     seconds = time.perf_counter() - start
     files = f"stopped: {result.stopped}"
     if judged(args):
-        table, figure, rows = write_judge_results(metrics, args.plots)
+        table, figure, rows = write_judge_results(metrics, args.plots, args.judge_decision)
         files += f"; {table}" + (f", {figure}" if figure else "")
         if not rows:
             print(f"no training step in {seconds:.0f} s ({files})")
@@ -302,10 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds = [r for r in rows if r["comparisons"] is not None]
         print(f"judged {len(rounds)} rounds, {result.steps} steps in {seconds:.0f} s "
               f"({sum(r['round_seconds'] for r in rounds) / len(rounds):.1f} s of generation "
-              f"and judging per round); chosen / rejected win rate "
-              f"{rows[0]['chosen_win_rate']:.2f} / {rows[0]['rejected_win_rate']:.2f} at step 1; "
+              f"and judging per round); chosen / rejected score "
+              f"{rows[0]['chosen_win_rate']:.3f} / {rows[0]['rejected_win_rate']:.3f} at step 1; "
               f"no-decision fraction {rounds[0]['no_decision_fraction']:.2f} (round 1) → "
-              f"{rounds[-1]['no_decision_fraction']:.2f} (last); completion length "
+              f"{rounds[-1]['no_decision_fraction']:.2f} (last); tie fraction "
+              f"{rows[0]['tie_fraction']:.2f} (step 1); {rounds[0]['comparisons']:.0f} "
+              f"comparisons in round 1; completion length "
               f"{rows[0]['completion_length_mean']:.1f} → {rows[-1]['completion_length_mean']:.1f}"
               f" tokens; {files}")
         return 0

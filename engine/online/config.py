@@ -17,7 +17,9 @@ score of fresh samples is measured before and after training (and every
 
 The scorer is exactly one of ``reward_model`` (a sequence-classification model folder, one
 scalar per sequence; ``device`` places it), ``judge`` (a causal LM asked which of two
-completions is better) or ``function`` (``module:function`` or a built-in reward's name).
+completions is better; ``decision``: ``generate``, its greedy answer "1" or "2", or
+``probability``, its probabilities of those two tokens) or ``function`` (``module:function`` or a
+built-in reward's name).
 
 The rules that involve other sections (a paired loss, a reference that can follow new data)
 are :func:`online_problems`; this module imports nothing of the trainer (the ``online`` layer
@@ -29,9 +31,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PAIR_RULES = ("best_worst", "all_above_margin")
+JUDGE_DECISIONS = ("generate", "probability")  # as engine/online/judge.py (no torch import here)
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$|^[A-Za-z_]\w*$")
 
 
@@ -55,7 +58,16 @@ class ScorerConfig(_OnlineSection):
     template: str | None = None  # judge: its question (default: the documented template)
     max_new_tokens: int | None = Field(None, gt=0)  # judge: tokens of its answer
     both_orders: bool = True  # judge: ask each comparison in both orders
+    decision: str | None = None  # judge: "generate" (default) or "probability"
     trust_remote_code: bool = False
+
+    @field_validator("decision")
+    @classmethod
+    def _decision(cls, value: str | None) -> str | None:
+        if value is not None and value not in JUDGE_DECISIONS:
+            raise ValueError(f"decision must be one of {', '.join(map(repr, JUDGE_DECISIONS))}"
+                             f", got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ScorerConfig:
@@ -68,12 +80,15 @@ class ScorerConfig(_OnlineSection):
                              "built-in reward name")
         only = {"kwargs": ("function",), "device": ("reward_model", "judge"),
                 "dtype": ("reward_model", "judge"), "max_length": ("reward_model",),
-                "template": ("judge",), "max_new_tokens": ("judge",)}
+                "template": ("judge",), "max_new_tokens": ("judge",), "decision": ("judge",)}
         for key, kinds in only.items():
             if getattr(self, key) not in (None, {}) and self.kind not in kinds:
                 names = " or ".join(k.replace("_", " ") for k in kinds)
                 raise ValueError(f"{key} applies to a {names} scorer, not to this "
                                  f"{self.kind.replace('_', ' ')} scorer")
+        if self.decision == "probability" and self.max_new_tokens is not None:
+            raise ValueError("max_new_tokens applies to a judge's decision 'generate'; decision "
+                             "'probability' generates nothing")
         return self
 
     @property

@@ -12,7 +12,9 @@ Kinds (:data:`SCORER_KINDS`):
 - ``reward_model``: :class:`~fastpo.engine.online.reward_model.RewardModelScorer` (``path``,
   ``device``, ``dtype``, ``batch_size``, ``max_length``, ``trust_remote_code``);
 - ``judge``: :class:`~fastpo.engine.online.judge.JudgeScorer` (``path``, ``device``, ``dtype``,
-  ``batch_size``, ``template``, ``max_new_tokens``, ``both_orders``, ``trust_remote_code``);
+  ``batch_size``, ``template``, ``max_new_tokens``, ``both_orders``, ``trust_remote_code``,
+  ``decision``: ``"generate"``, its greedy answer, or ``"probability"``, its probabilities of
+  "1" and "2");
 - ``function``: :class:`~fastpo.engine.online.function_scorer.FunctionScorer` (``function``:
   ``"module:function"``, ``kwargs``).
 
@@ -33,7 +35,7 @@ from typing import Any, Literal
 
 from . import rewards
 from .function_scorer import FunctionScorer
-from .judge import JUDGE_TEMPLATE, JudgeScorer
+from .judge import JUDGE_DECISIONS, JUDGE_TEMPLATE, JudgeScorer
 from .reward_model import RewardModelScorer
 from .rewards import BUILTIN_REWARDS
 from .scoring import Scorer, ScoringError
@@ -61,11 +63,15 @@ class ScorerSpec:
     max_new_tokens: int = 8
     both_orders: bool = True
     trust_remote_code: bool = False
+    decision: str = "generate"
 
     def __post_init__(self) -> None:
         if self.kind not in SCORER_KINDS:
             raise ScoringError(f"scorer kind must be one of {', '.join(SCORER_KINDS)}, "
                                f"got {self.kind!r}")
+        if self.decision not in JUDGE_DECISIONS:
+            raise ScoringError(f"scorer spec: decision must be one of "
+                               f"{', '.join(map(repr, JUDGE_DECISIONS))}, got {self.decision!r}")
         needed = {"reward_model": "path", "judge": "path", "function": "function"}[self.kind]
         if not getattr(self, needed):
             what = "a local model folder" if needed == "path" else "'module:function'"
@@ -114,4 +120,4 @@ def build_scorer(spec: ScorerSpec | Mapping[str, Any] | Any) -> Scorer:
     if spec.kind == "reward_model":
         return RewardModelScorer(spec.path, max_length=spec.max_length, **common)
     return JudgeScorer(spec.path, template=spec.template, max_new_tokens=spec.max_new_tokens,
-                       both_orders=spec.both_orders, **common)
+                       both_orders=spec.both_orders, decision=spec.decision, **common)

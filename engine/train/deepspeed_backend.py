@@ -12,6 +12,7 @@ installed DeepSpeed by ``tests/engine/train/test_train_deepspeed.py``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,9 +51,15 @@ class DeepSpeedBackend:
         self.module = self.engine.module
         self.accumulation = self.engine.gradient_accumulation_steps()
         zero = self.engine.zero_optimization_stage()
-        # plain fp32 without ZeRO: the engine applies NaN gradients unchecked; check them first
-        self.precheck = zero == 0 and not (self.engine.bfloat16_enabled()
-                                           or self.engine.fp16_enabled())
+        # plain fp32 without ZeRO: the engine applies NaN gradients unchecked. With fused torch
+        # AdamW (the generated config's) the update is skipped on the device through its
+        # found_inf; with another optimizer (a user's JSON) the norm is read first.
+        unchecked = zero == 0 and not (self.engine.bfloat16_enabled()
+                                       or self.engine.fp16_enabled())
+        optimizer = self.engine.optimizer
+        self.skip_on_device = unchecked and isinstance(optimizer, torch.optim.AdamW) and bool(
+            optimizer.defaults.get("fused"))
+        self.precheck = unchecked and not self.skip_on_device
         self.params = [p for p in self.module.parameters() if p.requires_grad]
 
     @property
@@ -69,24 +76,61 @@ class DeepSpeedBackend:
 
     def step(self, *, nonfinite: Tensor | None = None) -> StepOutcome:
         """DeepSpeed's step. Its overflow / non-finite checks (fp16 loss scaling, ZeRO) read
-        the device inside ``engine.step``; we add none, except in the fp32 no-ZeRO ``precheck``
-        below, where the engine would apply NaN gradients unchecked. A non-finite loss
-        (``nonfinite``) leaves non-finite gradients, which those checks catch."""
+        the device inside ``engine.step``; we add none. In fp32 without ZeRO, where the engine
+        has no such check, a step whose gradient norm is not finite or whose loss was
+        (``nonfinite`` > 0) is skipped on the device by fused AdamW's ``found_inf``, without a
+        host read; only with another optimizer (a user's JSON: ``precheck``) is the norm read
+        first. Elsewhere a non-finite loss leaves non-finite gradients, which DeepSpeed's
+        checks catch."""
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeedBackend.step() called off the gradient accumulation "
                                "boundary: the trainer and DeepSpeed disagree on micro-steps")
+        if self.skip_on_device:
+            norm = gradient_norm(self.params)  # before DeepSpeed's clipping, as reported
+            if norm is None:
+                self.engine.step()
+                return StepOutcome(None, True)
+            bad = ~torch.isfinite(norm)
+            if nonfinite is not None:
+                bad = bad | (nonfinite > 0)
+            optimizer = self.engine.optimizer
+            optimizer.found_inf = bad.float()
+            try:
+                self.engine.step()
+            finally:
+                del optimizer.found_inf
+            return StepOutcome(norm.detach(), ~bad, "non-finite gradient norm or loss")
         if self.precheck:
             norm = gradient_norm(self.params)
             if norm is not None and not math.isfinite(float(norm)):
-                for p in self.params:
-                    p.grad = None  # AdamW leaves parameters without gradients untouched
-                self.engine.step()
+                self._step_without_update()
                 return StepOutcome(float(norm), False, "non-finite gradient norm")
         self.engine.step()
         norm = self.engine.get_global_grad_norm()  # a tensor or a float: the trainer reads it
         applied = self.engine.was_step_applied()  # a host flag: DeepSpeed's own overflow check
         return StepOutcome(norm, applied, "" if applied else "non-finite gradients "
                            "(DeepSpeed skipped the update)")
+
+    def _step_without_update(self) -> None:
+        """``engine.step()`` with the parameters and the optimizer state left as they were (its
+        counters and the schedule advance): a non-finite step under an optimizer without
+        ``found_inf``. The gradients are zeroed first (DeepSpeed's clipping needs some), and the
+        state is restored from a copy: an exceptional path, where a copy costs nothing that
+        matters."""
+        optimizer = self.engine.optimizer
+        params = [p.detach().clone() for p in self.params]
+        state = copy.deepcopy(optimizer.state_dict())
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.zero_()
+        self.engine.step()
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        optimizer.load_state_dict(state)
+        for group, scheduled in zip(optimizer.param_groups, groups):
+            group.update(scheduled)  # the schedule's new learning rate stays
+        with torch.no_grad():
+            for p, saved in zip(self.params, params):
+                p.copy_(saved)
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])

@@ -4,7 +4,8 @@ The trainer drives the data loop itself (micro-batch size, gradient accumulation
 must agree with it: in a user JSON every ``"auto"`` value is filled from the job config, missing
 batch keys are added, and an explicit value that contradicts the job config is an error naming
 both. The optimizer is AdamW (``torch_adam``; DeepSpeed's CPU Adam when the optimizer is
-offloaded), the schedule is the trainer's own (passed to ``deepspeed.initialize``) unless the
+offloaded; fused with ZeRO-0 in fp32, where the backend skips a non-finite step through its
+``found_inf``), the schedule is the trainer's own (passed to ``deepspeed.initialize``) unless the
 JSON brings a ``scheduler``.
 """
 
@@ -51,6 +52,10 @@ def optimizer_block(cfg: TrainConfig) -> dict[str, Any]:
     }
     if cfg.deepspeed.offload_optimizer == "none":
         params["torch_adam"] = True  # plain torch.optim.AdamW: no JIT-built fused op
+        if cfg.deepspeed.zero_stage == 0 and cfg.optimization.precision == "fp32":
+            # DeepSpeed has no overflow check here; fused AdamW's found_inf lets the backend
+            # skip a non-finite step on the device (DeepSpeedBackend.step)
+            params["fused"] = True
     return {"type": "AdamW", "params": params}
 
 

@@ -250,3 +250,158 @@ def test_judge_template_and_loading_errors(tmp_path):
         JudgeScorer(tmp_path / "missing")
     with pytest.raises(ScoringError, match="max_new_tokens must be a positive int"):
         ScriptedJudge(lambda q: "1", max_new_tokens=0)
+
+
+# ------------------------------------------------------------- judge, decision "probability"
+def save_position_judge(path, tokenizer, multiples):
+    """A tiny Llama judge whose next-token logits after any chat question are the same.
+
+    Its attention and MLP outputs are zero (``o_proj``, ``down_proj``), so the hidden state at
+    the last position is the embedding of the last token, which the chat template's generation
+    prompt fixes (``"<|im_start|>assistant\\n"``); the untied head is zero but for the rows of
+    the tokens in ``multiples`` (``{"1": 100.0}``: that multiple of that embedding). So the
+    answer and its probabilities do not depend on the question: a judge of position only
+    (``{"1": 100.0}`` answers "1" greedily, whatever it is asked)."""
+    from transformers import LlamaForCausalLM
+
+    from fastpo.engine.data.assets import tiny_llama_config
+
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    last = tokenizer(prompt, add_special_tokens=False)["input_ids"][-1]
+    config = tiny_llama_config(len(tokenizer), initializer_range=0.1,
+                               pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id,
+                               bos_token_id=tokenizer.bos_token_id)
+    assert not config.tie_word_embeddings
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for text, multiple in multiples.items():
+            (token,) = tokenizer(text, add_special_tokens=False)["input_ids"]
+            model.lm_head.weight[token] = multiple * model.model.embed_tokens.weight[last]
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def two_token_preference(model, tokenizer, question):
+    """P("1") / (P("1") + P("2")) of the judge's next token after ``question`` alone (one
+    sequence, no padding), from a plain forward."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    (one,) = tokenizer("1", add_special_tokens=False)["input_ids"]
+    (two,) = tokenizer("2", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+    return 1.0 / (1.0 + math.exp(logits[two].item() - logits[one].item()))
+
+
+def test_judge_probability_is_the_two_token_softmax_of_each_question_alone(tiny_dir, tokenizer):
+    # 2 prompts × 2 samples, one order: 2 questions of different lengths in one padded forward
+    judge = build_scorer({"judge": str(tiny_dir), "decision": "probability",
+                          "both_orders": False, "batch_size": 2})
+    assert isinstance(judge, JudgeScorer) and judge.decision == "probability"
+    completions = [[" 4", " five, or maybe 4"], ["hi", "Hello there!"]]
+    scores = judge.score(PROMPTS, completions).double()
+    assert judge.last_stats == {"comparisons": 2, "no_decisions": 0}
+    for p, prompt in enumerate(PROMPTS):
+        expected = two_token_preference(judge.model, tokenizer,
+                                        judge_question(prompt, *completions[p]))
+        assert abs(expected - 0.5) > 1e-4  # the random judge has a preference
+        assert scores[p, 0].item() == pytest.approx(expected, abs=1e-5)
+        assert scores[p, 1].item() == pytest.approx(1.0 - expected, abs=1e-5)
+    assert not judge.model.training
+    assert not any(p.requires_grad for p in judge.model.parameters())
+
+
+def test_judge_probability_both_orders_averages_every_question(tiny_dir, tokenizer):
+    judge = JudgeScorer(tiny_dir, decision="probability", batch_size=5)
+    scores = judge.score(PROMPTS, COMPLETIONS).double()
+    assert judge.last_stats == {"comparisons": 12, "no_decisions": 0}
+    for p, prompt in enumerate(PROMPTS):
+        preferred = [[] for _ in COMPLETIONS[p]]
+        for a in range(3):
+            for b in range(3):
+                if a != b:  # question (a, b): a shown first
+                    first = two_token_preference(judge.model, tokenizer, judge_question(
+                        prompt, COMPLETIONS[p][a], COMPLETIONS[p][b]))
+                    preferred[a].append(first)
+                    preferred[b].append(1.0 - first)
+        expected = [sum(v) / len(v) for v in preferred]  # 4 questions each
+        assert scores[p].tolist() == pytest.approx(expected, abs=1e-5)
+        assert scores[p].sum().item() == pytest.approx(1.5, abs=1e-6)  # K / 2
+    assert len(set(scores.reshape(-1).tolist())) == 6  # continuous: the random judge ranks
+
+
+def test_judge_probability_position_only_judge_ties_exactly_both_ways(tmp_path, tokenizer):
+    # a mild position bias: P("1") ≈ 0.6 whatever the question (not 0 or 1, so the exact
+    # ties come from averaging both orders, not from rounding)
+    path = save_position_judge(tmp_path / "judge", tokenizer, {"1": 0.1, "2": 0.03})
+    judge = JudgeScorer(path, decision="probability", batch_size=4)
+    first = judge.preferences([judge_question(PROMPTS[0], " 4", " 5"),
+                               judge_question(PROMPTS[1], "a much longer response", "no")])
+    assert first[0] == first[1] and 0.52 < first[0] < 0.9
+    scores = judge.score(PROMPTS, COMPLETIONS)
+    assert scores.tolist() == [[0.5] * 3] * 2
+    selection = form_pairs(scores)
+    assert selection.pairs == [] and selection.tied == 2
+    one_order = JudgeScorer(path, decision="probability", both_orders=False)
+    p = first[0]
+    expected = [p, (1 - p + p) / 2, 1 - p]  # sample 0 is always shown first, 2 always second
+    assert one_order.score(PROMPTS, COMPLETIONS).tolist() == [
+        pytest.approx(expected, abs=1e-6)] * 2
+
+
+class DigitsTokenizer:
+    """A tokenizer that encodes "1" as ``one`` and "2" as ``two`` (token-id lists)."""
+
+    name_or_path = "fake/split-digits"
+
+    def __init__(self, one, two):
+        self.encoded = {"1": one, "2": two}
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": self.encoded[text]}
+
+
+def test_judge_decision_errors():
+    with pytest.raises(ScoringError, match=r"decision must be one of 'generate', 'probability', "
+                                           r"got 'logits'"):
+        ScriptedJudge(lambda q: "1", decision="logits")
+    with pytest.raises(ScoringError, match=r"scorer spec: decision must be one of 'generate', "
+                                           r"'probability', got 'vote'"):
+        build_scorer({"judge": "lm/", "decision": "vote"})
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(ScoringError, match=r"'1' and '2', each one token, but the tokenizer "
+                                           r"DigitsTokenizer \(fake/split-digits\) encodes '2' "
+                                           r"as the token ids \[29871, 29906\]"):
+        JudgeScorer(model=model, tokenizer=DigitsTokenizer([5], [29871, 29906]),
+                    decision="probability")
+    with pytest.raises(ScoringError, match="encodes '1' and '2' as the same token id 5"):
+        JudgeScorer(model=model, tokenizer=DigitsTokenizer([5], [5]), decision="probability")
+    # the generate decision never asks for the digits' tokens
+    assert JudgeScorer(model=model, tokenizer=DigitsTokenizer([], []),
+                       decision="generate").answer_ids is None
+
+
+def test_judge_decision_in_the_online_config():
+    from fastpo.engine.online.config import ScorerConfig
+
+    config = ScorerConfig(judge="lm/", decision="probability")
+    assert config.spec()["decision"] == "probability"
+    assert "decision" not in ScorerConfig(judge="lm/").spec()  # the scorer's default: generate
+    with pytest.raises(ValueError, match=r"decision\n.*decision must be one of 'generate', "
+                                         r"'probability', got 'sample'"):
+        ScorerConfig(judge="lm/", decision="sample")
+    with pytest.raises(ValueError, match="decision applies to a judge scorer, not to this "
+                                         "function scorer"):
+        ScorerConfig(function="exact_match", decision="generate")
+    with pytest.raises(ValueError, match="max_new_tokens applies to a judge's decision "
+                                         "'generate'"):
+        ScorerConfig(judge="lm/", decision="probability", max_new_tokens=4)

@@ -44,7 +44,7 @@ import pytest
 import torch
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
-from trainer_helpers import job
+from trainer_helpers import isolated_launch, job
 
 import fastpo.engine
 from fastpo import kernels
@@ -271,6 +271,49 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_reported_at_the_read(
     assert all(torch.equal(before[n], after[n]) for n in before)  # the update was skipped
     with pytest.raises(NonFiniteError, match=r"non-finite loss at step 1 \(2 micro-batch"):
         trainer.read_metrics()
+
+
+@pytest.mark.parametrize("poisoned", [False, True], ids=["finite", "nan-loss"])
+def test_deepspeed_fp32_zero0_steps_skip_a_non_finite_step_on_the_device(
+        tiny_dir, pairs_file, tmp_path, poisoned):
+    """DeepSpeed without ZeRO in fp32 has no overflow check of its own: the generated config's
+    fused AdamW skips a non-finite step through ``found_inf`` (the gradient norm was read on
+    the host before): a step adds no synchronization of ours, a NaN loss leaves the parameters
+    and the optimizer state as they were, and a finite step is applied."""
+    from fastpo.engine.train import NonFiniteError
+
+    with isolated_launch():
+        trainer = _trainer(tiny_dir, pairs_file, tmp_path,
+                           deepspeed={"enabled": True, "zero_stage": 0})
+        backend = trainer.backend
+        assert backend.skip_on_device and not backend.precheck
+        if poisoned:
+            objective = trainer.objective
+
+            def poison(*args, **kwargs):
+                out = objective(*args, **kwargs)
+                out.loss = out.loss * float("nan")
+                return out
+
+            poison.with_tails, poison.with_sum_sq = objective.with_tails, objective.with_sum_sq
+            trainer.objective = poison
+        params = dict(backend.module.named_parameters())
+        before = {n: p.detach().clone() for n, p in params.items()}
+        with SyncCounter() as counter:
+            first = trainer.train_step()
+        assert ours(counter.hits) == [], ours(counter.hits)
+        changed = [n for n in before if not torch.equal(before[n], params[n])]
+        state = backend.engine.optimizer.state
+        if poisoned:
+            assert changed == []
+            assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in state.values())
+            with pytest.raises(NonFiniteError, match="non-finite loss at step 1"):
+                trainer.read_metrics()
+        else:
+            assert changed and all(float(s["step"]) == 1 for s in state.values())
+            second = trainer.train_step()
+            trainer.read_metrics()
+            assert not first["skipped"] and not second["skipped"] and first["grad_norm"] > 0
 
 
 # ------------------------------------------------------- the fused linear op's gemm design

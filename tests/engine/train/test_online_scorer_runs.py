@@ -2,7 +2,9 @@
 (``scorer: {reward_model: folder}``) and a pairwise judge (``scorer: {judge: folder}``) score the
 generated samples, the pairs they form train the policy, the logged scores are the scorer's,
 the scorer model is never trained nor checkpointed, and a judge that cannot rank (position-only
-answers asked both ways, or answers that are neither "1" nor "2") stops the run naming why.
+answers asked both ways, or answers that are neither "1" nor "2") stops the run naming why; a
+judge that decides by its probabilities of "1" and "2" (``decision: probability``) decides
+every question.
 The scorers alone are tested in ``tests/engine/online/test_online_scorers.py``; the loop with
 a function scorer in ``test_online_training.py`` (whose job and prompts this file reuses)."""
 
@@ -21,6 +23,7 @@ from fastpo.engine.online.reward_model import RewardModelScorer
 from fastpo.engine.train import Callback
 from fastpo.engine.train.metrics_log import read_jsonl
 from fastpo.engine.train.online_metrics import round_metrics, scorer_counts, scorer_metrics
+from tests.engine.online.test_online_scorers import save_position_judge
 
 
 def lora_b_moved(module: torch.nn.Module) -> bool:
@@ -148,38 +151,11 @@ def test_a_reward_model_scores_the_pairs_of_a_training_run_and_is_never_trained(
 # -------------------------------------------------------------------------------- judge
 @pytest.fixture(scope="module")
 def always_one_judge_dir(tmp_path_factory, tokenizer):
-    """A tiny Llama that answers "1" to every chat question, greedily.
-
-    Its attention and MLP outputs are zero (``o_proj``, ``down_proj``), so the hidden state at
-    the last position is the embedding of the last token, which the chat template's generation
-    prompt fixes (``"<|im_start|>assistant\\n"``); the untied head is zero but for the row of
-    "1", a large multiple of that embedding: the logit of "1" is large and positive, every
-    other logit 0."""
-    from transformers import LlamaForCausalLM
-
-    from fastpo.engine.data.assets import tiny_llama_config
-
-    (one,) = tokenizer("1", add_special_tokens=False)["input_ids"]
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False,
-                                           add_generation_prompt=True)
-    last = tokenizer(prompt, add_special_tokens=False)["input_ids"][-1]
-    config = tiny_llama_config(len(tokenizer), initializer_range=0.1,
-                               pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id,
-                               bos_token_id=tokenizer.bos_token_id)
-    assert not config.tie_word_embeddings
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[one] = 100.0 * model.model.embed_tokens.weight[last]
-    path = tmp_path_factory.mktemp("judge-always-1")
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+    """A tiny Llama that answers "1" to every chat question, greedily: its logit of "1" after
+    the chat template's generation prompt is large and positive whatever the question, every
+    other logit 0 (``save_position_judge``)."""
+    return save_position_judge(tmp_path_factory.mktemp("judge-always-1"), tokenizer,
+                               {"1": 100.0})
 
 
 def judge_job(tiny_dir, prompts_file, out, judge, **scorer) -> dict:  # noqa: F811
@@ -255,6 +231,33 @@ def test_a_judge_that_answers_neither_is_counted_and_the_run_stops_naming_why(
     err = capsys.readouterr().err
     assert "gave no pair" in err and "96 comparisons, 96 no_decisions" in err
     assert "not one comparison was decided: check that the judge answers '1' or '2'" in err
+
+
+def test_a_probability_judge_decides_every_question_and_its_pairs_train(
+        tiny_dir, prompts_file, tmp_path):  # noqa: F811
+    # the random tiny Llama as the judge again: its greedy answers decide nothing (above), its
+    # probabilities of "1" and "2" decide every question and give continuous scores
+    data = judge_job(tiny_dir, prompts_file, tmp_path, tiny_dir, decision="probability")
+    grab = Grab()
+    result = run(data, callbacks=[grab])
+    assert result.steps == 2 and result.stopped == "completed"
+    records = read_jsonl(tmp_path / "metrics.jsonl", "train")
+    assert_trained(records, 2)
+    assert lora_b_moved(grab.trainer.backend.module)
+    scorer = grab.trainer.source.scorer
+    assert isinstance(scorer, JudgeScorer) and scorer.decision == "probability"
+    step = grab.steps[0]
+    assert len(step["chosen"]) == 4  # one pair per prompt: no tie
+    for chosen, rejected in zip(step["chosen"], step["rejected"]):
+        assert 0.0 < rejected < chosen < 1.0
+    assert any(4 * c != round(4 * c) for c in step["chosen"])  # not win counts of 4 questions
+    for record in records:
+        assert record["online/tie_fraction"] == 0.0 and record["online/round_pairs"] == 4
+        assert record["online/score_mean"] == pytest.approx(0.5, abs=1e-6)  # K / 2 per prompt
+        # one scoring call: 4 prompts × 3 pairs × 2 orders, every one decided
+        assert record["online/scorer_comparisons"] == 24
+        assert record["online/scorer_no_decisions"] == 0
+        assert record["online/scorer_no_decision_fraction"] == 0.0
 
 
 def test_round_metrics_sum_the_scorer_counters_over_the_round():

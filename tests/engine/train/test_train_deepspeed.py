@@ -3,6 +3,8 @@ fails here first if an installed DeepSpeed changes under it)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from trainer_helpers import isolated_launch, job, losses, merge, run
@@ -73,11 +75,11 @@ class TiedLM(torch.nn.Module):
         return self.head(self.body(self.embed(ids)))
 
 
-def deepspeed_backend(module: torch.nn.Module, stage: int):
+def deepspeed_backend(module: torch.nn.Module, stage: int, **settings):
     from fastpo.engine.train.config import TrainConfig
     from fastpo.engine.train.deepspeed_backend import DeepSpeedBackend
 
-    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+    ds_config = {**settings, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": stage},
                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
     return DeepSpeedBackend(module, TrainConfig.model_validate({}), ds_config, total_steps=4)
@@ -97,6 +99,34 @@ def test_a_skipped_step_is_reported_by_was_step_applied(process_group):
     backend.backward(backend.model(ids).square().mean())
     applied = backend.step()
     assert applied.applied is True and applied.reason == ""
+    assert not torch.equal(backend.module.body.weight, before["body.weight"])
+
+
+def test_without_zero_an_unfused_optimizer_reads_the_norm_before_the_step(process_group):
+    """fp32 without ZeRO, a user's optimizer that is not fused torch AdamW (no ``found_inf``):
+    the backend reads the gradient norm first and steps without an update: parameters and
+    optimizer state as before, DeepSpeed's clipping on (it needs gradients), the schedule moving
+    on; a finite step after it is applied (the generated config's fused AdamW skips on the device
+    instead: test_host_syncs.py)."""
+    torch.manual_seed(0)
+    backend = deepspeed_backend(TiedLM(), stage=0, gradient_clipping=1.0)
+    assert backend.precheck and not backend.skip_on_device
+    ids = torch.tensor([[1, 2, 3]])
+    backend.backward(backend.model(ids).square().mean())
+    assert backend.step().applied is True
+    state = copy.deepcopy(backend.engine.optimizer.state_dict()["state"])
+    before = {n: p.detach().clone() for n, p in backend.module.named_parameters()}
+    lr = backend.lr()
+    backend.backward(backend.model(ids).sum() * float("nan"))
+    skipped = backend.step()
+    assert skipped.applied is False and "non-finite" in skipped.reason
+    assert all(torch.equal(p, before[n]) for n, p in backend.module.named_parameters())
+    after = backend.engine.optimizer.state_dict()["state"]
+    assert after.keys() == state.keys() and all(
+        torch.equal(after[k][name], state[k][name]) for k in state for name in state[k])
+    assert backend.lr() != lr and backend.engine.global_steps == 2  # the schedule moved on
+    backend.backward(backend.model(ids).square().mean())
+    assert backend.step().applied is True
     assert not torch.equal(backend.module.body.weight, before["body.weight"])
 
 
