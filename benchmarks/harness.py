@@ -6,23 +6,19 @@ one repetition (e.g. forward + backward) and may return a scalar so that impleme
 checked against each other. :func:`run_case` then
 
 1. calls it ``warmup`` times (lazy initialisation, compilation, allocator growth);
-2. times ``reps`` further calls (device synchronised) and keeps all of them, with the median and
-   the spread. On CPU the process runs glibc's allocator as a user's process does (its mmap
-   threshold adapts and freed buffers are reused), so the times are those a user gets;
-3. measures the peak extra memory of one more call:
+2. measures the peak extra memory of one more call:
    - CUDA: ``torch.cuda.max_memory_allocated()`` minus the allocation before the call;
    - CPU: growth of the resident set over its value before the call, read from the kernel's
      high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``; sampled every
-     millisecond where that is not allowed). Before it the allocator is pinned
-     (:func:`pin_allocator`: every block of 128 KiB or more gets its own mapping and is unmapped
-     when freed, and the free memory the timed calls left cached is returned), so the resident
-     set tracks live memory. Each case runs in a fresh process (:func:`run_case_subprocess`),
-     so one case's allocations never hide another's.
-
-Pinning the allocator for the whole run (as this harness did until 2026-12-07) made every large
-allocation a fresh mapping whose pages are faulted in and zeroed on each call: ~2 s of a 10 s
-DPO step on the 2-core CPU, a cost no user pays, added to every row alike, which shrank every
-ratio towards 1.
+     millisecond where that is not allowed). Each CPU case runs in a fresh process
+     (:func:`run_case_subprocess`) with glibc's mmap threshold pinned low, so freed buffers go
+     back to the OS and the resident set tracks live memory;
+3. times ``reps`` further calls (device synchronised) and keeps all of them, with the median and
+   the spread. Before them the CPU allocator is released to the state a user's process reaches
+   (:func:`release_allocator`): with the threshold pinned low, every large buffer would be a
+   fresh mapping whose pages are faulted in and zeroed on each call — ~2 s of a 7.5 s DPO step
+   on the 2-core CPU, a cost no user pays, which the timings carried until 2026-12-07 and which
+   shrank every ratio towards 1.
 
 The machine and library versions go with every result file (:func:`machine_info`).
 """
@@ -48,9 +44,14 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_MARKER = "FASTPO_BENCH_RESULT "
-# glibc's mallopt parameters (malloc.h) and the pinned threshold of the memory measurement.
+# Every allocation of 128 KiB or more gets its own mapping and is unmapped when freed, so the
+# resident set tracks live memory (glibc otherwise raises the threshold after the first frees).
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+# glibc's mallopt parameters (malloc.h), and where its adaptive threshold settles in a process
+# that frees large buffers: the mmap threshold at its ceiling (32 MiB on 64-bit), trimming at
+# twice that.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_PINNED_THRESHOLD = 128 * 1024
+_USER_MMAP_THRESHOLD = 32 * 2**20
 
 
 class SkipCase(Exception):
@@ -185,24 +186,20 @@ def current_rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def pin_allocator() -> bool:
-    """From now on, every glibc allocation of 128 KiB or more gets its own mapping, unmapped when
-    freed, and free memory above 128 KiB is trimmed; the free memory cached so far is returned
-    now (``malloc_trim``). Then the resident set follows the live memory, which a peak-memory
-    reading needs (glibc otherwise reuses freed blocks, and a call's growth hides in them).
-    False where the C library has no ``mallopt`` (not glibc): the reading is then a lower bound."""
+def release_allocator() -> bool:
+    """Give glibc's allocator the settings it reaches by itself in a user's process once large
+    buffers have been freed (mmap threshold 32 MiB, trim threshold 64 MiB), undoing the low
+    threshold the measuring process starts with (:data:`_MALLOC_ENV`): freed blocks are reused
+    instead of unmapped and faulted in again. False where the C library has no ``mallopt``."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, _PINNED_THRESHOLD))
-    ok = bool(mallopt(_M_TRIM_THRESHOLD, _PINNED_THRESHOLD)) and ok
-    malloc_trim(0)
-    return ok
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, _USER_MMAP_THRESHOLD))
+    return bool(mallopt(_M_TRIM_THRESHOLD, 2 * _USER_MMAP_THRESHOLD)) and ok
 
 
 def _reset_high_water_mark() -> bool:
@@ -220,14 +217,12 @@ class CpuPeakMemory:
     def __init__(self) -> None:
         self.extra = 0
         self.method = ""
-        self.pinned = False
         self._stop = threading.Event()
         self._sampled = 0
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> CpuPeakMemory:
         gc.collect()
-        self.pinned = pin_allocator()
         self._baseline = current_rss_bytes()
         if _reset_high_water_mark():
             self.method = "rss-hwm"
@@ -271,22 +266,13 @@ def _scalar(value: Any) -> float | None:
 
 def measure(workload: Workload, *, device: str, warmup: int, reps: int,
             profile_path: str | None = None) -> dict[str, Any]:
-    """Warm up, time ``reps`` calls, then measure the peak memory of one more call (after the
-    timing: the CPU reading pins the allocator, which would slow the timed calls)."""
+    """Warm up, measure the peak memory of one call, then time ``reps`` calls (on CPU with the
+    allocator released to a user's settings first: :func:`release_allocator`)."""
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     for _ in range(warmup):
         workload.call()
     _synchronize(device)
-    times = []
-    for _ in range(reps):
-        if workload.setup_each is not None:
-            workload.setup_each()
-        _synchronize(device)
-        start = time.perf_counter()
-        workload.fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
     if workload.setup_each is not None:
         workload.setup_each()
     if device.startswith("cuda"):
@@ -301,8 +287,18 @@ def measure(workload: Workload, *, device: str, warmup: int, reps: int,
     else:
         with CpuPeakMemory() as mem:
             check = workload.fn()
-        peak, method = mem.extra, mem.method if mem.pinned else f"{mem.method}, unpinned"
+        peak, method = mem.extra, mem.method
+        release_allocator()
     check = _scalar(check)
+    times = []
+    for _ in range(reps):
+        if workload.setup_each is not None:
+            workload.setup_each()
+        _synchronize(device)
+        start = time.perf_counter()
+        workload.fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
     out: dict[str, Any] = {"times_s": times, **summarize(times), "peak_mem_bytes": int(peak),
                            "mem_method": method, "check": check}
     if workload.tokens:
@@ -394,11 +390,11 @@ def run_case(spec: CaseSpec) -> Result:
 
 
 def worker_env() -> dict[str, str]:
-    """Environment of a measuring process: real kernels (no Triton interpreter) and the
-    allocator a user's process has (no ``MALLOC_*`` tuning: :func:`measure` pins it itself for
-    the memory reading, after the timing)."""
+    """Environment of a measuring process: real kernels (no Triton interpreter), glibc's mmap
+    threshold pinned low for the memory reading (:func:`measure` releases it before timing)."""
     env = {k: v for k, v in os.environ.items()
            if k != "TRITON_INTERPRET" and not k.startswith("MALLOC_")}
+    env.update(_MALLOC_ENV)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return env

@@ -14,11 +14,12 @@ no ``.grad`` accumulation, which would copy a gradient that aliases the logits).
     native_op        the bare ``torch.ops.fastpo_native`` ops in a minimal autograd.Function (the
                      kernel without the dispatch layer around it)
 
-Each (implementation, dtype) runs in a fresh process through ``benchmarks.harness``: warm-up,
-``reps`` timed calls (the median is reported), then one call measured for peak memory (growth of
-the resident set over its value after the inputs exist, read from the kernel's high-water mark
-``VmHWM`` after resetting it through ``/proc/self/clear_refs``; glibc's allocator is pinned first
-so freed buffers leave the resident set). Memory ratios are to the logits' size.
+Each (implementation, dtype) runs in a fresh process through ``benchmarks.harness``: warm-up, one
+call measured for peak memory (growth of the resident set over its value after the inputs exist,
+read from the kernel's high-water mark ``VmHWM`` after resetting it through
+``/proc/self/clear_refs``; glibc's mmap threshold is pinned low for it so freed buffers leave the
+resident set), then ``reps`` timed calls with the allocator as a user's process has it; the median
+is reported. Memory ratios are to the logits' size.
 """
 
 from __future__ import annotations

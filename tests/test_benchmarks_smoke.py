@@ -108,27 +108,42 @@ def test_fresh_process_case_sees_the_gradient_buffer():
     assert result.peak_mem_bytes >= 0.9 * grad_bytes, (result.peak_mem_bytes, grad_bytes)
 
 
-def test_times_use_the_users_allocator_and_memory_pins_it():
-    """The worker keeps glibc's adaptive allocator for the timed calls (no ``MALLOC_*`` tuning
-    inherited or added), and the memory reading, taken after the timed calls have warmed the
-    allocator's free lists, still sees each call's 16 MiB buffer."""
+def test_memory_is_read_pinned_and_times_run_on_a_users_allocator():
+    """The worker starts with glibc's mmap threshold pinned low: a 1 MiB block is its own
+    mapping (``mallinfo2().hblks``), and the memory reading sees a call's 16 MiB buffer as
+    growth. ``measure`` then releases the allocator to a user's settings for the timed calls:
+    the same block comes from the heap, where freed memory is reused rather than unmapped and
+    faulted in again on every call."""
     env = harness.worker_env()
-    assert not any(k.startswith("MALLOC_") for k in env) and "TRITON_INTERPRET" not in env
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "131072" and "TRITON_INTERPRET" not in env
     code = (
-        "import json, torch\n"
+        "import ctypes, ctypes.util, json, torch\n"
         "from benchmarks import harness\n"
-        "def buffer(mib):\n"
-        "    return lambda: torch.ones(mib * 2**18).sum()\n"
-        "for mib in (1, 4, 8, 16, 16, 16):\n"
-        "    buffer(mib)()\n"
-        "out = harness.measure(harness.Workload(buffer(16)), device='cpu', warmup=1, reps=3)\n"
-        "print(json.dumps([out['peak_mem_bytes'], out['mem_method']]))\n")
+        "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks',\n"
+        "                'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+        "libc.mallinfo2.restype = Info\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "def mapped(size):\n"
+        "    before = libc.mallinfo2().hblks\n"
+        "    block = libc.malloc(size)\n"
+        "    grew = libc.mallinfo2().hblks - before\n"
+        "    libc.free(block)\n"
+        "    return grew\n"
+        "pinned = mapped(2**20)\n"
+        "out = harness.measure(harness.Workload(lambda: torch.ones(4 * 2**20).sum()),\n"
+        "                      device='cpu', warmup=1, reps=2)\n"
+        "print(json.dumps([pinned, out['peak_mem_bytes'], out['mem_method'], mapped(2**20),\n"
+        "                  mapped(48 * 2**20)]))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    peak, method = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert method in ("rss-hwm", "rss-sampled-1ms"), method  # not "..., unpinned"
-    assert peak >= 0.9 * 16 * 2**20, peak
+    pinned, peak, method, released, large = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert method in ("rss-hwm", "rss-sampled-1ms"), method
+    assert pinned == 1 and peak >= 0.9 * 16 * 2**20, (pinned, peak)
+    assert released == 0 and large == 1  # heap below 32 MiB, as a user's process settles
 
 
 def test_summarize_and_errors():
