@@ -17,8 +17,9 @@ the gradients it must return). Implementations:
     liger           Liger's ``LigerFusedLinearDPOLoss`` (chunked PyTorch), eager
     liger_compiled  the same with ``compiled=True`` (torch.compile of its chunk step)
     fastpo          ``fastpo.kernels.linear_sequence_logps``, then the loss
-    fastpo_loss_fused  ``fastpo.FusedLinearDPOLoss``: the loss inside the op (its loss-fused
-                    design: every gradient made in the forward, 6·N·V·H executed)
+    fastpo_loss_fused  ``fastpo.FusedLinearDPOLoss(design="loss-fused")``: the loss inside the
+                    op, every gradient made in the forward, 6·N·V·H executed (its "auto" takes
+                    this design on CUDA where the cost model predicts a win, never on CPU)
     cce             Cut Cross-Entropy ``linear_cross_entropy(reduction="none")`` (CUDA only)
     matmul          not a DPO step: one ``h_scored @ W.T`` in the input dtype, the machine's
                     matmul rate at this shape (the yardstick of the TFLOP/s column)
@@ -120,7 +121,7 @@ def build(cfg: dict[str, Any]) -> Workload:
     elif impl == "fastpo_loss_fused":
         from fastpo.engine.losses.modules import FusedLinearDPOLoss
 
-        fused = FusedLinearDPOLoss(beta=BETA, use_ref_model=False)
+        fused = FusedLinearDPOLoss(beta=BETA, use_ref_model=False, design="loss-fused")
 
         def loss_fn() -> torch.Tensor:
             return fused(weight, hidden, labels)[0]

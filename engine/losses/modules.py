@@ -37,6 +37,13 @@ __all__ = [
 Result = tuple[Tensor, fl.Aux]
 
 
+def _checked_design(design: str) -> str:
+    """``design`` of the functional form ("auto", "loss-fused" or "logps"), checked at build."""
+    if design not in fi.DESIGNS:
+        raise ValueError(f"design must be one of {fi.DESIGNS}, got {design!r}")
+    return design
+
+
 class FusedLinearDPOLoss(nn.Module):
     """DPO family on hidden states + lm_head (see ``fused_linear_dpo_loss``)."""
 
@@ -45,9 +52,11 @@ class FusedLinearDPOLoss(nn.Module):
         compute_nll_loss: bool = False, compiled: bool = True, use_ref_model: bool = True,
         average_log_prob: bool = False, chunk_size: int = 1,
         loss_type: str | Sequence[str] = "sigmoid", label_smoothing: float = 0.0,
-        discopop_tau: float = 0.05, loss_weights: Sequence[float] | None = None,
+        discopop_tau: float = 0.05, loss_weights: Sequence[float] | None = None, *,
+        design: str = "auto",
     ) -> None:
         super().__init__()
+        self.design = _checked_design(design)
         fi.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
                         chunk_size=chunk_size, compute_nll_loss=compute_nll_loss,
                         use_ref_model=use_ref_model, average_log_prob=average_log_prob)
@@ -74,7 +83,7 @@ class FusedLinearDPOLoss(nn.Module):
             ignore_index=self.ignore_index, beta=self.beta, alpha=self.alpha,
             compute_nll_loss=self.compute_nll_loss, compiled=self.compiled,
             use_ref_model=self.use_ref_model, average_log_prob=self.average_log_prob,
-            chunk_size=self.chunk_size, loss_type=self.loss_type,
+            chunk_size=self.chunk_size, design=self.design, loss_type=self.loss_type,
             label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau,
             loss_weights=self.loss_weights, ref_chosen_logps=ref_chosen_logps,
             ref_rejected_logps=ref_rejected_logps)
@@ -85,9 +94,10 @@ class FusedLinearORPOLoss(nn.Module):
 
     def __init__(
         self, ignore_index: int = -100, beta: float = 0.1, compute_nll_loss: bool = True,
-        compiled: bool = True, chunk_size: int = 1,
+        compiled: bool = True, chunk_size: int = 1, *, design: str = "auto",
     ) -> None:
         super().__init__()
+        self.design = _checked_design(design)
         fi.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
                         chunk_size=chunk_size, compute_nll_loss=compute_nll_loss)
         self.ignore_index, self.beta = ignore_index, beta
@@ -102,7 +112,7 @@ class FusedLinearORPOLoss(nn.Module):
         return fl.fused_linear_orpo_loss(
             _input, lin_weight, target, bias, nll_target, ignore_index=self.ignore_index,
             beta=self.beta, compute_nll_loss=self.compute_nll_loss, compiled=self.compiled,
-            chunk_size=self.chunk_size)
+            chunk_size=self.chunk_size, design=self.design)
 
 
 class FusedLinearCPOLoss(nn.Module):
@@ -113,9 +123,10 @@ class FusedLinearCPOLoss(nn.Module):
         self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
         label_smoothing: float = 0.0, compute_nll_loss: bool = True, compiled: bool = True,
         average_log_prob: bool = False, chunk_size: int = 1, loss_type: str = "sigmoid",
-        simpo_gamma: float = 0.5,
+        simpo_gamma: float = 0.5, *, design: str = "auto",
     ) -> None:
         super().__init__()
+        self.design = _checked_design(design)
         fi.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
                         chunk_size=chunk_size, compute_nll_loss=compute_nll_loss,
                         average_log_prob=average_log_prob)
@@ -139,6 +150,7 @@ class FusedLinearCPOLoss(nn.Module):
             alpha=self.alpha, label_smoothing=self.label_smoothing,
             compute_nll_loss=self.compute_nll_loss, compiled=self.compiled,
             average_log_prob=self.average_log_prob, chunk_size=self.chunk_size,
+            design=self.design,
             loss_type=self.loss_type, simpo_gamma=self.simpo_gamma)
 
 
@@ -148,9 +160,10 @@ class FusedLinearSimPOLoss(nn.Module):
     def __init__(
         self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
         label_smoothing: float = 0.0, compute_nll_loss: bool = True, compiled: bool = True,
-        gamma: float = 0.5, chunk_size: int = 1,
+        gamma: float = 0.5, chunk_size: int = 1, *, design: str = "auto",
     ) -> None:
         super().__init__()
+        self.design = _checked_design(design)
         fi.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
                         chunk_size=chunk_size, compute_nll_loss=compute_nll_loss)
         check_weight("alpha", alpha)
@@ -168,7 +181,7 @@ class FusedLinearSimPOLoss(nn.Module):
             _input, lin_weight, target, bias, ignore_index=self.ignore_index, beta=self.beta,
             alpha=self.alpha, label_smoothing=self.label_smoothing,
             compute_nll_loss=self.compute_nll_loss, compiled=self.compiled, gamma=self.gamma,
-            chunk_size=self.chunk_size)
+            chunk_size=self.chunk_size, design=self.design)
 
 
 class FusedLinearKTOLoss(nn.Module):
@@ -177,9 +190,11 @@ class FusedLinearKTOLoss(nn.Module):
 
     def __init__(
         self, ignore_index: int = -100, beta: float = 0.1, compiled: bool = True,
-        use_ref_model: bool = False, average_log_prob: bool = False, chunk_size: int = 1,
+        use_ref_model: bool = False, average_log_prob: bool = False, chunk_size: int = 1, *,
+        design: str = "auto",
     ) -> None:
         super().__init__()
+        self.design = _checked_design(design)
         fi.check_common(ignore_index=ignore_index, beta=beta, compiled=compiled,
                         chunk_size=chunk_size, use_ref_model=use_ref_model,
                         average_log_prob=average_log_prob)
@@ -202,4 +217,5 @@ class FusedLinearKTOLoss(nn.Module):
             ref_bias, kl, ignore_index=self.ignore_index, beta=self.beta,
             compiled=self.compiled, use_ref_model=self.use_ref_model,
             average_log_prob=self.average_log_prob, chunk_size=self.chunk_size,
+            design=self.design,
             ref_logps=ref_logps)

@@ -108,6 +108,34 @@ def test_simpo_orpo_and_kto_designs_agree(one_pair_chunks):
             average_log_prob=average)
 
 
+def test_module_forms_take_the_design_of_the_functional_form():
+    """Each module passes its ``design`` keyword to its functional form (the same loss and
+    gradients either way), and an unknown design fails at construction."""
+    from fastpo.engine.losses import modules
+
+    data = ugly_batch(4)
+    labels = torch.tensor(KTO_LABELS)
+    forms = {
+        "dpo": lambda d: lambda x, w, t, b: modules.FusedLinearDPOLoss(
+            use_ref_model=False, design=d)(w, x, t, b),
+        "orpo": lambda d: lambda x, w, t, b: modules.FusedLinearORPOLoss(design=d)(w, x, t, b),
+        "cpo": lambda d: lambda x, w, t, b: modules.FusedLinearCPOLoss(design=d)(w, x, t, b),
+        "simpo": lambda d: lambda x, w, t, b: modules.FusedLinearSimPOLoss(design=d)(w, x, t, b),
+        "kto": lambda d: lambda x, w, t, b: modules.FusedLinearKTOLoss(design=d)(
+            x, w, t, b, labels),
+    }
+    for name, form in forms.items():
+        fused, logps = run(form("loss-fused"), data), run(form("logps"), data)
+        assert type(fused[0].grad_fn).__name__ == "_LossFusedLinearBackward", name
+        assert type(logps[0].grad_fn).__name__ != "_LossFusedLinearBackward", name
+        assert_same(logps, fused)
+    for cls in (modules.FusedLinearDPOLoss, modules.FusedLinearORPOLoss,
+                modules.FusedLinearCPOLoss, modules.FusedLinearSimPOLoss,
+                modules.FusedLinearKTOLoss):
+        with pytest.raises(ValueError, match="design must be one of"):
+            cls(design="fused")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_loss_fused_half_inputs_match_float64(dtype, one_pair_chunks):
     """Half-precision hidden states and head (odd V = 37, a fully masked chosen sequence, bias):
