@@ -148,6 +148,25 @@ def scorer(args: argparse.Namespace) -> dict[str, Any]:
     return section
 
 
+def write_table(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> Any:
+    """Write ``rows`` as CSV (None as empty) and return matplotlib's pyplot for the figure, or
+    None when matplotlib is not installed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; no plot")
+        return None
+    return plt
+
+
 def write_results(metrics: Path, plots: Path) -> tuple[Path, Path | None, list[dict[str, Any]]]:
     """``online_dpo.csv`` and ``online_dpo.png`` from the run's ``metrics.jsonl``."""
     from fastpo.engine.train.metrics_log import read_jsonl
@@ -164,19 +183,9 @@ def write_results(metrics: Path, plots: Path) -> tuple[Path, Path | None, list[d
                      "loss": record.get("loss"),
                      "completion_length_mean": record.get("online/completion_length_mean"),
                      "tie_fraction": record.get("online/tie_fraction")})
-    plots.mkdir(parents=True, exist_ok=True)
     table = plots / "online_dpo.csv"
-    with open(table, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed; no plot")
+    plt = write_table(table, rows, list(rows[0]))
+    if plt is None:
         return table, None, rows
     fig, ax = plt.subplots(figsize=(7, 4))
     points = [(r["step"], r["train_score_mean"]) for r in rows if r["train_score_mean"] is not None]
@@ -212,21 +221,9 @@ def write_judge_results(metrics: Path, plots: Path, decision: str = "probability
 
     rows = [{"step": r["step"], **{name: r.get(key) for name, key in JUDGE_COLUMNS.items()}}
             for r in read_jsonl(metrics, "train")]
-    plots.mkdir(parents=True, exist_ok=True)
     table = plots / "online_dpo_judge.csv"
-    with open(table, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", *JUDGE_COLUMNS])
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed; no plot")
-        return table, None, rows
-    if not rows:
+    plt = write_table(table, rows, ["step", *JUDGE_COLUMNS])
+    if plt is None or not rows:
         return table, None, rows
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     steps = [r["step"] for r in rows]
