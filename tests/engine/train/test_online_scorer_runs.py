@@ -38,6 +38,17 @@ def assert_trained(records: list[dict], steps: int) -> None:
         assert record["grad_norm"] > 0 and record["online/pairs"] > 0
 
 
+def train_completed(data: dict, out, steps: int) -> tuple[Grab, list[dict]]:
+    """Run ``data`` to completion (``steps`` steps); every step trained and moved LoRA B."""
+    grab = Grab()
+    result = run(data, callbacks=[grab])
+    assert result.steps == steps and result.stopped == "completed"
+    records = read_jsonl(out / "metrics.jsonl", "train")
+    assert_trained(records, steps)
+    assert lora_b_moved(grab.trainer.backend.module)
+    return grab, records
+
+
 def with_scorer(data: dict, **scorer) -> dict:
     """``data`` scored by ``scorer`` instead of the job's function (``merge`` would keep both
     kinds, which the config refuses)."""
@@ -100,13 +111,8 @@ def test_a_reward_model_scores_the_pairs_of_a_training_run_and_is_never_trained(
     data = with_scorer(online_job(tiny_dir, prompts_file, tmp_path,
                                   checkpoint={"every_steps": 3}),
                        reward_model=str(reward_model_dir))
-    grab = Grab()
-    result = run(data, callbacks=[grab])
-    assert result.steps == 3 and result.stopped == "completed"
-    records = read_jsonl(tmp_path / "metrics.jsonl", "train")
-    assert_trained(records, 3)
+    grab, records = train_completed(data, tmp_path, 3)
     trainer = grab.trainer
-    assert lora_b_moved(trainer.backend.module)
 
     # the logged scores are the reward model's, recomputed here from the saved folder
     saved = LlamaForSequenceClassification.from_pretrained(str(reward_model_dir)).eval()
@@ -183,12 +189,7 @@ def test_a_judge_scores_the_pairs_of_a_training_run(tiny_dir, prompts_file,  # n
     # prompt's 3 samples get win rates 1, 0.5, 0 (the first sample beats both others)
     data = judge_job(tiny_dir, prompts_file, tmp_path, always_one_judge_dir,
                      max_new_tokens=1, both_orders=False)
-    grab = Grab()
-    result = run(data, callbacks=[grab])
-    assert result.steps == 2 and result.stopped == "completed"
-    records = read_jsonl(tmp_path / "metrics.jsonl", "train")
-    assert_trained(records, 2)
-    assert lora_b_moved(grab.trainer.backend.module)
+    grab, records = train_completed(data, tmp_path, 2)
     assert grab.steps[0]["chosen"] == [1.0] * 4 and grab.steps[0]["rejected"] == [0.0] * 4
     for record in records:
         assert record["online/chosen_score_mean"] == 1.0
@@ -238,12 +239,7 @@ def test_a_probability_judge_decides_every_question_and_its_pairs_train(
     # the random tiny Llama as the judge again: its greedy answers decide nothing (above), its
     # probabilities of "1" and "2" decide every question and give continuous scores
     data = judge_job(tiny_dir, prompts_file, tmp_path, tiny_dir, decision="probability")
-    grab = Grab()
-    result = run(data, callbacks=[grab])
-    assert result.steps == 2 and result.stopped == "completed"
-    records = read_jsonl(tmp_path / "metrics.jsonl", "train")
-    assert_trained(records, 2)
-    assert lora_b_moved(grab.trainer.backend.module)
+    grab, records = train_completed(data, tmp_path, 2)
     scorer = grab.trainer.source.scorer
     assert isinstance(scorer, JudgeScorer) and scorer.decision == "probability"
     step = grab.steps[0]
