@@ -22,17 +22,33 @@ from pathlib import Path
 from setuptools import setup
 
 # The root package lives in api/, not in a fastpo/ folder: a fastpo/ folder at the repository
-# root would shadow the installed package whenever Python runs from there.
-PACKAGES = {
-    "fastpo": "api",
-    "fastpo.kernels": "kernels",
-    "fastpo.engine": "engine",
-    "fastpo.engine.losses": "engine/losses",
-    "fastpo.engine.data": "engine/data",
-    "fastpo.engine.model": "engine/model",
-    "fastpo.engine.train": "engine/train",
-    "fastpo.engine.integrations": "engine/integrations",
-}
+# root would shadow the installed package whenever Python runs from there. Each top-level folder
+# below is the root of one subtree of the package; every folder with an ``__init__.py`` under it
+# is a package (found, never listed by hand), and every other file in it ships as package data.
+PACKAGE_ROOTS = {"fastpo": "api", "fastpo.kernels": "kernels", "fastpo.engine": "engine"}
+NOT_DATA = {".py", ".pyc", ".so", ".pyd"}
+
+
+def discover_packages() -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Every package under the roots (name -> folder) and the data files each one holds."""
+    packages: dict[str, str] = {}
+    data: dict[str, list[str]] = {}
+    for root_name, root in PACKAGE_ROOTS.items():
+        for init in sorted(Path(root).rglob("__init__.py")):
+            folder = init.parent
+            parts = folder.relative_to(root).parts
+            if "__pycache__" in parts:
+                continue
+            name = ".".join((root_name, *parts))
+            packages[name] = folder.as_posix()
+            files = sorted(p.name for p in folder.iterdir()
+                           if p.is_file() and p.suffix not in NOT_DATA)
+            if files:
+                data[name] = files
+    return packages, data
+
+
+PACKAGES, PACKAGE_DATA = discover_packages()
 
 
 def native_extensions() -> tuple[list, dict]:
@@ -126,7 +142,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"fastpo.engine.train": ["*.yaml"]},
+    package_data=PACKAGE_DATA,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
