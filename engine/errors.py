@@ -3,7 +3,10 @@
 ``fastpo-train`` answers an :class:`InputError` (and its subclasses ``ConfigError`` and
 ``DataFormatError``) with its one-line message and exit status 2, without a traceback
 (``FASTPO_TRACEBACK=1`` shows it). The message names what is wrong (file, line, row, field, key)
-and what was expected.
+and what was expected. A :class:`JobFault` is the environment failing a sound job (a full or
+read-only disk, an output folder held by another job, a lost rank): one line naming the folder,
+the holder or the rank, exit status 3; the job's complete checkpoints are kept and ``--resume``
+continues it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,11 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """Bad user input (a path, a file's content, a config value); the message names it."""
+
+
+class JobFault(RuntimeError):
+    """The environment failed the job (storage, output lock, lost rank); the message names what
+    and what to do. Complete checkpoints are kept: ``--resume`` continues."""
 
 
 def decode_utf8(raw: bytes, what: str, error: type[Exception] = InputError) -> str:

@@ -6,7 +6,9 @@ folders, ``datasets`` objects or lists of dicts, into canonical records that rem
 
 Errors are :class:`DataFormatError` naming the file and the line, row or byte offset: malformed
 JSON, text that is not UTF-8, a JSON object where a list of records was expected, an unreadable
-Parquet file; a row's own problems name its field (:mod:`fastpo.engine.data.formats`).
+Parquet file; a row's own problems name its field (:mod:`fastpo.engine.data.formats`). With a
+:class:`~.bad_rows.BadRowPolicy` of ``skip``, a malformed JSON Lines line and an invalid row are
+dropped and counted instead (:mod:`fastpo.engine.data.bad_rows`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import decode_utf8
+from .bad_rows import BadRowPolicy, BadRowTally
 from .formats import DataFormatError, is_paired, normalize_record
 
 
@@ -48,6 +51,13 @@ def _not_a_list(path: Path, text: str) -> DataFormatError | None:
                            f"JSON Lines: one object per line), got {got}")
 
 
+class UnreadableRow:
+    """A JSON Lines line that is not JSON (its error), yielded in the row's place."""
+
+    def __init__(self, error: DataFormatError) -> None:
+        self.error = error
+
+
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     text = decode_utf8(path.read_bytes(), f"preference data {path}", DataFormatError)
     stripped = text.lstrip()
@@ -60,15 +70,21 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(rows):
             yield f"{path} row {i}", row
         return
-    rows = []
+    rows: list[tuple[str, Any]] = []
+    whole_checked = False
     for lineno, line in enumerate(text.splitlines(), start=1):  # JSON Lines
         if not line.strip():
             continue
         try:
             rows.append((f"{path} line {lineno}", json.loads(line)))
         except json.JSONDecodeError as exc:
-            raise (_not_a_list(path, text) or DataFormatError(
-                f"{path} line {lineno} column {exc.colno}: malformed JSON ({exc.msg})")) from None
+            if not whole_checked:  # one JSON object over several lines is not a bad row
+                whole_checked = True
+                not_a_list = _not_a_list(path, text)
+                if not_a_list is not None:
+                    raise not_a_list from None
+            rows.append((f"{path} line {lineno}", UnreadableRow(DataFormatError(
+                f"{path} line {lineno} column {exc.colno}: malformed JSON ({exc.msg})"))))
     if len(rows) == 1 and not isinstance(rows[0][1], dict):
         raise _not_a_list(path, text) or DataFormatError(f"{path}: expected a list of records")
     yield from rows
@@ -139,27 +155,39 @@ def _source_rows(source: Any, split: str | None) -> Iterator[tuple[str, Any]]:
 
 
 def load_preference_records(source: str | Path | Sequence[Mapping[str, Any]] | Any, *,
-                            split: str | None = None) -> PreferenceRecords:
+                            split: str | None = None,
+                            bad_rows: BadRowPolicy | None = None) -> PreferenceRecords:
     """Load and validate preference data; return canonical paired or unpaired records (a list
     that also knows the file and row each came from).
 
     ``source``: a ``.json`` (array or JSON Lines), ``.jsonl`` or ``.parquet`` file, a folder saved
     with ``datasets``' ``save_to_disk``, a ``datasets.Dataset``/``DatasetDict`` (``split``
     picks one, default ``train``) or a list of dicts. Malformed JSON raises with file and line;
-    missing or wrongly typed fields and unknown roles raise with the row and the field.
+    missing or wrongly typed fields and unknown roles raise with the row and the field; under
+    ``bad_rows`` ``skip`` such rows are dropped and counted (:mod:`.bad_rows`).
     """
     records = PreferenceRecords(source=str(source) if isinstance(source, (str, Path)) else None)
+    tally = BadRowTally(bad_rows or BadRowPolicy(), records.source or "records")
     first_kind: tuple[str, bool] | None = None
+    total = 0
     for where, row in _source_rows(source, split):
-        record = normalize_record(row, where)
-        records.origins.append(where)
+        total += 1
+        try:
+            if isinstance(row, UnreadableRow):
+                raise row.error
+            record = normalize_record(row, where)
+            if first_kind is not None and is_paired(record) != first_kind[1]:
+                kinds = ("unpaired", "paired") if first_kind[1] else ("paired", "unpaired")
+                raise DataFormatError(f"{where}: {kinds[0]} record in data whose first record "
+                                      f"({first_kind[0]}) is {kinds[1]}")
+        except DataFormatError as exc:
+            tally.bad(where, exc)
+            continue
         if first_kind is None:
             first_kind = (where, is_paired(record))
-        elif is_paired(record) != first_kind[1]:
-            kinds = ("unpaired", "paired") if first_kind[1] else ("paired", "unpaired")
-            raise DataFormatError(f"{where}: {kinds[0]} record in data whose first record "
-                                  f"({first_kind[0]}) is {kinds[1]}")
+        records.origins.append(where)
         records.append(record)
+    tally.finish(total)
     if not records:
         name = f" {source}" if isinstance(source, (str, Path)) else ""
         raise DataFormatError(f"preference data{name} holds no records")

@@ -2,7 +2,11 @@
 with a batch of pairs (``PairStats``), the compute dtype, and the output type.
 
 Checks read only metadata (dtype, shape, device) and Python numbers, never tensor values, so
-they cost no device synchronization.
+they cost no device synchronization. Two value conditions are therefore the caller's to keep:
+log-probabilities are <= 0 (a sum of token log-probs; a positive value is not a probability and
+gives finite but meaningless rewards) and token counts are >= 0 (a negative count flips the sign
+of a length-normalised reward). fastpo's own pipeline produces them so (``forward_logps``,
+``collate_batch``); checking a caller's values would read them on the host at every call.
 """
 
 from __future__ import annotations
@@ -140,7 +144,8 @@ _COUNT_DTYPES = (torch.int32, torch.int64, *_FLOAT_DTYPES)
 
 
 def check_logps(name: str, value: object, *, like: Tensor | None = None) -> Tensor:
-    """``value`` is a 1-D floating tensor (shaped and placed like ``like`` when given)."""
+    """``value`` is a 1-D floating tensor (shaped and placed like ``like`` when given); its
+    values (<= 0 for log-probs) are not read: see the module docstring."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
     if value.dtype not in _FLOAT_DTYPES:
@@ -150,7 +155,8 @@ def check_logps(name: str, value: object, *, like: Tensor | None = None) -> Tens
 
 
 def check_num_tokens(name: str, value: object, *, like: Tensor) -> Tensor:
-    """``value`` is an integer or floating tensor of the shape of ``like``."""
+    """``value`` is an integer or floating tensor of the shape of ``like``; its values (>= 0)
+    are not read: see the module docstring."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
     if value.dtype not in _COUNT_DTYPES:

@@ -185,6 +185,9 @@ class CPOOptions:
         _option("label_smoothing", check_label_smoothing, self.label_smoothing)
         for name in ("cpo_alpha", "simpo_gamma", "alpha"):
             object.__setattr__(self, name, _option(name, check_weight, name, getattr(self, name)))
+        if self.cpo_alpha < 0:  # a negative NLL weight would push the chosen answers down
+            raise OptionError("cpo_alpha", f"cpo_alpha is the weight of the chosen answers' "
+                              f"NLL term and must be >= 0, got {self.cpo_alpha}")
 
     @property
     def formula(self) -> str:

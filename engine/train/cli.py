@@ -15,16 +15,21 @@ and for ``kto`` its ``data.share_prompt``), unless those keys are given on the c
 too. The ``--local_rank`` argument the deepspeed launcher adds is accepted (the rank comes from
 the environment). Exit status: 0 done, 1 stopped on a non-finite loss or gradient, 2 bad
 configuration or input, with one line naming the key, file, row or path
-(``FASTPO_TRACEBACK=1`` shows the traceback),
+(``FASTPO_TRACEBACK=1`` shows the traceback), 3 a fault of the environment: a disk too full
+for the next checkpoint or a failed write (ENOSPC, EIO, a read-only or vanished folder), an
+output folder another job holds, a lost rank; one line naming the folder, holder or rank, the
+complete checkpoints kept for ``--resume``;
 128 + N stopped by signal N (SIGTERM: 143, SIGINT: 130) after finishing the step and writing a
 checkpoint that ``--resume`` continues from.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -84,9 +89,18 @@ def _input_error(exc: BaseException) -> int:
     return 2
 
 
+def _job_fault(exc: BaseException) -> int:
+    """The environment failed the job (see :class:`~fastpo.engine.errors.JobFault`): one line,
+    exit status 3."""
+    if os.environ.get("FASTPO_TRACEBACK") == "1":
+        raise exc
+    print(f"fastpo-train: error: {exc}", file=sys.stderr, flush=True)
+    return 3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fastpo-train``; returns the exit status."""
-    from ..errors import InputError
+    from ..errors import InputError, JobFault
     from .config_loading import load_config, to_yaml
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -110,13 +124,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     from .loop import NonFiniteError, train
+    from .storage import storage_failure
 
     try:
         result = train(cfg)
     except NonFiniteError as exc:
         print(f"fastpo-train: stopped: {exc}", file=sys.stderr)
         return 1
-    except (InputError, ValueError, OSError) as exc:  # bad config, data or paths: it says which
+    except JobFault as exc:
+        return _job_fault(exc)
+    except OSError as exc:  # a write outside the guarded ones (metrics, config copy)
+        folder = Path(exc.filename).parent if exc.filename else Path(cfg.logging.output_dir)
+        fault = storage_failure(exc, folder=folder, what="a file of the run")
+        if fault is not None and exc.errno in (errno.ENOSPC, errno.EIO, errno.EROFS,
+                                               errno.EDQUOT):
+            return _job_fault(fault)
+        return _input_error(exc)
+    except (InputError, ValueError) as exc:  # bad config, data or paths: it says which
         return _input_error(exc)
     before, after = result.eval_before or {}, result.eval_after or {}
     if int(os.environ.get("RANK", "0")) == 0:

@@ -95,6 +95,11 @@ class DataConfig(Section):
     # layouts that pad rows (padded, shared), off for packed rows (nothing to save)
     group_by_length: bool | Literal["auto"] = "auto"
     length_window: int = Field(50, gt=0)
+    # bad rows (fastpo.engine.data.bad_rows): error = stop at the first one, naming file, line
+    # and field; skip = drop unreadable or invalid rows, count them by reason, log the first few,
+    # and refuse the file when more than max_bad_fraction of its rows are bad
+    on_bad_row: Literal["error", "skip"] = "error"
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
 
     def length_grouping(self) -> int | None:
         """The grouping window (micro-batches) for plan_batches, None when off; call after the
@@ -166,6 +171,9 @@ class DeepSpeedSection(Section):
     config_file: str | None = None  # a DeepSpeed JSON; "auto" values are filled from here
     communication_backend: str | None = None  # default: the accelerator's (gloo on CPU)
     cpu_shm_comm: bool = False  # build DeepSpeed's shared-memory op (inference only; slow JIT)
+    # seconds a collective waits for a rank before the job stops naming it (a dead rank's
+    # closed connection is seen at once; this bounds a hung one); torch's default is 30 minutes
+    timeout_s: float = Field(300.0, gt=0.0)
 
 
 # ---------------------------------------------------------------------------------- logging

@@ -5,7 +5,9 @@
   with its adapter off; ``separate`` → a frozen copy (sharded by its own ZeRO-3 inference engine
   when the policy is under ZeRO-3, else replicated per rank, cast like the policy);
   ``precomputed`` → a frozen reference (or the adapter-disabled policy) runs once over the train
-  and held-out sets, cached on disk by weights + data hash, and is then dropped.
+  and held-out sets, cached on disk by weights + data hash, and is then dropped. The cache's
+  room is checked before the reference runs, and a failed write is one line
+  (:class:`~.storage.StorageError`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.bad_rows import BadRowPolicy
 from ..data.dataset import (
     TokenizedDataset,
     load_preference_records,
@@ -36,12 +39,14 @@ from ..model.reference_cache import (
     reference_cache_key,
 )
 from .config import TrainConfig
+from .storage import check_room, storage_failure
 
 logger = logging.getLogger(__name__)
 
 
 def _tokenize(cfg: TrainConfig, source: Any, tokenizer: Any, what: str) -> TokenizedDataset:
-    records = load_preference_records(source)
+    records = load_preference_records(source, bad_rows=BadRowPolicy(
+        on_bad_row=cfg.data.on_bad_row, max_bad_fraction=cfg.data.max_bad_fraction))
     paired = is_paired(records[0])
     kto = cfg.loss.method == "kto"
     if not paired and not kto:
@@ -140,7 +145,17 @@ def build_reference(cfg: TrainConfig, *, policy: nn.Module, base_path: str, dtyp
             caches.append(None)
             continue
         key = reference_cache_key(weights, dataset)
-        caches.append(precompute_reference_logps(reference, dataset, root / f"{name}.safetensors",
-                                                 key=key, **settings))
+        path = root / f"{name}.safetensors"
+        if not path.is_file():  # 6 values of 4-8 bytes per item, and the header
+            check_room(root, 48 * len(dataset) + (1 << 16), what="reference.cache_dir",
+                       hint="free space there or set reference.cache_dir to a larger disk")
+        try:
+            caches.append(precompute_reference_logps(reference, dataset, path, key=key,
+                                                     **settings))
+        except (OSError, RuntimeError) as exc:
+            error = storage_failure(exc, folder=root, what=f"the reference cache {path.name}")
+            if error is None:
+                raise
+            raise error from None
     del reference, weights
     return PrecomputedReference(*caches)

@@ -182,22 +182,30 @@ def export_model(cfg: TrainConfig, module: nn.Module, tokenizer: Any, out_dir: P
         return None
     state = full_state_dict(module, only_trainable=(kind == "adapter"))
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if kind in ("adapter", "full"):
-            module.save_pretrained(str(out_dir), state_dict=state)
-        else:  # merged: fold the adapter into a fresh copy of the base model
-            import peft
+        from .storage import atomic_folder
 
-            fresh = peft.get_peft_model(load_causal_lm(cfg, base_path, torch.float32),
-                                        peft_config(cfg))
-            missing, unexpected = fresh.load_state_dict(state, strict=False)
-            missing = [k for k in missing if "lm_head" not in k or
-                       not fresh.config.get_text_config().tie_word_embeddings]
-            if missing or unexpected:
-                raise RuntimeError(f"export: state does not match a fresh model (missing "
-                                   f"{missing[:3]}, unexpected {unexpected[:3]})")
-            fresh.merge_and_unload().save_pretrained(str(out_dir))
-        tokenizer.save_pretrained(str(out_dir))
+        with atomic_folder(out_dir, what=f"the {kind} export") as tmp:  # failed: no partial one
+            _write_export(cfg, kind, module, state, tokenizer, tmp, base_path=base_path)
         logger.info("exported the %s model to %s", kind, out_dir)
     barrier()
     return out_dir
+
+
+def _write_export(cfg: TrainConfig, kind: str, module: nn.Module, state: dict[str, Any],
+                  tokenizer: Any, out_dir: Path, *, base_path: str) -> None:
+    """Write the ``kind`` export of ``module`` into ``out_dir`` (rank 0)."""
+    if kind in ("adapter", "full"):
+        module.save_pretrained(str(out_dir), state_dict=state)
+    else:  # merged: fold the adapter into a fresh copy of the base model
+        import peft
+
+        fresh = peft.get_peft_model(load_causal_lm(cfg, base_path, torch.float32),
+                                    peft_config(cfg))
+        missing, unexpected = fresh.load_state_dict(state, strict=False)
+        missing = [k for k in missing if "lm_head" not in k or
+                   not fresh.config.get_text_config().tie_word_embeddings]
+        if missing or unexpected:
+            raise RuntimeError(f"export: state does not match a fresh model (missing "
+                               f"{missing[:3]}, unexpected {unexpected[:3]})")
+        fresh.merge_and_unload().save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))

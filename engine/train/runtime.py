@@ -7,6 +7,7 @@ transformers load models straight into ZeRO-3 shards.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import socket
@@ -109,9 +110,11 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if not torch.distributed.is_initialized():
+            # a lost rank ends the job after deepspeed.timeout_s, not torch's 30 minutes
+            timeout = datetime.timedelta(seconds=cfg.deepspeed.timeout_s)
             backend = cfg.deepspeed.communication_backend
-            deepspeed.init_distributed(dist_backend=backend) if backend else \
-                deepspeed.init_distributed()
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout) if backend else \
+                deepspeed.init_distributed(timeout=timeout)
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     return Runtime(rank, world_size, local_rank, device, use_ds)
 
