@@ -150,3 +150,67 @@ def launch_workers(test_file: str, report_dir: Path, *, world: int, report_env: 
     reports = [json.loads(p.read_text()) for p in sorted(report_dir.glob("rank*.json"))]
     assert sorted(r["rank"] for r in reports) == list(range(world)), output[-4000:]
     return output, reports
+
+
+# ------------------------------------------------------------------------ the real CLI, faults
+def fastpo_train(config: dict, where: Path, *args: str, timeout: float = 600,
+                 env: dict | None = None):
+    """``fastpo-train --config <where>/job.yaml ARGS`` as a user runs it; the finished
+    process (its output captured)."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    train = shutil.which("fastpo-train", path=str(Path(sys.executable).parent))
+    assert train, "fastpo-train is not installed next to the test's Python"
+    path = where / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([train, "--config", str(path), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def one_error_line(proc) -> str:
+    """The one ``fastpo-train: error:`` line of a failed run, after checking that no
+    traceback was printed."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fastpo-train: error:")]
+    assert len(lines) == 1, proc.stderr[-4000:]
+    return lines[0]
+
+
+def can_mount_tmpfs(where: Path) -> bool:
+    """Whether this process may mount a size-limited tmpfs (root, in a sandbox that allows it)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        return False
+    where.mkdir(parents=True, exist_ok=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                        capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", str(where)], check=True)
+    return ok
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, **options: object):
+    """A tmpfs mounted at ``where`` with ``options`` (``size="100m"``, ``nr_inodes=20``);
+    :func:`remount` changes them; unmounted after."""
+    import subprocess
+
+    where.mkdir(parents=True, exist_ok=True)
+    opts = ",".join(f"{k}={v}" for k, v in options.items())
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def remount(where: Path, *flags: str, **options: object) -> None:
+    """Change a :func:`tmpfs` mount: ``remount(p, "ro")``, ``remount(p, "rw", size="300m")``."""
+    import subprocess
+
+    opts = ",".join(["remount", *flags, *(f"{k}={v}" for k, v in options.items())])
+    subprocess.run(["mount", "-o", opts, str(where)], check=True)

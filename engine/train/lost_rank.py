@@ -12,6 +12,7 @@ this host; a rank on another host is named as unreachable). The survivors then e
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -90,7 +91,8 @@ def lost_rank_error(exc: BaseException, *, rank: int, peers: list[Peer],
         what = f"no answer from {names}"
     else:
         what = "a collective failed while every rank of this host still runs"
-    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp):\d+\]\s*", "", str(exc)).strip()  # gloo's source
+    first = text.splitlines()[0][:120] if text else type(exc).__name__
     return LostRankError(f"rank {rank}: lost a rank of the job: {what} (communication error: "
                          f"{first}; deepspeed.timeout_s {timeout_s:g}); the last complete "
                          "checkpoint is kept: run the job again with --resume")

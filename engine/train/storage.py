@@ -185,8 +185,8 @@ def atomic_folder(final: Path, *, what: str) -> Iterator[Path]:
         else:
             os.replace(tmp, final)
     except BaseException as exc:
-        remove_partial(tmp)
         error = storage_failure(exc, folder=final.parent, what=what)
+        remove_partial(tmp)
         if error is None:
             raise
         raise error from None

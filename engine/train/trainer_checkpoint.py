@@ -92,10 +92,10 @@ def save_trainer_checkpoint(trainer: Any) -> Path:
         tmp = trainer.ckpt.begin(step)
         return _write(trainer, tmp, step)
     except BaseException as exc:
+        error = storage_failure(exc, folder=trainer.ckpt.root,  # (the free space before
+                                what=f"the checkpoint of step {step}")  # the clean-up)
         if rt.is_main and tmp is not None:
             remove_partial(tmp)  # also when a rank was lost or the job interrupted
-        error = storage_failure(exc, folder=trainer.ckpt.root,
-                                what=f"the checkpoint of step {step}")
         if error is None:
             raise
         raise StorageError(f"{error}; {_resume_hint(trainer)}") from None
