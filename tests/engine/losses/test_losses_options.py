@@ -90,7 +90,7 @@ def test_options_are_normalized_and_errors_name_the_option():
         KTOOptions(undesirable_weight=0.0)
     assert CPOOptions(loss_type="alphapo", cpo_alpha=1.0).nll_weight == 0.0
     with pytest.raises(OptionError, match="cpo_alpha is the weight of the chosen answers' NLL "
-                                          "term and must be >= 0, got -0.5") as info:
+                                          "term and must be >= 0, got -0\\.5") as info:
         CPOOptions(cpo_alpha=-0.5)  # once accepted: it trained the chosen answers' NLL upward
     assert info.value.option == "cpo_alpha"
     with pytest.raises(OptionError, match="cpo_alpha"):

@@ -175,8 +175,8 @@ def test_the_loss_section_gives_the_loss_options():
     simpo = config_from_dict({"loss": {"method": "simpo", "simpo_gamma": 0.3}}).loss
     assert simpo.cpo_options() == CPOOptions(loss_type="simpo", cpo_alpha=0.0, simpo_gamma=0.3)
     assert config_from_dict({"loss": {"method": "cpo"}}).loss.cpo_options().cpo_alpha == 1.0
-    with pytest.raises(ConfigError, match="loss.cpo_alpha: cpo_alpha is the weight of the chosen "
-                                          "answers' NLL term and must be >= 0, got -1.0"):
+    with pytest.raises(ConfigError, match="loss\\.cpo_alpha: cpo_alpha is the weight of the chosen "
+                                          "answers' NLL term and must be >= 0, got -1\\.0"):
         config_from_dict({"loss": {"method": "cpo", "cpo_alpha": -1.0}})
     kto = config_from_dict({"loss": {"method": "kto", "desirable_weight": 2.0}}).loss
     assert kto.kto_options() == KTOOptions(desirable_weight=2.0)
