@@ -95,26 +95,64 @@ def isolated_launch():
                 os.environ[key] = value
 
 
-# A child process that trains a job (argv[1], JSON) and SIGKILLs itself at the end of step argv[2]:
-# what a crash or an OOM kill leaves behind, for the exact-resume tests.
+# A child process that trains a job (argv[1], JSON) and SIGKILLs itself at a moment of argv[2]:
+# what a crash, an OOM kill or a preemption without notice leaves behind, for the exact-resume
+# tests. The moment is "N" or "step:N" (the end of step N), "mid-step:N" (step N's backward
+# passes done, before its optimizer step), "checkpoint-files:N" (while the checkpoint of step N
+# is written: the backend's files are in its .tmp- folder), "checkpoint-seal:N" (the checkpoint of
+# step N renamed into place, ``latest`` not yet pointing at it) or "eval:N" (inside the held-out
+# evaluation after step N).
 KILLED_RUN = """
 import json, os, signal, sys
+from pathlib import Path
 from fastpo.engine.train.config_loading import config_from_dict
 from fastpo.engine.train import Callback, train
+from fastpo.engine.train import checkpoint, evaluation, trainer_checkpoint
 
-data, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
+data, moment = json.loads(sys.argv[1]), sys.argv[2]
+kind, _, at = moment.rpartition(":")
+kind, at = kind or "step", int(at)
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
 
 class Kill(Callback):
     def on_step_end(self, trainer, step, record):
-        if step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "step" and step == at:
+            die()
+    def on_before_optimizer_step(self, trainer):
+        if kind == "mid-step" and trainer.pos.step + 1 == at:
+            die()
+
+if kind == "checkpoint-files":
+    save_rng = trainer_checkpoint.save_rng
+    def killing_save_rng(folder, rank):
+        if Path(folder).name == f".tmp-step-{at:08d}":
+            die()
+        return save_rng(folder, rank)
+    trainer_checkpoint.save_rng = killing_save_rng
+if kind == "checkpoint-seal":
+    write_text_atomic = checkpoint.write_text_atomic
+    def killing_write(path, text):
+        if Path(path).name == checkpoint.LATEST and text.strip() == f"step-{at:08d}":
+            die()
+        return write_text_atomic(path, text)
+    checkpoint.write_text_atomic = killing_write
+if kind == "eval":
+    run = evaluation.PairEvaluation.run
+    def killing_run(self, trainer):
+        if trainer.pos.step == at:
+            die()
+        return run(self, trainer)
+    evaluation.PairEvaluation.run = killing_run
 
 train(config_from_dict(data), callbacks=[Kill()])
 """
 
 
-def run_killed(data: dict, kill_at: int, **kwargs):
-    """Train ``data`` in a child process killed after step ``kill_at``; the finished process."""
+def run_killed(data: dict, kill_at: int | str, **kwargs):
+    """Train ``data`` in a child process SIGKILLed at ``kill_at`` (a step, or a moment of
+    ``KILLED_RUN``); the finished process."""
     import json
     import subprocess
 

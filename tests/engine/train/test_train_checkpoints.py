@@ -63,6 +63,60 @@ def test_kill_and_resume_continues_exactly(tiny_dir, pairs_file, tmp_path):
     assert not torch.allclose(base, reference(input_ids=ids).logits, atol=1e-4)
 
 
+def test_sigkill_at_random_moments_then_resume_ends_bit_identical(tiny_dir, pairs_file, tmp_path):
+    """A job SIGKILLed at several seeded-random moments (the end of a step, mid-step, while a
+    checkpoint's files are written, between its rename and ``latest``, inside an evaluation)
+    and resumed each time ends with the per-step losses, held-out results and final weights of
+    an uninterrupted run, bit for bit."""
+    import random
+
+    from safetensors.torch import load_file
+
+    sections = dict(
+        model={"lora": {"enabled": True, "r": 4, "dropout": 0.2,
+                        "target_modules": ["q_proj", "v_proj", "up_proj"]}},
+        data={"eval_fraction": 0.25},
+        optimization={"max_steps": 8, "gradient_accumulation_steps": 2},
+        logging={"eval_every": 3},
+        checkpoint={"every_steps": 2, "keep_last": 2, "export": "adapter"})
+    steps = [f"{kind}:{k}" for kind in ("step", "mid-step") for k in range(1, 8)]
+    files = [f"checkpoint-files:{k}" for k in (2, 4, 6)]
+    seals = [f"checkpoint-seal:{k}" for k in (2, 4, 6)]
+    rng = random.Random(2026)
+    chosen: dict[int, str] = {}
+    for pool in (steps, files, seals, ["eval:3", "eval:6"]):  # one moment of each kind
+        moment = rng.choice([m for m in pool if int(m.rsplit(":", 1)[1]) not in chosen])
+        chosen[int(moment.rsplit(":", 1)[1])] = moment
+    schedule = [chosen[k] for k in sorted(chosen)]  # four moments at distinct steps, in order
+
+    out = tmp_path / "killed"
+    data = merge(job(tiny_dir, pairs_file, out, **sections), {"checkpoint": {"resume": True}})
+    for moment in schedule:
+        proc = run_killed(data, moment)
+        assert proc.returncode == -signal.SIGKILL, (moment, proc.stderr[-3000:])
+        leftovers = [p.name for p in (out / "checkpoints").glob(".tmp-*")]
+        if moment.startswith("checkpoint-files"):
+            assert leftovers, moment  # killed inside the write: the next run removes it
+    resumed = run(data)
+    assert resumed.stopped == "completed" and not list((out / "checkpoints").glob(".tmp-*"))
+    straight = run(job(tiny_dir, pairs_file, tmp_path / "straight", **sections))
+
+    def last_per_step(kind: str) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl", kind)
+                if r.get("when") != "before"}
+
+    assert last_per_step("train") == {r["step"]: r["loss"] for r in straight.history}, schedule
+    held_out = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl",
+                                                         "eval") if r.get("when") != "before"}
+    assert last_per_step("eval") == held_out and sorted(held_out) == [3, 6, 8]
+    assert resumed.eval_after == straight.eval_after
+    killed_weights = load_file(str(resumed.export_dir / "adapter_model.safetensors"))
+    straight_weights = load_file(str(straight.export_dir / "adapter_model.safetensors"))
+    assert killed_weights.keys() == straight_weights.keys() and killed_weights
+    for name, value in straight_weights.items():
+        assert killed_weights[name].equal(value), (name, schedule)
+
+
 def test_merged_and_full_exports_reload_with_transformers(tiny_dir, pairs_file, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
