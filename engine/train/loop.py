@@ -10,11 +10,8 @@ pairs the policy generates and a scorer ranks (``online_source.py``). Every ``lo
 loss, TRL's metrics, KL, tokens/s and peak memory go to the progress bar, ``metrics.jsonl`` and
 TensorBoard; held-out evaluation reports reward accuracy and margins (online: the mean score of
 fresh samples); checkpoints are atomic; ``checkpoint.resume`` continues a killed run exactly.
-
-Faults of the environment end the job with one line (:class:`~fastpo.engine.errors.JobFault`):
-the output folder is locked for the job's lifetime (:mod:`.output_lock`), every write is checked
-for room and a failed one cleaned up (:mod:`.storage`), and a lost rank is named
-(:mod:`.lost_rank`).
+Faults of the environment (a full disk, a second job on the folder, a lost rank) end the job
+with one line (:mod:`.job_guard`).
 
 No host synchronization between logging points: losses, metrics, non-finite counts and the
 gradient norm stay on the device (:class:`~.metrics_log.StepMetrics`) until a logging point
@@ -49,8 +46,8 @@ from .deepspeed_backend import DeepSpeedBackend
 from .evaluation import PairEvaluation
 from .interrupts import StopSignals
 from .job import build_reference, load_datasets
+from .job_guard import JobGuard
 from .layout import resolve_layout
-from .lost_rank import lost_rank_error, peer_table
 from .metrics_log import RunLogger, StepMetrics, gather_ranks, peak_memory_mb, setup_logging
 from .model_loading import (
     export_model,
@@ -58,16 +55,13 @@ from .model_loading import (
     load_policy,
     load_tokenizer,
     model_path,
-    resolve_export,
     vocab_size,
 )
 from .objective import Objective
 from .offline_source import OfflineSource
-from .output_lock import lock_output_folder
 from .reference_schedule import reference_update
 from .reports import nonfinite_eval_text, nonfinite_step_text, progress_text, run_summary
 from .runtime import init_runtime, zero3_loading
-from .storage import StorageError, check_room
 from .torch_backend import TorchBackend
 from .trainer_checkpoint import check_checkpoint_room, resume_trainer, save_trainer_checkpoint
 
@@ -111,18 +105,9 @@ class Trainer:
         self.bad_evals = 0
         self.ref_version = 0
         self.history: list[dict[str, Any]] = []
-        self._host_group = None
-        self._peers = peer_table(self.rt.world_size)
-        self._lock = lock_output_folder(self.output_dir, rank=self.rt.rank,
-                                        world_size=self.rt.world_size)
-        try:
+        self.guard = JobGuard(self.rt, self.output_dir, timeout_s=cfg.deepspeed.timeout_s)
+        with self.guard.watching(release=False):
             self._setup()
-        except BaseException as exc:
-            self._lock_release()
-            lost = self._lost_rank(exc)
-            if lost is None:
-                raise
-            raise lost from None
         self.step_metrics = StepMetrics(self.rt.device)
         self._unread: list[dict[str, Any]] = []  # records of steps not read back yet
         self._window_start = time.perf_counter()
@@ -186,43 +171,6 @@ class Trainer:
                              initial_step=self.pos.step)
         if rt.is_main:
             write_text_atomic(self.output_dir / "config.yaml", to_yaml(cfg))
-        # the stop-signal agreement is host state: reduced on the CPU (gloo), no device sync
-        self._host_group = None
-        if rt.world_size > 1 and torch.distributed.get_backend() != "gloo":
-            self._host_group = torch.distributed.new_group(backend="gloo")
-
-    # ------------------------------------------------------------------------------ faults
-    def _lock_release(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
-    def _lost_rank(self, exc: BaseException) -> Exception | None:
-        """``exc`` as a :class:`~.lost_rank.LostRankError` when a collective failed."""
-        return lost_rank_error(exc, rank=self.rt.rank, peers=self._peers,
-                               timeout_s=self.cfg.deepspeed.timeout_s)
-
-    def any_rank(self, value: int) -> int:
-        """The largest ``value`` over the ranks (host memory, reduced by gloo: no device
-        sync)."""
-        if self.rt.world_size == 1:
-            return value
-        got = torch.tensor([float(value)])
-        torch.distributed.all_reduce(got, op=torch.distributed.ReduceOp.MAX,
-                                     group=self._host_group)
-        return int(got[0])
-
-    def rank0_check(self, check: Callable[[], None]) -> None:
-        """Run a storage ``check`` on rank 0; every rank stops when it fails."""
-        error = None
-        if self.rt.is_main:
-            try:
-                check()
-            except StorageError as exc:
-                error = exc
-        if self.any_rank(int(error is not None)):
-            raise error or StorageError(f"rank {self.rt.rank}: stopped: rank 0 found too little "
-                                        "free space (its message names the folder)")
 
     def _all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.rt.world_size == 1:
@@ -345,32 +293,20 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- run
     def run(self) -> TrainResult:
-        try:
-            with StopSignals() if self.cfg.checkpoint.on_signal else \
-                    contextlib.nullcontext() as sig:
-                return self._run(sig)
-        except BaseException as exc:
-            lost = self._lost_rank(exc)
-            if lost is None:
-                raise
-            raise lost from None
-        finally:
-            self._lock_release()
+        signals = StopSignals() if self.cfg.checkpoint.on_signal else contextlib.nullcontext()
+        with self.guard.watching(), signals as sig:
+            return self._run(sig)
 
     def _signalled(self, signals: StopSignals | None) -> int | None:
         """The stop signal any rank received (all ranks agree), or None."""
-        local = signals.received if signals else None
-        if self.rt.world_size == 1:
-            return local
-        return self.any_rank(local or 0) or None
+        return self.guard.any_rank((signals.received if signals else None) or 0) or None
 
     def _run(self, signals: StopSignals | None) -> TrainResult:
         cfg, t_start = self.cfg, time.perf_counter()
         log = cfg.logging
         stopped, stop_signal = "completed", None
         try:
-            if cfg.checkpoint.every_steps:
-                check_checkpoint_room(self, first=True)
+            check_checkpoint_room(self, first=True)
             if self.pos.step == 0 and log.eval_before:
                 self.eval_before = self.evaluate()
                 self._report_eval("before", self.eval_before)
@@ -421,7 +357,7 @@ class Trainer:
                 eval_after = self.evaluate()
                 self._report_eval("after", eval_after)
                 export_dir = Path(cfg.checkpoint.export_dir or self.output_dir / "final")
-                self._check_export_room(export_dir)
+                self.guard.check_export_room(self.backend.module, export_dir, cfg)
                 export_dir = export_model(
                     cfg, self.backend.module, self.tokenizer, export_dir,
                     base_path=self.base_path, rank=self.rt.rank, barrier=self.rt.barrier)
@@ -432,19 +368,6 @@ class Trainer:
             return result
         finally:
             self.log.close()
-
-    def _check_export_room(self, folder: Path) -> None:
-        """Rank 0 checks that the export fits (its weights; the whole model unless only the
-        adapter is written)."""
-        kind = resolve_export(self.cfg)
-        if kind == "none":
-            return
-        needed = sum(p.numel() * p.element_size() for p in self.backend.module.parameters()
-                     if kind != "adapter" or p.requires_grad)
-        self.rank0_check(lambda: check_room(
-            folder, needed, what="checkpoint.export_dir",
-            hint="free space there or set checkpoint.export_dir to a larger disk; the last "
-                 "checkpoint is kept: run again with --resume to export"))
 
     def _report_eval(self, when: str, result: dict[str, float] | None) -> None:
         if result is None:

@@ -60,16 +60,19 @@ def checkpoint_size(trainer: Any) -> int:
 
 
 def check_checkpoint_room(trainer: Any, *, first: bool = False) -> None:
-    """Rank 0 checks that the next checkpoint fits (at ``first``, also warns when
-    ``keep_last`` + 1 do not); every rank stops when it does not."""
+    """Rank 0 checks that the next checkpoint fits (at ``first``, before training, also warns
+    when ``keep_last`` + 1 do not; only for a job with ``every_steps``); every rank stops when it
+    does not."""
     ckpt = trainer.ckpt
+    if first and not trainer.cfg.checkpoint.every_steps:
+        return
 
     def check() -> None:
         checkpoint_room(ckpt.root, checkpoint_size(trainer), step=trainer.pos.step,
                         existing=len(ckpt.checkpoints()),
                         keep_last=ckpt.keep_last, first_check=first)
 
-    trainer.rank0_check(check)
+    trainer.guard.rank0_check(check)
 
 
 def _resume_hint(trainer: Any) -> str:
