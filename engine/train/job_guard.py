@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -36,7 +37,8 @@ class JobGuard:
         # host-side agreement is reduced on the CPU (gloo), never through the device
         self.host_group = None
         if rt.world_size > 1 and torch.distributed.get_backend() != "gloo":
-            self.host_group = torch.distributed.new_group(backend="gloo")
+            self.host_group = torch.distributed.new_group(
+                backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         self.lock = lock_output_folder(output_dir, rank=rt.rank, world_size=rt.world_size)
 
     def release(self) -> None:

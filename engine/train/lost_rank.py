@@ -56,22 +56,22 @@ def is_comm_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(t in str(exc) for t in _COMM_TEXTS)
 
 
-def _gone(peer: Peer) -> bool | None:
-    """True when the peer's process is gone, False when it runs, None when it cannot be told
-    (another host)."""
+def _state(peer: Peer) -> str | None:
+    """"gone", "stopped" (SIGSTOP, a debugger) or "running"; None on another host."""
     if peer.host != socket.gethostname():
         return None
     try:
         os.kill(peer.pid, 0)
     except ProcessLookupError:
-        return True
+        return "gone"
     except PermissionError:
-        return False
+        return "running"
     try:  # a zombie (killed, not yet reaped by the launcher) is gone too
-        state = open(f"/proc/{peer.pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{peer.pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return False
-    return state in ("Z", "X")
+        return "running"
+    return {"Z": "gone", "X": "gone", "T": "stopped", "t": "stopped"}.get(state, "running")
 
 
 def lost_rank_error(exc: BaseException, *, rank: int, peers: list[Peer],
@@ -80,15 +80,17 @@ def lost_rank_error(exc: BaseException, *, rank: int, peers: list[Peer],
     failed collective of a multi-rank job."""
     if len(peers) < 2 or not is_comm_failure(exc):
         return None
-    states = [(p, _gone(p)) for p in peers if p.rank != rank]
-    gone = [p for p, state in states if state]
-    unknown = [p for p, state in states if state is None]
-    if gone:
-        names = ", ".join(f"rank {p.rank} (pid {p.pid} on {p.host})" for p in gone)
-        what = f"{names} {'is' if len(gone) == 1 else 'are'} gone"
-    elif unknown:
-        names = ", ".join(f"rank {p.rank} on {p.host}" for p in unknown)
-        what = f"no answer from {names}"
+    states = [(p, _state(p)) for p in peers if p.rank != rank]
+
+    def named(state: str | None) -> list[str]:
+        return [f"rank {p.rank} (pid {p.pid} on {p.host})" for p, s in states if s == state]
+
+    if named("gone"):
+        what = f"{', '.join(named('gone'))} {'is' if len(named('gone')) == 1 else 'are'} gone"
+    elif named("stopped"):
+        what = f"{', '.join(named('stopped'))} stopped answering (its process is stopped)"
+    elif named(None):
+        what = f"no answer from {', '.join(named(None))}"
     else:
         what = "a collective failed while every rank of this host still runs"
     text = re.sub(r"\[[^\]]*\.(?:cc|cpp):\d+\]\s*", "", str(exc)).strip()  # gloo's source

@@ -83,6 +83,23 @@ def skip_deepspeed_shm_op() -> None:
         module.build_shm_op = lambda: None
 
 
+def set_collective_timeout(timeout: datetime.timedelta) -> None:
+    """Make ``timeout`` the timeout of every process group this process creates from now on.
+
+    The world group takes it from ``init_process_group``, but a group made later with
+    ``new_group`` and no timeout gets torch's default (30 minutes; NCCL 10) instead, and DeepSpeed
+    makes its data-parallel groups so: a hung rank would hold the others there for 30 minutes.
+    No public API sets that default; ``torch.distributed.distributed_c10d._get_default_timeout``
+    reads the module's ``default_pg_timeout`` / ``default_pg_nccl_timeout`` at each call, so those
+    are set (``tests/distributed/test_lost_rank.py`` checks that the installed torch still reads
+    them, and that a hung rank is given up after ``deepspeed.timeout_s``)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+
+
 def init_runtime(cfg: TrainConfig) -> Runtime:
     """Ranks, device and (with DeepSpeed) the process group of this process."""
     world_size = _env_int("WORLD_SIZE", 1)
@@ -109,9 +126,10 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
             os.environ.setdefault("WORLD_SIZE", "1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # a lost rank ends the job after deepspeed.timeout_s, not torch's 30 minutes
+        timeout = datetime.timedelta(seconds=cfg.deepspeed.timeout_s)
+        set_collective_timeout(timeout)
         if not torch.distributed.is_initialized():
-            # a lost rank ends the job after deepspeed.timeout_s, not torch's 30 minutes
-            timeout = datetime.timedelta(seconds=cfg.deepspeed.timeout_s)
             backend = cfg.deepspeed.communication_backend
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout) if backend else \
                 deepspeed.init_distributed(timeout=timeout)

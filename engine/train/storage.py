@@ -53,13 +53,18 @@ def human(n: int | float) -> str:
     raise AssertionError("unreachable")
 
 
-def free_bytes(folder: str | Path) -> int:
-    """Free bytes (for this user) on the filesystem of ``folder``, or of its nearest existing
-    parent when it does not exist yet."""
+def _statvfs(folder: str | Path) -> os.statvfs_result:
+    """The filesystem of ``folder``, or of its nearest existing parent when it does not exist
+    yet."""
     path = Path(folder).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    st = os.statvfs(path)
+    return os.statvfs(path)
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Free bytes (for this user) on the filesystem of ``folder`` (see :func:`_statvfs`)."""
+    st = _statvfs(folder)
     return st.f_bavail * st.f_frsize
 
 
@@ -148,12 +153,9 @@ def storage_failure(exc: BaseException, *, folder: Path, what: str) -> StorageEr
         return None
     with contextlib.suppress(OSError):
         reason += f"; {human(free_bytes(folder))} free there"
-        if os_error is not None and os_error.errno == errno.ENOSPC:
-            path = Path(folder).absolute()
-            while not path.exists() and path != path.parent:
-                path = path.parent
-            if os.statvfs(path).f_favail == 0:
-                reason += ", but no free inode (too many files)"
+        if os_error is not None and os_error.errno == errno.ENOSPC \
+                and _statvfs(folder).f_favail == 0:
+            reason += ", but no free inode (too many files)"
     return StorageError(f"{what} could not be written to {folder}: {reason}")
 
 

@@ -168,8 +168,55 @@ def test_a_lost_rank_is_named_and_the_job_resumes_exactly(tiny_dir, pairs_file, 
         assert resumed_weights[name].equal(value), name
 
 
-def test_the_timeout_is_configurable():
+def test_the_timeout_is_configurable_and_reaches_every_new_group():
+    import datetime
+
+    from torch.distributed import distributed_c10d
+
     from fastpo.engine.train.config_loading import config_from_dict
+    from fastpo.engine.train.runtime import set_collective_timeout
 
     assert config_from_dict({}).deepspeed.timeout_s == 300.0
     assert config_from_dict(merge({}, {"deepspeed": {"timeout_s": 12}})).deepspeed.timeout_s == 12
+    # a group made without a timeout (DeepSpeed's data-parallel groups) gets the configured one
+    saved = distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout
+    try:
+        set_collective_timeout(datetime.timedelta(seconds=12))
+        backends = ["gloo"] + (["nccl"] if saved[1] is not None else [])  # NCCL where built
+        for backend in backends:
+            assert distributed_c10d._get_default_timeout(
+                distributed_c10d.Backend(backend)) == datetime.timedelta(seconds=12)
+    finally:
+        distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout = saved
+
+
+def test_a_hung_rank_is_given_up_after_the_timeout(tiny_dir, pairs_file, tmp_path):
+    import signal
+
+    out, timeout_s = tmp_path / "run", 10
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job(
+        tiny_dir, pairs_file, out, deepspeed={"enabled": True, "timeout_s": timeout_s},
+        optimization={"micro_batch_size": 1, "max_steps": 100_000})))
+    logs = tmp_path / "logs"
+    procs = launch(config, logs)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").is_file() or \
+                len(read_jsonl(out / "metrics.jsonl", "train")) < 2:
+            assert procs[0].poll() is None and time.monotonic() < deadline, \
+                (logs / "rank0.log").read_text()[-3000:]
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGSTOP)  # alive, but it answers no collective
+        t_stop = time.monotonic()
+        assert procs[0].wait(timeout=timeout_s + 60) == 3, (logs / "rank0.log").read_text()[-3000:]
+        waited = time.monotonic() - t_stop
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert timeout_s - 1 < waited < timeout_s + 30  # given up after the timeout, not torch's 30 min
+    (line,) = error_lines(logs / "rank0.log")
+    assert f"rank 0: lost a rank of the job: rank 1 (pid {procs[1].pid}" in line
+    assert "stopped answering" in line and f"deepspeed.timeout_s {timeout_s}" in line
