@@ -55,6 +55,14 @@ def step_losses(out) -> list[float]:
     return list(by_step.values())
 
 
+def fault(data: dict, where, *args: str):
+    """Run ``fastpo-train`` expecting a fault: exit status 3 and one error line (returned, with
+    the whole stderr)."""
+    proc = fastpo_train(data, where, *args)
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    return one_error_line(proc), proc.stderr
+
+
 def complete_checkpoints(ckpts) -> list[str]:
     names = sorted(p.name for p in ckpts.iterdir())
     assert not [n for n in names if n.startswith(".tmp-")], names  # no partial folder left
@@ -68,21 +76,17 @@ def test_a_disk_too_small_for_the_next_checkpoint(mountable, tiny_dir, pairs_fil
     with tmpfs(tmp_path / "disk", size="100m") as disk:  # one checkpoint fits, not two
         out = disk / "run"
         data = job(tiny_dir, pairs_file, out, **SECTIONS)
-        proc = fastpo_train(data, tmp_path)
-        assert proc.returncode == 3, proc.stderr[-4000:]
-        line = one_error_line(proc)
+        line, stderr = fault(data, tmp_path)
         assert line.startswith(f"fastpo-train: error: the checkpoint of step 4 "
                                f"(checkpoint.dir): {out / 'checkpoints'} has ")
         assert " free, the write needs about 7" in line and "MiB" in line
         assert "run again with --resume" in line
         # warned at start: keep_last + 1 checkpoints do not fit
-        assert "checkpoint.keep_last 1 + 1 checkpoints of about" in proc.stderr
+        assert "checkpoint.keep_last 1 + 1 checkpoints of about" in stderr
         assert complete_checkpoints(out / "checkpoints") == ["step-00000002"]
 
         remount(disk, "ro")  # a read-only folder: refused before anything is written
-        proc = fastpo_train(data, tmp_path, "--resume")
-        assert proc.returncode == 3, proc.stderr[-4000:]
-        assert "Read-only file system" in one_error_line(proc)
+        assert "Read-only file system" in fault(data, tmp_path, "--resume")[0]
 
         remount(disk, "rw", size="300m")
         proc = fastpo_train(data, tmp_path, "--resume")
@@ -96,9 +100,7 @@ def test_a_checkpoint_write_that_fails(mountable, tiny_dir, pairs_file, tmp_path
     with tmpfs(tmp_path / "disk", size="400m", nr_inodes=20) as disk:
         out = disk / "run"
         data = job(tiny_dir, pairs_file, out, **SECTIONS)
-        proc = fastpo_train(data, tmp_path)
-        assert proc.returncode == 3, proc.stderr[-4000:]
-        line = one_error_line(proc)
+        line = fault(data, tmp_path)[0]
         assert line.startswith(f"fastpo-train: error: the checkpoint of step 4 could not be "
                                f"written to {out / 'checkpoints'}: [Errno 28] No space left on "
                                "device")
@@ -151,9 +153,7 @@ def test_an_export_that_does_not_fit(mountable, tiny_dir, pairs_file, tmp_path):
         data = job(tiny_dir, pairs_file, out, optimization={"max_steps": 2},
                    checkpoint={"every_steps": 2, "export": "full",
                                "export_dir": str(disk / "final")})
-        proc = fastpo_train(data, tmp_path)
-        assert proc.returncode == 3, proc.stderr[-4000:]
-        line = one_error_line(proc)
+        line = fault(data, tmp_path)[0]
         assert line.startswith(f"fastpo-train: error: checkpoint.export_dir: {disk / 'final'} "
                                "has ")
         assert "run again with --resume to export" in line
@@ -172,9 +172,7 @@ def test_a_reference_cache_that_does_not_fit(mountable, tiny_dir, pairs_file, tm
         (disk / "filler").write_bytes(b"\0" * (1 << 20))  # the disk is full
         data = job(tiny_dir, pairs_file, tmp_path / "run",
                    reference={"mode": "precomputed", "cache_dir": str(disk / "cache")})
-        proc = fastpo_train(data, tmp_path)
-        assert proc.returncode == 3, proc.stderr[-4000:]
-        assert one_error_line(proc).startswith(
+        assert fault(data, tmp_path)[0].startswith(
             f"fastpo-train: error: reference.cache_dir: {disk / 'cache'} has 0 B free, the write "
             "needs about ")
 
@@ -191,3 +189,26 @@ def test_torch_save_on_a_full_disk_is_a_storage_failure(mountable, tmp_path):
         assert isinstance(error, StorageError)
         assert str(error).startswith(f"the test file could not be written to {disk}: ")
     assert storage_failure(ValueError("not storage"), folder=tmp_path, what="x") is None
+
+
+def test_a_failed_export_write_leaves_no_partial_folder_and_keeps_the_old_one(tmp_path):
+    import errno
+
+    from fastpo.engine.train.storage import atomic_folder
+
+    final = tmp_path / "final"
+    with atomic_folder(final, what="the full export") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"first")
+    assert (final / "model.safetensors").read_bytes() == b"first"
+    with pytest.raises(StorageError) as info:
+        with atomic_folder(final, what="the full export") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "model.safetensors"))
+    assert str(info.value).startswith(f"the full export could not be written to {tmp_path}: "
+                                      "[Errno 28] No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no .tmp-final-*
+    assert (final / "model.safetensors").read_bytes() == b"first"
+    with pytest.raises(KeyError):  # not a storage failure: raised as it is
+        with atomic_folder(final, what="the full export"):
+            raise KeyError("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
