@@ -1,5 +1,6 @@
-"""Reading preference data files: JSON (an array), JSON Lines, Parquet, ``save_to_disk``
-folders, ``datasets`` objects or lists of dicts, into canonical records that remember their row.
+"""Reading preference data files: JSON (an array), JSON Lines, Parquet, CSV, Arrow,
+``save_to_disk`` folders, ``datasets`` objects or lists of dicts, into canonical records that
+remember their row (a ``columns`` mapping renames the user's columns first: ``columns.py``).
 
     records = load_preference_records("pairs.jsonl")
     records.origins[3]     # "pairs.jsonl line 4": where the fourth record came from
@@ -17,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import decode_utf8
+from .columns import map_columns
 from .formats import DataFormatError, is_paired, normalize_record
+
+FILE_TYPES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -87,6 +91,36 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path} row {i}", row
 
 
+def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    try:
+        table = pcsv.read_csv(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataFormatError(f"preference data {path}: not a readable CSV file ({exc})") from None
+    for i, row in enumerate(table.to_pylist()):  # row i is line i + 2 (after the header)
+        yield f"{path} row {i}", row
+
+
+def _arrow_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """An Arrow file as ``datasets`` writes it (a stream), or the Arrow IPC file format."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    try:
+        rows: Any = Dataset.from_file(str(path))
+    except (pa.ArrowException, OSError, ValueError):
+        try:
+            with pa.OSFile(str(path), "rb") as handle:
+                rows = pa.ipc.open_file(handle).read_all().to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise DataFormatError(f"preference data {path}: not a readable Arrow file "
+                                  f"({exc})") from None
+    for i, row in enumerate(rows):
+        yield f"{path} row {i}", row
+
+
 def _dataset_rows(dataset: Any, name: str, split: str | None) -> Iterator[tuple[str, Any]]:
     import datasets
 
@@ -118,9 +152,13 @@ def _source_rows(source: Any, split: str | None) -> Iterator[tuple[str, Any]]:
             yield from _json_rows(path)
         elif path.suffix == ".parquet":
             yield from _parquet_rows(path)
+        elif path.suffix == ".csv":
+            yield from _csv_rows(path)
+        elif path.suffix == ".arrow":
+            yield from _arrow_rows(path)
         else:
             raise DataFormatError(f"preference data {path}: unsupported file type {path.suffix!r}; "
-                             "use .json, .jsonl, .parquet or a save_to_disk folder")
+                                  f"use {', '.join(FILE_TYPES)} or a save_to_disk folder")
         return
     try:
         import datasets
@@ -139,19 +177,24 @@ def _source_rows(source: Any, split: str | None) -> Iterator[tuple[str, Any]]:
 
 
 def load_preference_records(source: str | Path | Sequence[Mapping[str, Any]] | Any, *,
-                            split: str | None = None) -> PreferenceRecords:
+                            split: str | None = None, columns: Mapping[str, str] | None = None,
+                            columns_setting: str = "columns") -> PreferenceRecords:
     """Load and validate preference data; return canonical paired or unpaired records (a list
     that also knows the file and row each came from).
 
-    ``source``: a ``.json`` (array or JSON Lines), ``.jsonl`` or ``.parquet`` file, a folder saved
-    with ``datasets``' ``save_to_disk``, a ``datasets.Dataset``/``DatasetDict`` (``split``
-    picks one, default ``train``) or a list of dicts. Malformed JSON raises with file and line;
-    missing or wrongly typed fields and unknown roles raise with the row and the field.
+    ``source``: a ``.json`` (array or JSON Lines), ``.jsonl``, ``.parquet``, ``.csv`` or
+    ``.arrow`` file, a folder saved with ``datasets``' ``save_to_disk``, a
+    ``datasets.Dataset``/``DatasetDict`` (``split`` picks one, default ``train``) or a list of
+    dicts. ``columns`` maps fields to the user's column names (``{"prompt": "question"}``;
+    ``columns_setting`` is the config key errors name). Malformed JSON raises with file and line;
+    missing or wrongly typed fields, missing mapped columns and unknown roles raise with the row
+    and the field.
     """
     records = PreferenceRecords(source=str(source) if isinstance(source, (str, Path)) else None)
     first_kind: tuple[str, bool] | None = None
     for where, row in _source_rows(source, split):
-        record = normalize_record(row, where)
+        record = normalize_record(map_columns(row, columns or {}, where=where,
+                                              setting=columns_setting), where)
         records.origins.append(where)
         if first_kind is None:
             first_kind = (where, is_paired(record))

@@ -279,8 +279,15 @@ def check_paths(cfg: TrainConfig) -> None:
     _check_folder("checkpoint.dir", ckpt.dir)
     _check_folder("checkpoint.export_dir", ckpt.export_dir)
     _check_folder("reference.cache_dir", cfg.reference.cache_dir)
-    _check_file("data.train", cfg.data.train, "preference data")
-    _check_file("data.eval", cfg.data.eval, "preference data")
+    data = cfg.data
+    if data.mixture is not None:
+        for i, entry in enumerate(data.mixture):
+            for path in entry.paths():
+                _check_file(f"data.mixture[{i}].path", path, "preference data")
+    for path in data.train_paths() if data.mixture is None else ():
+        _check_file("data.train", path, "preference data")
+    for path in data.eval_paths():
+        _check_file("data.eval", path, "preference data")
     _check_file("deepspeed.config_file", cfg.deepspeed.config_file, "DeepSpeed config")
     from .model_loading import check_model_path
 

@@ -7,6 +7,7 @@ collective, one device-to-host copy), so the writers here never touch a device t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -166,19 +167,32 @@ class StepMetrics:
         return out
 
 
+def _console_loggers() -> list[logging.Logger]:
+    """The root logger and every logger with handlers of its own (DeepSpeed's, transformers'):
+    the ones whose console lines must go through the progress bar."""
+    own = [logger for logger in logging.Logger.manager.loggerDict.values()
+           if isinstance(logger, logging.Logger) and logger.handlers]
+    return [logging.getLogger(), *own]
+
+
 class _Progress:
-    """tqdm, rich or nothing."""
+    """tqdm, rich or nothing. While the tqdm bar is open, console log lines go through it
+    (tqdm's logging redirect): they print above the bar instead of inside its line."""
 
     def __init__(self, kind: str, total: int, initial: int) -> None:
         self.kind = kind
         self.bar: Any = None
+        self._redirect = contextlib.ExitStack()
         if kind == "auto":
             kind = "tqdm" if importlib.util.find_spec("tqdm") else "none"
         if kind == "tqdm":
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
                             file=sys.stderr)
+            self._redirect.enter_context(logging_redirect_tqdm(loggers=_console_loggers(),
+                                                               tqdm_class=tqdm))
         elif kind == "rich":
             from rich.progress import Progress
 
@@ -204,8 +218,10 @@ class _Progress:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Draw the bar's final state once and leave it; log lines print plainly again."""
         if self.kind == "tqdm":
             self.bar.close()
+            self._redirect.close()
         elif self.kind == "rich":
             self.bar.stop()
 
@@ -221,6 +237,7 @@ class RunLogger:
         self.jsonl = None
         self.tb = None
         self.progress: _Progress | None = None
+        self._progress_kind = "none"
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -259,12 +276,20 @@ class RunLogger:
             return
         if self.progress is not None:
             self.progress.write(text)
+        elif self._progress_kind in ("tqdm", "rich"):  # the bar is closed: where it wrote
+            print(text, flush=True)
         else:
             print(text, file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def close_progress(self) -> None:
+        """Close the progress bar (its final state drawn once); later messages print below."""
         if self.progress is not None:
+            self._progress_kind = self.progress.kind
             self.progress.close()
+            self.progress = None
+
+    def close(self) -> None:
+        self.close_progress()
         if self.tb is not None:
             self.tb.close()
         if self.jsonl is not None:

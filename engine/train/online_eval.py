@@ -94,6 +94,5 @@ class OnlineEvaluation:
         summary["score_after"] = after.get(SCORE) if after else None
         if summary["score_before"] is None or summary["score_after"] is None:
             return None
-        return (f"held-out mean score of fresh samples: {summary['score_before']:.4f} before → "
-                f"{summary['score_after']:.4f} after ({summary['steps']} steps, "
-                f"{summary['seconds']:.0f} s)")
+        return (f"held-out mean score of fresh samples {summary['score_before']:.4f} → "
+                f"{summary['score_after']:.4f}")
