@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, JsonValue, model_validator
+from pydantic import Field, JsonValue, field_validator, model_validator
 
 from ..online.config import OnlineConfig
 from .config_base import ConfigError, Section
@@ -235,16 +235,32 @@ class DeepSpeedSection(Section):
 
 # ---------------------------------------------------------------------------------- logging
 class LoggingConfig(Section):
-    """Progress bar, JSONL (``<output_dir>/metrics.jsonl``), TensorBoard, evaluation."""
+    """Progress bar, JSONL (``<output_dir>/metrics.jsonl``), experiment trackers, evaluation.
+    ``report_to``: tensorboard, wandb, mlflow, trackio (each an extra: ``fastpo[wandb]``), with
+    the JSONL's metric names; ``project`` / ``run_name`` name the tracker run (default run name:
+    the output folder's); ``tensorboard: auto`` adds TensorBoard when it is installed."""
 
     output_dir: str = "runs/fastpo"
     log_every: int = Field(1, gt=0)
     progress: Literal["auto", "tqdm", "rich", "none"] = "auto"
     tensorboard: bool | Literal["auto"] = "auto"
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list)
+    project: str = "fastpo"  # W&B / Trackio project, MLflow experiment
+    run_name: str | None = None
+    mlflow_tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else MLflow's
     eval_every: int = Field(0, ge=0)  # 0: evaluate only before and after training
     eval_before: bool = True
     early_stopping_patience: int = Field(0, ge=0)  # evaluations without improvement; 0: off
     early_stopping_min_delta: float = Field(0.0, ge=0.0)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_none(cls, value: object) -> object:
+        """``report_to: wandb`` is ``[wandb]``; ``none`` is ``[]``."""
+        if isinstance(value, str):
+            return [] if value == "none" else [value]
+        return value
 
 
 # ------------------------------------------------------------------------------- checkpoint
@@ -370,6 +386,8 @@ def combination_problems(cfg: TrainConfig) -> list[str]:
     if log.early_stopping_patience and not (log.eval_every and has_eval):
         problems.append("logging.early_stopping_patience needs logging.eval_every > 0 and a "
                         "held-out split (data.eval or data.eval_fraction > 0)")
+    if log.tensorboard is False and "tensorboard" in log.report_to:
+        problems.append("logging.report_to lists tensorboard but logging.tensorboard is false")
     if log.eval_every and not has_eval:
         problems.append("logging.eval_every > 0 needs data.eval or data.eval_fraction > 0")
     export = cfg.checkpoint.export

@@ -271,9 +271,10 @@ def _check_file(key: str, value: str | None, what: str) -> None:
 
 
 def check_paths(cfg: TrainConfig) -> None:
-    """Before a job starts: the files it reads exist, and the folders it writes are folders (or
-    can be made). Raises a :class:`ConfigError` naming the key and the path; model folders are
-    checked by ``model_loading.check_model_path``, file contents when they are read."""
+    """Before a job starts: the files it reads exist, the folders it writes are folders (or
+    can be made) and its trackers are installed. Raises a :class:`ConfigError` naming the key
+    and the path; model folders are checked by ``model_loading.check_model_path``, file
+    contents when they are read."""
     log, ckpt = cfg.logging, cfg.checkpoint
     _check_folder("logging.output_dir", log.output_dir)
     _check_folder("checkpoint.dir", ckpt.dir)
@@ -289,6 +290,9 @@ def check_paths(cfg: TrainConfig) -> None:
     for path in data.eval_paths():
         _check_file("data.eval", path, "preference data")
     _check_file("deepspeed.config_file", cfg.deepspeed.config_file, "DeepSpeed config")
+    from .trackers import check_trackers
+
+    check_trackers(cfg)
     from .model_loading import check_model_path
 
     for key, value, tokenizer in (("model.name_or_path", cfg.model.name_or_path, False),

@@ -162,9 +162,8 @@ class Trainer:
                                       keep_last=cfg.checkpoint.keep_last, rank=rt.rank,
                                       barrier=rt.barrier)
         resume_trainer(self)
-        self.log = RunLogger(self.output_dir, enabled=rt.is_main, progress=cfg.logging.progress,
-                             tensorboard=cfg.logging.tensorboard, total_steps=self.total_steps,
-                             initial_step=self.pos.step)
+        self.log = RunLogger.for_job(cfg, enabled=rt.is_main, total_steps=self.total_steps,
+                                     initial_step=self.pos.step)
         if rt.is_main:
             write_text_atomic(self.output_dir / "config.yaml", to_yaml(cfg))
         # the stop-signal agreement is host state: reduced on the CPU (gloo), no device sync
