@@ -157,3 +157,24 @@ def test_local_rank_0_builds_the_cache_and_the_others_read_it(forms, tokenizer, 
     with pytest.raises(ValueError, match="column 'nope'"):
         job_module.load_datasets(broken, tokenizer, runtime=Node(0, 2, 0, cpu, deepspeed=False))
     assert events[-1][0:2] == ("barrier", 0)
+
+
+def test_the_readme_recipes_are_valid_configs():
+    """README's mixture and tracking recipes validate as they are written."""
+    import re
+    from pathlib import Path
+
+    from fastpo.engine.train.config_loading import config_from_dict
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text(encoding="utf-8")
+    recipes = dict(re.findall(r"^<!-- recipe: ([\w-]+) -->\n```yaml\n(.*?)^```$", readme,
+                              re.M | re.S))
+    assert sorted(recipes) == ["mixture", "tracking"]
+    mixture = config_from_dict(yaml.safe_load(recipes["mixture"])).data
+    assert [e.weight for e in mixture.mixture] == [0.6, 0.3, 0.1]
+    assert mixture.mixture[2].columns["tools"] == "tools"
+    assert mixture.columns["prompt"] == "question"
+    assert mixture.train_paths()[1:3] == ["helpsteer_a.jsonl", "helpsteer_b.jsonl"]
+    assert mixture.chat_template_kwargs == {"enable_thinking": False}
+    tracking = config_from_dict(yaml.safe_load(recipes["tracking"])).logging
+    assert tracking.report_to == ["wandb", "mlflow"] and tracking.project == "dpo-experiments"
