@@ -57,3 +57,11 @@ def map_columns(row: Any, columns: Mapping[str, str], *, where: str, setting: st
            if key not in renamed and key not in columns}
     out.update({field: row[column] for field, column in columns.items()})
     return out
+
+
+def mapping_note(message: str, columns: Mapping[str, str], setting: str) -> str:
+    """`` (field 'chosen' is your column 'good', data.columns)`` for the mapped fields a row
+    error names (empty when it names none), so the user finds the column in their file."""
+    named = [f"field '{field}' is your column '{column}'" for field, column in columns.items()
+             if f"field '{field}" in message]
+    return f" ({', '.join(named)}: {setting})" if named else ""

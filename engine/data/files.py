@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import decode_utf8
-from .columns import map_columns
+from .columns import map_columns, mapping_note
 from .formats import DataFormatError, is_paired, normalize_record
 
 FILE_TYPES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
@@ -193,8 +193,14 @@ def load_preference_records(source: str | Path | Sequence[Mapping[str, Any]] | A
     records = PreferenceRecords(source=str(source) if isinstance(source, (str, Path)) else None)
     first_kind: tuple[str, bool] | None = None
     for where, row in _source_rows(source, split):
-        record = normalize_record(map_columns(row, columns or {}, where=where,
-                                              setting=columns_setting), where)
+        mapped = map_columns(row, columns or {}, where=where, setting=columns_setting)
+        try:
+            record = normalize_record(mapped, where)
+        except DataFormatError as exc:
+            if not columns:
+                raise
+            raise DataFormatError(f"{exc}{mapping_note(str(exc), columns, columns_setting)}"
+                                  ) from None
         records.origins.append(where)
         if first_kind is None:
             first_kind = (where, is_paired(record))

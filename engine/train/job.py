@@ -65,7 +65,7 @@ def _tokenize(cfg: TrainConfig, source: DataSource, tokenizer: Any, *, local_ran
                               max_prompt_length=data.max_prompt_length,
                               truncation_mode=data.truncation_mode, unpaired=kto and paired,
                               chat_template_kwargs=data.chat_template_kwargs,
-                              progress=cfg.logging.progress != "none")
+                              progress=cfg.logging.progress != "none" and local_rank == 0)
 
     if not data.cache:
         dataset = build()

@@ -44,7 +44,8 @@ class OnlineEvaluation:
         rt, source = trainer.rt, self.source
         if not self.prompt_ids:
             self.prompt_ids = [render_prompt_ids(r, source.tokenizer,
-                                                 trainer.cfg.data.max_prompt_length)
+                                                 trainer.cfg.data.max_prompt_length,
+                                                 trainer.cfg.data.chat_template_kwargs)
                                for r in self.prompts]
         rows = list(range(rt.rank, len(self.prompts), rt.world_size))
         generator = sampling_generator(trainer.cfg.seed, rt.rank, "eval")

@@ -54,6 +54,12 @@ def test_a_missing_mapped_column_names_file_row_and_column(tmp_path):
                                               r"'rejected' by data.mixture\[1\].columns\) is "
                                               r"missing; the row's columns: good, note, question"):
         load_source(source)
+    rows[3]["bad"] = 7  # a wrongly typed value names the field and the user's column
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataFormatError, match=rf"{path} line 4: field 'rejected' must be a list "
+                                              r".* \(field 'rejected' is your column 'bad': "
+                                              r"data.mixture\[1\].columns\)"):
+        load_source(source)
     with pytest.raises(DataFormatError, match="unknown field 'answer'"):
         DataSource(paths=(str(path),), columns={"answer": "good"})
     with pytest.raises(DataFormatError, match="'good' is mapped to both"):
@@ -196,3 +202,13 @@ def test_the_tokenization_cache_is_keyed_and_safe_to_load(tmp_path, tokenizer):
         load_tokenized(tmp_path / "cache" / key)
     rebuilt = cached_tokenization(tmp_path / "cache" / key, build)
     assert len(calls) == 2 and rebuilt.fingerprint() == first.fingerprint()
+
+
+def test_online_prompts_get_the_chat_template_kwargs_too(thinking_tokenizer):
+    from fastpo.engine.online.prompts import PromptRecord, render_prompt_ids
+
+    record = PromptRecord([{"role": "user", "content": "Hi"}], None, 0, "prompts.jsonl line 1")
+    quiet = render_prompt_ids(record, thinking_tokenizer, None, {"enable_thinking": False})
+    plain = render_prompt_ids(record, thinking_tokenizer, None)
+    assert thinking_tokenizer.decode(quiet).endswith("assistant\n<think></think>")
+    assert not thinking_tokenizer.decode(plain).endswith("</think>")
