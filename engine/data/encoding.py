@@ -3,7 +3,7 @@ chat, and batched encoding that names the row and field of a text the tokenizer 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .formats import DataFormatError, Messages
@@ -11,12 +11,23 @@ from .formats import DataFormatError, Messages
 TOKENIZE_CHUNK = 512  # texts per tokenizer call
 
 
+def render_chat(tokenizer: Any, messages: Messages, *, generation_prompt: bool,
+                template_kwargs: Mapping[str, Any]) -> str:
+    """``messages`` rendered by the tokenizer's chat template, with ``template_kwargs`` (the
+    row's ``tools`` and ``data.chat_template_kwargs``, e.g. ``enable_thinking``)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=generation_prompt,
+                                         **template_kwargs)
+
+
 def render_completion(tokenizer: Any, prompt: Messages, completion: Messages, prompt_text: str,
-                      eos: str, where: str) -> str:
+                      eos: str, where: str, template_kwargs: Mapping[str, Any] | None = None
+                      ) -> str:
     """The text of ``completion`` as the chat template renders it after ``prompt``:
     the whole conversation rendered, ``prompt_text`` (the prompt rendered alone with the
     generation prompt) cut off the front, and the rest cut after its last ``eos``."""
-    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    full = render_chat(tokenizer, prompt + completion, generation_prompt=False,
+                       template_kwargs=template_kwargs or {})
     if not full.startswith(prompt_text):
         raise DataFormatError(
             f"{where}: the chat template renders the prompt differently alone (with the "

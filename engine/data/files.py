@@ -1,5 +1,6 @@
-"""Reading preference data files: JSON (an array), JSON Lines, Parquet, ``save_to_disk``
-folders, ``datasets`` objects or lists of dicts, into canonical records that remember their row.
+"""Reading preference data files: JSON (an array), JSON Lines, Parquet, CSV, Arrow,
+``save_to_disk`` folders, ``datasets`` objects or lists of dicts, into canonical records that
+remember their row (a ``columns`` mapping renames the user's columns first: ``columns.py``).
 
     records = load_preference_records("pairs.jsonl")
     records.origins[3]     # "pairs.jsonl line 4": where the fourth record came from
@@ -20,7 +21,10 @@ from typing import Any
 
 from ..errors import decode_utf8
 from .bad_rows import BadRowPolicy, BadRowTally
+from .columns import map_columns, mapping_note
 from .formats import DataFormatError, is_paired, normalize_record
+
+FILE_TYPES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -103,6 +107,36 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path} row {i}", row
 
 
+def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    try:
+        table = pcsv.read_csv(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataFormatError(f"preference data {path}: not a readable CSV file ({exc})") from None
+    for i, row in enumerate(table.to_pylist()):  # row i is line i + 2 (after the header)
+        yield f"{path} row {i}", row
+
+
+def _arrow_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """An Arrow file as ``datasets`` writes it (a stream), or the Arrow IPC file format."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    try:
+        rows: Any = Dataset.from_file(str(path))
+    except (pa.ArrowException, OSError, ValueError):
+        try:
+            with pa.OSFile(str(path), "rb") as handle:
+                rows = pa.ipc.open_file(handle).read_all().to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise DataFormatError(f"preference data {path}: not a readable Arrow file "
+                                  f"({exc})") from None
+    for i, row in enumerate(rows):
+        yield f"{path} row {i}", row
+
+
 def _dataset_rows(dataset: Any, name: str, split: str | None) -> Iterator[tuple[str, Any]]:
     import datasets
 
@@ -134,9 +168,13 @@ def _source_rows(source: Any, split: str | None) -> Iterator[tuple[str, Any]]:
             yield from _json_rows(path)
         elif path.suffix == ".parquet":
             yield from _parquet_rows(path)
+        elif path.suffix == ".csv":
+            yield from _csv_rows(path)
+        elif path.suffix == ".arrow":
+            yield from _arrow_rows(path)
         else:
             raise DataFormatError(f"preference data {path}: unsupported file type {path.suffix!r}; "
-                             "use .json, .jsonl, .parquet or a save_to_disk folder")
+                                  f"use {', '.join(FILE_TYPES)} or a save_to_disk folder")
         return
     try:
         import datasets
@@ -155,16 +193,20 @@ def _source_rows(source: Any, split: str | None) -> Iterator[tuple[str, Any]]:
 
 
 def load_preference_records(source: str | Path | Sequence[Mapping[str, Any]] | Any, *,
-                            split: str | None = None,
+                            split: str | None = None, columns: Mapping[str, str] | None = None,
+                            columns_setting: str = "columns",
                             bad_rows: BadRowPolicy | None = None) -> PreferenceRecords:
     """Load and validate preference data; return canonical paired or unpaired records (a list
     that also knows the file and row each came from).
 
-    ``source``: a ``.json`` (array or JSON Lines), ``.jsonl`` or ``.parquet`` file, a folder saved
-    with ``datasets``' ``save_to_disk``, a ``datasets.Dataset``/``DatasetDict`` (``split``
-    picks one, default ``train``) or a list of dicts. Malformed JSON raises with file and line;
-    missing or wrongly typed fields and unknown roles raise with the row and the field; under
-    ``bad_rows`` ``skip`` such rows are dropped and counted (:mod:`.bad_rows`).
+    ``source``: a ``.json`` (array or JSON Lines), ``.jsonl``, ``.parquet``, ``.csv`` or
+    ``.arrow`` file, a folder saved with ``datasets``' ``save_to_disk``, a
+    ``datasets.Dataset``/``DatasetDict`` (``split`` picks one, default ``train``) or a list of
+    dicts. ``columns`` maps fields to the user's column names (``{"prompt": "question"}``;
+    ``columns_setting`` is the config key errors name). Malformed JSON raises with file and line;
+    missing or wrongly typed fields, missing mapped columns and unknown roles raise with the row
+    and the field; under ``bad_rows`` ``skip`` such rows are dropped and counted
+    (:mod:`.bad_rows`).
     """
     records = PreferenceRecords(source=str(source) if isinstance(source, (str, Path)) else None)
     tally = BadRowTally(bad_rows or BadRowPolicy(), records.source or "records")
@@ -175,7 +217,14 @@ def load_preference_records(source: str | Path | Sequence[Mapping[str, Any]] | A
         try:
             if isinstance(row, UnreadableRow):
                 raise row.error
-            record = normalize_record(row, where)
+            mapped = map_columns(row, columns or {}, where=where, setting=columns_setting)
+            try:
+                record = normalize_record(mapped, where)
+            except DataFormatError as exc:
+                if not columns:
+                    raise
+                raise DataFormatError(f"{exc}{mapping_note(str(exc), columns, columns_setting)}"
+                                      ) from None
             if first_kind is not None and is_paired(record) != first_kind[1]:
                 kinds = ("unpaired", "paired") if first_kind[1] else ("paired", "unpaired")
                 raise DataFormatError(f"{where}: {kinds[0]} record in data whose first record "

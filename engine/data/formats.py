@@ -13,12 +13,19 @@ messages ("conversational", rendered later with the tokenizer's chat template). 
     conversations / chosen / rejected     sharegpt style, ``{"from", "value"}`` turns
     prompt / completion / label           KTO's unpaired form
     messages / label                      unpaired conversation: the last turn is the completion
+    messages / chosen / rejected          the conversation so far is the prompt
+
+Two optional fields go with any of them: ``system`` (a system prompt, put first in the prompt's
+messages) and ``tools`` (a list of tool schemas, or that list as a JSON string, handed to the
+chat template). Either makes a row conversational: string prompts and completions become one
+user turn and one assistant turn, and the canonical record keeps ``"tools"``.
 
 Errors are :class:`DataFormatError` (a ``ValueError``) naming the row and the field.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +45,7 @@ FORMATS = (
     "conversations/chosen/rejected (sharegpt)",
     "prompt/completion/label (unpaired)",
     "messages/label (unpaired)",
+    "messages/chosen/rejected",
 )
 
 Messages = list[dict[str, str]]
@@ -142,10 +150,55 @@ def _paired(prompt: str | Messages, chosen: str | Messages, rejected: str | Mess
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def _tools(value: Any, where: str) -> list[dict[str, Any]]:
+    """A row's tool schemas: a list of objects, or that list (or one object) as JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(f"{where}: field 'tools' is a string but not JSON "
+                                  f"({exc.msg} at character {exc.pos})") from None
+    if isinstance(value, Mapping):
+        value = [value]
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) \
+            or not all(isinstance(tool, Mapping) for tool in value):
+        raise DataFormatError(f"{where}: field 'tools' must be a list of tool schemas "
+                              f"(objects), got {type(value).__name__}")
+    return [dict(tool) for tool in value]
+
+
+def _as_conversation(record: dict[str, Any], system: str | None) -> dict[str, Any]:
+    """``record`` with string fields turned into turns and ``system`` first in the prompt."""
+    out = dict(record)
+    for key in ("prompt", "chosen", "rejected", "completion"):
+        if isinstance(out.get(key), str):
+            out[key] = [{"role": "user" if key == "prompt" else "assistant",
+                         "content": out[key]}]
+    if system and not (out["prompt"] and out["prompt"][0]["role"] == "system"):
+        out["prompt"] = [{"role": "system", "content": system}, *out["prompt"]]
+    return out
+
+
 def normalize_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Recognise the format of one row and return its canonical paired or unpaired form."""
+    """Recognise the format of one row and return its canonical paired or unpaired form (with
+    ``system`` folded into the prompt and ``tools`` kept, see the module docstring)."""
     if not isinstance(row, Mapping):
         raise DataFormatError(f"{where}: a record must be an object, got {type(row).__name__}")
+    record = _normalize_fields(row, where)
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataFormatError(f"{where}: field 'system' must be a string, "
+                              f"got {type(system).__name__}")
+    tools = _tools(row["tools"], where) if _present(row, "tools") else None
+    if system or tools:
+        record = _as_conversation(record, system)
+    if tools:
+        record["tools"] = tools
+    return record
+
+
+def _normalize_fields(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The canonical form of the prompt / completion / label fields of one row."""
 
     if _present(row, "conversations"):
         prompt = _messages(row["conversations"], where, "conversations", sharegpt=True)
@@ -161,6 +214,8 @@ def normalize_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
         rejected = _text_or_messages(row, "rejected", where)
         if _present(row, "prompt"):
             return _paired(_text_or_messages(row, "prompt", where), chosen, rejected, where)
+        if _present(row, "messages"):
+            return _paired(_messages(row["messages"], where, "messages"), chosen, rejected, where)
         _same_kind({"chosen": chosen, "rejected": rejected}, where)
         if isinstance(chosen, str):
             n = _common_text_prefix(chosen, rejected)
@@ -205,8 +260,11 @@ def pairs_to_unpaired(records: Sequence[Mapping[str, Any]]) -> list[dict[str, An
         if not is_paired(record):
             out.append(dict(record))
             continue
-        out.append({"prompt": record["prompt"], "completion": record["chosen"], "label": True})
-        out.append({"prompt": record["prompt"], "completion": record["rejected"], "label": False})
+        extra = {"tools": record["tools"]} if "tools" in record else {}
+        out.append({"prompt": record["prompt"], "completion": record["chosen"], "label": True,
+                    **extra})
+        out.append({"prompt": record["prompt"], "completion": record["rejected"],
+                    "label": False, **extra})
     return out
 
 

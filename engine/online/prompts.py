@@ -29,11 +29,12 @@ the question just before the answer).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.encoding import encode_texts
+from ..data.encoding import encode_texts, render_chat
 from ..data.files import _source_rows
 from ..data.formats import DataFormatError, Messages, _messages
 
@@ -101,20 +102,21 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
     return records
 
 
-def prompt_text(record: PromptRecord, tokenizer: Any) -> str:
+def prompt_text(record: PromptRecord, tokenizer: Any,
+                chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
     """The prompt as the model sees it: the string, or the chat template's rendering of the
-    messages with the generation prompt."""
+    messages with the generation prompt (and ``data.chat_template_kwargs``)."""
     if isinstance(record.prompt, str):
         return record.prompt
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{record.source}: a conversational prompt needs a tokenizer with a "
                          "chat template")
-    return tokenizer.apply_chat_template(record.prompt, tokenize=False,
-                                         add_generation_prompt=True)
+    return render_chat(tokenizer, record.prompt, generation_prompt=True,
+                       template_kwargs=chat_template_kwargs or {})
 
 
-def render_prompt_ids(record: PromptRecord, tokenizer: Any,
-                      max_prompt_length: int | None) -> list[int]:
+def render_prompt_ids(record: PromptRecord, tokenizer: Any, max_prompt_length: int | None,
+                      chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
     """Token ids of the prompt, as the offline path makes them, cut to its last
     ``max_prompt_length`` tokens (None: no limit)."""
     if max_prompt_length is not None and (not isinstance(max_prompt_length, int)
@@ -122,7 +124,7 @@ def render_prompt_ids(record: PromptRecord, tokenizer: Any,
                                           or max_prompt_length < 1):
         raise ValueError(f"max_prompt_length must be a positive int or None, "
                          f"got {max_prompt_length!r}")
-    text = prompt_text(record, tokenizer)
+    text = prompt_text(record, tokenizer, chat_template_kwargs)
     (ids,) = encode_texts(tokenizer, [text], special=isinstance(record.prompt, str),
                           labels=[f"{record.source}: field 'prompt'"])
     if not ids:

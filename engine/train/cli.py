@@ -142,13 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _input_error(exc)
     except (InputError, ValueError) as exc:  # bad config, data or paths: it says which
         return _input_error(exc)
-    before, after = result.eval_before or {}, result.eval_after or {}
-    if int(os.environ.get("RANK", "0")) == 0:
-        acc = "rewards/accuracies"
+    if int(os.environ.get("RANK", "0")) == 0:  # the run's one summary line
         line = f"fastpo-train: {result.steps} steps ({result.stopped}) in {result.seconds:.0f} s"
-        if acc in before and acc in after:
-            line += (f"; held-out reward accuracy {before[acc]:.3f} → {after[acc]:.3f}, "
-                     f"loss {before['loss']:.4f} → {after['loss']:.4f}")
+        if result.closing:
+            line += f"; {result.closing}"
         if result.export_dir:
             line += f"; model in {result.export_dir}"
         print(line, flush=True)

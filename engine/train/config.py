@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, JsonValue, field_validator, model_validator
 
 from ..online.config import OnlineConfig
 from .config_base import ConfigError, Section
@@ -71,11 +71,47 @@ class ReferenceConfig(Section):
 
 
 # ------------------------------------------------------------------------------------- data
-class DataConfig(Section):
-    """Preference data. ``train`` null means the 300 English demo pairs (``demo_name``)."""
+def _check_columns(columns: dict[str, str] | None, key: str) -> None:
+    from ..data.columns import check_column_mapping
 
-    train: str | None = None
-    eval: str | None = None  # a separate held-out file; otherwise eval_fraction of train
+    if columns:
+        check_column_mapping(columns, key)  # a ValueError: pydantic names the key
+
+
+class MixtureEntry(Section):
+    """One source of a weighted mixture: files (or ``save_to_disk`` folders), their share,
+    their own column mapping (default: ``data.columns``) and split."""
+
+    path: str | list[str]
+    weight: float = Field(gt=0.0)
+    columns: dict[str, str] | None = None
+    split: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MixtureEntry:
+        _check_columns(self.columns, "columns")
+        return self
+
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class DataConfig(Section):
+    """Preference data. ``train`` null (and no ``mixture``) means the 300 English demo pairs
+    (``demo_name``). ``train`` / ``eval``: a file (.json, .jsonl, .parquet, .csv, .arrow), a
+    ``save_to_disk`` folder or a list of them (concatenated); ``columns`` maps fields to your
+    column names; ``mixture`` instead of ``train``: weighted sources, ``mixture_size`` items
+    drawn with the seed (default: as many as the first source to run out allows)."""
+
+    train: str | list[str] | None = None
+    eval: str | list[str] | None = None  # separate held-out data; otherwise eval_fraction of train
+    columns: dict[str, str] = Field(default_factory=dict)  # field -> column, e.g. prompt: question
+    split: str | None = None  # the split of a save_to_disk DatasetDict (default: train)
+    mixture: list[MixtureEntry] | None = None
+    mixture_size: int | None = Field(None, gt=0)
+    chat_template_kwargs: dict[str, JsonValue] = Field(default_factory=dict)  # enable_thinking..
+    cache: bool = True  # tokenization cached on disk (keyed by data, tokenizer and settings)
+    cache_dir: str | None = None  # default: $FASTPO_CACHE/tokenized (~/.cache/fastpo)
     demo_name: str = "dpo_en_demo.json"
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_train_items: int | None = Field(None, gt=0)  # keep only the first N (after the split)
@@ -101,6 +137,31 @@ class DataConfig(Section):
     on_bad_row: Literal["error", "skip"] = "error"
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
 
+    @model_validator(mode="after")
+    def _check_sources(self) -> DataConfig:
+        _check_columns(self.columns, "data.columns")
+        if self.mixture is not None:
+            if self.train is not None:
+                raise ValueError("give data.train or data.mixture, not both")
+            if not self.mixture:
+                raise ValueError("data.mixture needs at least one {path, weight} entry")
+        elif self.mixture_size is not None:
+            raise ValueError("data.mixture_size needs data.mixture")
+        for key in ("train", "eval"):
+            value = getattr(self, key)
+            if isinstance(value, list) and not value:
+                raise ValueError(f"data.{key}: an empty list of files")
+        return self
+
+    def train_paths(self) -> list[str]:
+        """Every training file or folder (of ``train`` or of the mixture)."""
+        if self.mixture is not None:
+            return [p for entry in self.mixture for p in entry.paths()]
+        return _as_list(self.train)
+
+    def eval_paths(self) -> list[str]:
+        return _as_list(self.eval)
+
     def length_grouping(self) -> int | None:
         """The grouping window (micro-batches) for plan_batches, None when off; call after the
         layout is resolved (``padding_free`` known)."""
@@ -124,6 +185,10 @@ class DataConfig(Section):
     def wants_shared_prompt(self) -> bool:
         """Whether the layout is fixed to shared-prompt rows (by layout or share_prompt)."""
         return bool(self.share_prompt) or self.layout in ("shared", "shared_packed")
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 # ----------------------------------------------------------------------------- optimization
@@ -178,16 +243,32 @@ class DeepSpeedSection(Section):
 
 # ---------------------------------------------------------------------------------- logging
 class LoggingConfig(Section):
-    """Progress bar, JSONL (``<output_dir>/metrics.jsonl``), TensorBoard, evaluation."""
+    """Progress bar, JSONL (``<output_dir>/metrics.jsonl``), experiment trackers, evaluation.
+    ``report_to``: tensorboard, wandb, mlflow, trackio (each an extra: ``fastpo[wandb]``), with
+    the JSONL's metric names; ``project`` / ``run_name`` name the tracker run (default run name:
+    the output folder's); ``tensorboard: auto`` adds TensorBoard when it is installed."""
 
     output_dir: str = "runs/fastpo"
     log_every: int = Field(1, gt=0)
     progress: Literal["auto", "tqdm", "rich", "none"] = "auto"
     tensorboard: bool | Literal["auto"] = "auto"
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list)
+    project: str = "fastpo"  # W&B / Trackio project, MLflow experiment
+    run_name: str | None = None
+    mlflow_tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else MLflow's
     eval_every: int = Field(0, ge=0)  # 0: evaluate only before and after training
     eval_before: bool = True
     early_stopping_patience: int = Field(0, ge=0)  # evaluations without improvement; 0: off
     early_stopping_min_delta: float = Field(0.0, ge=0.0)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_none(cls, value: object) -> object:
+        """``report_to: wandb`` is ``[wandb]``; ``none`` is ``[]``."""
+        if isinstance(value, str):
+            return [] if value == "none" else [value]
+        return value
 
 
 # ------------------------------------------------------------------------------- checkpoint
@@ -313,6 +394,8 @@ def combination_problems(cfg: TrainConfig) -> list[str]:
     if log.early_stopping_patience and not (log.eval_every and has_eval):
         problems.append("logging.early_stopping_patience needs logging.eval_every > 0 and a "
                         "held-out split (data.eval or data.eval_fraction > 0)")
+    if log.tensorboard is False and "tensorboard" in log.report_to:
+        problems.append("logging.report_to lists tensorboard but logging.tensorboard is false")
     if log.eval_every and not has_eval:
         problems.append("logging.eval_every > 0 needs data.eval or data.eval_fraction > 0")
     export = cfg.checkpoint.export

@@ -271,17 +271,28 @@ def _check_file(key: str, value: str | None, what: str) -> None:
 
 
 def check_paths(cfg: TrainConfig) -> None:
-    """Before a job starts: the files it reads exist, and the folders it writes are folders (or
-    can be made). Raises a :class:`ConfigError` naming the key and the path; model folders are
-    checked by ``model_loading.check_model_path``, file contents when they are read."""
+    """Before a job starts: the files it reads exist, the folders it writes are folders (or
+    can be made) and its trackers are installed. Raises a :class:`ConfigError` naming the key
+    and the path; model folders are checked by ``model_loading.check_model_path``, file
+    contents when they are read."""
     log, ckpt = cfg.logging, cfg.checkpoint
     _check_folder("logging.output_dir", log.output_dir)
     _check_folder("checkpoint.dir", ckpt.dir)
     _check_folder("checkpoint.export_dir", ckpt.export_dir)
     _check_folder("reference.cache_dir", cfg.reference.cache_dir)
-    _check_file("data.train", cfg.data.train, "preference data")
-    _check_file("data.eval", cfg.data.eval, "preference data")
+    data = cfg.data
+    if data.mixture is not None:
+        for i, entry in enumerate(data.mixture):
+            for path in entry.paths():
+                _check_file(f"data.mixture[{i}].path", path, "preference data")
+    for path in data.train_paths() if data.mixture is None else ():
+        _check_file("data.train", path, "preference data")
+    for path in data.eval_paths():
+        _check_file("data.eval", path, "preference data")
     _check_file("deepspeed.config_file", cfg.deepspeed.config_file, "DeepSpeed config")
+    from .trackers import check_trackers
+
+    check_trackers(cfg)
     from .model_loading import check_model_path
 
     for key, value, tokenizer in (("model.name_or_path", cfg.model.name_or_path, False),

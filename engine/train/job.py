@@ -1,6 +1,7 @@
 """Job set-up that depends on the config only: the datasets and the reference strategy.
 
-- :func:`load_datasets`: the configured (or demo) data, tokenized, split into train / held-out.
+- :func:`load_datasets`: the configured (or demo) data (files, folders, a weighted mixture),
+  tokenized through the on-disk cache, split into train / held-out.
 - :func:`build_reference`: ``none`` → no reference run; ``adapter_disabled`` → the LoRA policy
   with its adapter off; ``separate`` → a frozen copy (sharded by its own ZeRO-3 inference engine
   when the policy is under ZeRO-3, else replicated per rank, cast like the policy);
@@ -13,20 +14,25 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..data.assets import cache_root
 from ..data.bad_rows import BadRowPolicy
-from ..data.dataset import (
-    TokenizedDataset,
-    load_preference_records,
-    split_train_eval,
-    tokenize_pairs,
-)
+from ..data.dataset import TokenizedDataset, split_train_eval, tokenize_pairs
 from ..data.formats import is_paired
+from ..data.sources import (
+    DataSource,
+    default_mixture_size,
+    load_source,
+    mixture_picks,
+    take_mixture,
+)
+from ..data.token_cache import cached_tokenization, tokenization_key
 from ..model.reference import (
     AdapterDisabledReference,
     FrozenReference,
@@ -39,44 +45,128 @@ from ..model.reference_cache import (
     reference_cache_key,
 )
 from .config import TrainConfig
+from .runtime import Runtime
 from .storage import check_room, storage_failure
 
 logger = logging.getLogger(__name__)
 
 
-def _tokenize(cfg: TrainConfig, source: Any, tokenizer: Any, what: str) -> TokenizedDataset:
-    records = load_preference_records(source, bad_rows=BadRowPolicy(
-        on_bad_row=cfg.data.on_bad_row, max_bad_fraction=cfg.data.max_bad_fraction))
-    paired = is_paired(records[0])
-    kto = cfg.loss.method == "kto"
-    if not paired and not kto:
-        raise ValueError(f"{what} data {source} is unpaired (prompt/completion/label): it needs "
-                         f"loss.method 'kto', not {cfg.loss.method!r}")
+def _tokenize(cfg: TrainConfig, source: DataSource, tokenizer: Any, *, local_rank: int,
+              barrier: Callable[[], None]) -> TokenizedDataset:
+    """``source`` tokenized, from the cache when it holds this data, tokenizer and settings:
+    local rank 0 builds a missing entry while the node's other ranks wait at ``barrier``."""
     data = cfg.data
-    dataset = tokenize_pairs(records, tokenizer, max_length=data.max_length,
-                             max_prompt_length=data.max_prompt_length,
-                             truncation_mode=data.truncation_mode, unpaired=kto and paired)
+    kto = cfg.loss.method == "kto"
+
+    def build() -> TokenizedDataset:
+        records = load_source(source, bad_rows=BadRowPolicy(
+            on_bad_row=data.on_bad_row, max_bad_fraction=data.max_bad_fraction))
+        paired = is_paired(records[0])
+        if not paired and not kto:
+            raise ValueError(f"{source.setting} data {source.name} is unpaired "
+                             "(prompt/completion/label): it needs loss.method 'kto', not "
+                             f"{cfg.loss.method!r}")
+        return tokenize_pairs(records, tokenizer, max_length=data.max_length,
+                              max_prompt_length=data.max_prompt_length,
+                              truncation_mode=data.truncation_mode, unpaired=kto and paired,
+                              chat_template_kwargs=data.chat_template_kwargs,
+                              progress=cfg.logging.progress != "none" and local_rank == 0)
+
+    if not data.cache:
+        dataset = build()
+    else:
+        settings = {"max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
+                    "truncation_mode": data.truncation_mode, "kto": kto,
+                    "chat_template_kwargs": data.chat_template_kwargs,
+                    "on_bad_row": data.on_bad_row, "max_bad_fraction": data.max_bad_fraction}
+        root = Path(data.cache_dir).expanduser() if data.cache_dir else \
+            cache_root() / "tokenized"
+        entry = root / tokenization_key(source.content_hash(), tokenizer, settings)
+        failure: BaseException | None = None
+        dataset = None
+        if local_rank == 0:
+            try:
+                dataset = cached_tokenization(entry, build)
+            except BaseException as exc:  # the other ranks must still leave the barrier
+                failure = exc
+        barrier()
+        if failure is not None:
+            raise failure
+        if dataset is None:  # rank 0 of this node wrote it (or failed, and so will this rank)
+            dataset = cached_tokenization(entry, build)
+        logger.info("%s: tokenized data %s (%s)", source.setting, entry,
+                    "built" if local_rank == 0 else "read")
     dataset.stats.log(logger)
-    if len(dataset) == 0:
-        raise ValueError(f"{what} data {source}: no usable item after tokenization "
-                         f"({dataset.stats.summary()})")
     return dataset
 
 
-def load_datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[TokenizedDataset, TokenizedDataset]:
-    """(train, held-out) tokenized datasets; the held-out split is seeded by ``cfg.seed``."""
-    data = cfg.data
-    if data.train is not None:
-        source: Any = data.train
-    else:
-        from ..data.assets import demo_preference_data
+def _source(cfg: TrainConfig, paths: list[str], setting: str) -> DataSource:
+    return DataSource(paths=tuple(paths), columns=cfg.data.columns, split=cfg.data.split,
+                      setting=setting)
 
-        source = demo_preference_data(name=data.demo_name)
-    dataset = _tokenize(cfg, source, tokenizer, "training")
+
+def _mixture(cfg: TrainConfig, parts: list[TokenizedDataset], eval_parts: list[TokenizedDataset]
+             ) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """The training mixture of ``parts`` (weights, size, seed from the config) and the
+    concatenated held-out ``eval_parts`` (None when there are none)."""
+    data = cfg.data
+    assert data.mixture is not None
+    weights = [entry.weight for entry in data.mixture]
+    sizes = [len(part) for part in parts]
+    size = data.mixture_size or default_mixture_size(sizes, weights)
+    train = take_mixture(parts, mixture_picks(sizes, weights, size=size, seed=cfg.seed))
+    counts = ", ".join(f"{e.paths()[0]}: {w / sum(weights):.1%} of {size}"
+                       for e, w in zip(data.mixture, weights))
+    logger.info("data.mixture: %d items (%s)", size, counts)
+    held = [p for p in eval_parts if len(p)]
+    held_out = take_mixture(held, [(s, i) for s, p in enumerate(held) for i in range(len(p))]) \
+        if held else None
+    return train, held_out
+
+
+def load_datasets(cfg: TrainConfig, tokenizer: Any, *, runtime: Runtime | None = None
+                  ) -> tuple[TokenizedDataset, TokenizedDataset]:
+    """(train, held-out) tokenized datasets; the held-out split is seeded by ``cfg.seed``.
+    A mixture's held-out split is taken from each source before mixing (no held-out item is
+    drawn into training); with several ranks (``runtime``) local rank 0 builds the
+    tokenization cache's entries while the others wait."""
+    data = cfg.data
+    local_rank = runtime.local_rank if runtime is not None else 0
+    barrier = runtime.barrier if runtime is not None else (lambda: None)
+
+    def tokenize(source: DataSource) -> TokenizedDataset:
+        return _tokenize(cfg, source, tokenizer, local_rank=local_rank, barrier=barrier)
+
+    held_out: TokenizedDataset | None = None
     if data.eval is not None:
-        train, held_out = dataset, _tokenize(cfg, data.eval, tokenizer, "held-out")
+        held_out = tokenize(_source(cfg, data.eval_paths(), "data.eval"))
+    if data.mixture is not None:
+        parts, eval_parts = [], []
+        for i, entry in enumerate(data.mixture):
+            columns = data.columns if entry.columns is None else entry.columns
+            source = DataSource(paths=tuple(entry.paths()), columns=columns,
+                                split=entry.split or data.split, weight=entry.weight,
+                                setting=f"data.mixture[{i}]")
+            part = tokenize(source)
+            if data.eval is None:
+                part, held = split_train_eval(part, data.eval_fraction, seed=cfg.seed)
+                eval_parts.append(held)
+            parts.append(part)
+        train, mixed_held_out = _mixture(cfg, parts, eval_parts)
+        if held_out is None:
+            held_out = mixed_held_out if mixed_held_out is not None else parts[0].subset([])
     else:
-        train, held_out = split_train_eval(dataset, data.eval_fraction, seed=cfg.seed)
+        if data.train is not None:
+            paths = data.train_paths()
+        else:
+            from ..data.assets import demo_preference_data
+
+            paths = [str(demo_preference_data(name=data.demo_name))]
+        dataset = tokenize(_source(cfg, paths, "data.train"))
+        if held_out is None:
+            train, held_out = split_train_eval(dataset, data.eval_fraction, seed=cfg.seed)
+        else:
+            train = dataset
     if data.max_train_items is not None:
         train = train.subset(range(min(len(train), data.max_train_items)))
     if data.max_eval_items is not None:

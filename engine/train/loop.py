@@ -84,6 +84,7 @@ class TrainResult:
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     stop_signal: int | None = None  # the signal that stopped the run (stopped == "signal")
+    closing: str | None = None  # held-out before → after, for the CLI's one summary line
 
 
 @dataclass(slots=True)
@@ -127,7 +128,7 @@ class Trainer:
             self.source, self.evaluator = build_online(cfg, self.tokenizer, runtime=rt,
                                                        policy=lambda: self.backend.module)
         else:
-            self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer)
+            self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer, runtime=rt)
             resolve_layout(cfg, self.train_set, model_path=self.base_path,  # layout: auto
                            device_type=rt.device.type, with_kl=self.objective_with_kl())
             self.source = OfflineSource(cfg, self.train_set, rank=rt.rank,
@@ -166,9 +167,8 @@ class Trainer:
                                       keep_last=cfg.checkpoint.keep_last, rank=rt.rank,
                                       barrier=rt.barrier)
         resume_trainer(self)
-        self.log = RunLogger(self.output_dir, enabled=rt.is_main, progress=cfg.logging.progress,
-                             tensorboard=cfg.logging.tensorboard, total_steps=self.total_steps,
-                             initial_step=self.pos.step)
+        self.log = RunLogger.for_job(cfg, enabled=rt.is_main, total_steps=self.total_steps,
+                                     initial_step=self.pos.step)
         if rt.is_main:
             write_text_atomic(self.output_dir / "config.yaml", to_yaml(cfg))
 
@@ -352,6 +352,7 @@ class Trainer:
                                      "evaluations")
                     break
             self.read_metrics()
+            self.log.close_progress()  # the final bar, drawn once; later lines print below it
             eval_after, export_dir = None, None
             if stopped != "signal":  # a preempted job has seconds left: no evaluation, no export
                 eval_after = self.evaluate()
@@ -383,10 +384,8 @@ class Trainer:
         summary = run_summary(steps=result.steps, stopped=result.stopped, seconds=result.seconds,
                               eval_before=result.eval_before, eval_after=result.eval_after,
                               export_dir=result.export_dir)
-        text = self.evaluator.closing(summary, result.eval_before, result.eval_after)
+        result.closing = self.evaluator.closing(summary, result.eval_before, result.eval_after)
         self.log.log(summary, kind="summary")
-        if text is not None:
-            self.log.message(text)
 
 
 def train(cfg: TrainConfig, *, callbacks: Sequence[Callback] = ()) -> TrainResult:

@@ -1,4 +1,4 @@
-"""Run logging: a progress bar, one JSON line per logged step, TensorBoard when installed.
+"""Run logging: a progress bar, one JSON line per logged step, the experiment trackers.
 
 Only rank 0 writes. Metric values arrive as Python floats: :class:`StepMetrics` accumulates them
 on the device during the steps and reads them back once per logging point (one packed
@@ -7,6 +7,7 @@ collective, one device-to-host copy), so the writers here never touch a device t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -15,13 +16,17 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .trackers import Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -166,19 +171,32 @@ class StepMetrics:
         return out
 
 
+def _console_loggers() -> list[logging.Logger]:
+    """The root logger and every logger with handlers of its own (DeepSpeed's, transformers'):
+    the ones whose console lines must go through the progress bar."""
+    own = [logger for logger in logging.Logger.manager.loggerDict.values()
+           if isinstance(logger, logging.Logger) and logger.handlers]
+    return [logging.getLogger(), *own]
+
+
 class _Progress:
-    """tqdm, rich or nothing."""
+    """tqdm, rich or nothing. While the tqdm bar is open, console log lines go through it
+    (tqdm's logging redirect): they print above the bar instead of inside its line."""
 
     def __init__(self, kind: str, total: int, initial: int) -> None:
         self.kind = kind
         self.bar: Any = None
+        self._redirect = contextlib.ExitStack()
         if kind == "auto":
             kind = "tqdm" if importlib.util.find_spec("tqdm") else "none"
         if kind == "tqdm":
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
                             file=sys.stderr)
+            self._redirect.enter_context(logging_redirect_tqdm(loggers=_console_loggers(),
+                                                               tqdm_class=tqdm))
         elif kind == "rich":
             from rich.progress import Progress
 
@@ -204,50 +222,68 @@ class _Progress:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Draw the bar's final state once and leave it; log lines print plainly again."""
         if self.kind == "tqdm":
             self.bar.close()
+            self._redirect.close()
         elif self.kind == "rich":
             self.bar.stop()
 
 
 class RunLogger:
-    """Writes ``metrics.jsonl`` (appending on resume), TensorBoard events, a progress bar."""
+    """Writes ``metrics.jsonl`` (appending on resume), the experiment trackers (TensorBoard,
+    W&B, MLflow, Trackio: ``trackers.py``), a progress bar."""
 
     def __init__(self, output_dir: str | Path, *, enabled: bool, progress: str = "auto",
-                 tensorboard: bool | str = "auto", total_steps: int = 0,
+                 trackers: Sequence[Tracker] = (), total_steps: int = 0,
                  initial_step: int = 0) -> None:
         self.enabled = enabled
         self.output_dir = Path(output_dir)
         self.jsonl = None
-        self.tb = None
+        self.trackers = list(trackers)
         self.progress: _Progress | None = None
+        self._progress_kind = "none"
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
-        have_tb = importlib.util.find_spec("tensorboard") is not None
-        if tensorboard is True and not have_tb:
-            raise ImportError("logging.tensorboard is true but the tensorboard package is not "
-                              "installed (pip install tensorboard)")
-        if tensorboard is True or (tensorboard == "auto" and have_tb):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.output_dir / "tensorboard"))
         self.progress = _Progress(progress, total_steps, initial_step)
 
+    @classmethod
+    def for_job(cls, cfg: TrainConfig, *, enabled: bool, total_steps: int,
+                initial_step: int) -> RunLogger:
+        """The job's logger; on the main rank (``enabled``) its trackers start here."""
+        from .trackers import open_trackers
+
+        return cls(cfg.logging.output_dir, enabled=enabled, progress=cfg.logging.progress,
+                   trackers=open_trackers(cfg) if enabled else (), total_steps=total_steps,
+                   initial_step=initial_step)
+
+    def _each_tracker(self, what: str, call: Callable[[Tracker], None]) -> None:
+        """``call`` on every tracker; one that raises is reported once and dropped."""
+        from .trackers import tracker_failed
+
+        for tracker in list(self.trackers):
+            try:
+                call(tracker)
+            except Exception as exc:  # a tracker never stops training
+                self.trackers.remove(tracker)
+                tracker_failed(tracker.name, what, exc)
+
     def log(self, record: dict[str, Any], *, kind: str = "train") -> None:
-        """One JSON line ``{"kind": ..., "step": ..., ...}`` (+ TensorBoard scalars)."""
+        """One JSON line ``{"kind": ..., "step": ..., ...}``, and the same metrics to the
+        trackers (``<kind>/<key>``; the summary at the last step)."""
         if not self.enabled:
             return
         record = {"kind": kind, "time": round(time.time(), 3), **record}
         self.jsonl.write(json.dumps(record, allow_nan=True) + "\n")
         self.jsonl.flush()
-        if self.tb is not None:
-            step = int(record.get("step", 0))
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and key not in ("step", "time"):
-                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+        if self.trackers:
+            from .trackers import tracker_metrics
+
+            step = int(record.get("step", record.get("steps", 0)) or 0)
+            metrics = tracker_metrics(record, kind)
+            self._each_tracker("log", lambda tracker: tracker.log(metrics, step))
 
     def update_progress(self, step: int, text: str) -> None:
         if self.enabled and self.progress is not None:
@@ -259,14 +295,22 @@ class RunLogger:
             return
         if self.progress is not None:
             self.progress.write(text)
+        elif self._progress_kind in ("tqdm", "rich"):  # the bar is closed: where it wrote
+            print(text, flush=True)
         else:
             print(text, file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def close_progress(self) -> None:
+        """Close the progress bar (its final state drawn once); later messages print below."""
         if self.progress is not None:
+            self._progress_kind = self.progress.kind
             self.progress.close()
-        if self.tb is not None:
-            self.tb.close()
+            self.progress = None
+
+    def close(self) -> None:
+        self.close_progress()
+        self._each_tracker("finish", lambda tracker: tracker.close())
+        self.trackers = []
         if self.jsonl is not None:
             self.jsonl.close()
             self.jsonl = None

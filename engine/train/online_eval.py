@@ -44,7 +44,8 @@ class OnlineEvaluation:
         rt, source = trainer.rt, self.source
         if not self.prompt_ids:
             self.prompt_ids = [render_prompt_ids(r, source.tokenizer,
-                                                 trainer.cfg.data.max_prompt_length)
+                                                 trainer.cfg.data.max_prompt_length,
+                                                 trainer.cfg.data.chat_template_kwargs)
                                for r in self.prompts]
         rows = list(range(rt.rank, len(self.prompts), rt.world_size))
         generator = sampling_generator(trainer.cfg.seed, rt.rank, "eval")
@@ -94,6 +95,5 @@ class OnlineEvaluation:
         summary["score_after"] = after.get(SCORE) if after else None
         if summary["score_before"] is None or summary["score_after"] is None:
             return None
-        return (f"held-out mean score of fresh samples: {summary['score_before']:.4f} before → "
-                f"{summary['score_after']:.4f} after ({summary['steps']} steps, "
-                f"{summary['seconds']:.0f} s)")
+        return (f"held-out mean score of fresh samples {summary['score_before']:.4f} → "
+                f"{summary['score_after']:.4f}")

@@ -123,7 +123,8 @@ class OnlineSource:
     def prompt_ids(self, row: int) -> list[int]:
         if row not in self._prompt_ids:
             self._prompt_ids[row] = render_prompt_ids(self.prompts[row], self.tokenizer,
-                                                      self.cfg.data.max_prompt_length)
+                                                      self.cfg.data.max_prompt_length,
+                                                      self.cfg.data.chat_template_kwargs)
         return self._prompt_ids[row]
 
     # ---------------------------------------------------------------------------- a round

@@ -65,7 +65,7 @@ def summary_text(summary: dict[str, Any]) -> str | None:
     """
     if summary["accuracy_before"] is None or summary["accuracy_after"] is None:
         return None
-    return (f"held-out reward accuracy: {summary['accuracy_before']:.3f} before → "
-            f"{summary['accuracy_after']:.3f} after; margin {summary['margin_before']:.4f} → "
-            f"{summary['margin_after']:.4f}; loss {summary['loss_before']:.4f} → "
-            f"{summary['loss_after']:.4f} ({summary['steps']} steps, {summary['seconds']:.0f} s)")
+    return (f"held-out reward accuracy {summary['accuracy_before']:.3f} → "
+            f"{summary['accuracy_after']:.3f}, margin {summary['margin_before']:.4f} → "
+            f"{summary['margin_after']:.4f}, loss {summary['loss_before']:.4f} → "
+            f"{summary['loss_after']:.4f}")

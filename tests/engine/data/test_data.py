@@ -233,9 +233,9 @@ def test_bad_rows_name_row_and_field(tmp_path, row, message):
 def test_bad_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.json"):
         data.load_preference_records(tmp_path / "nope.json")
-    (tmp_path / "rows.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match=r"unsupported file type '\.csv'"):
-        data.load_preference_records(tmp_path / "rows.csv")
+    (tmp_path / "rows.txt").write_text("a,b\n")
+    with pytest.raises(ValueError, match=r"unsupported file type '\.txt'"):
+        data.load_preference_records(tmp_path / "rows.txt")
     (tmp_path / "folder").mkdir()
     with pytest.raises(ValueError, match="not a dataset saved with"):
         data.load_preference_records(tmp_path / "folder")
