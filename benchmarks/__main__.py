@@ -6,8 +6,11 @@
     python -m benchmarks plot DIR/results.json       PNG plots of time and memory
     python -m benchmarks compile-report [...]         AOT compile gates, sm_80/sm_90, no GPU
                                                      (``benchmarks/compile_report.py``)
-    python -m benchmarks gpu [--out PATH] [...]       the one-command GPU report (one H100,
-                                                     < 9 min; ``benchmarks/gpu.py``)
+    python -m benchmarks gpu [--out DIR] [...]        the one-command GPU report (one H100,
+                                                     < 6 min; ``benchmarks/gpu.py``); --preflight
+                                                     checks the install in about a minute
+    python -m benchmarks bundle --out DIR             the wheels to carry to a GPU machine
+                                                     without network (``benchmarks/bundle.py``)
 
 ``run`` measures every case in a fresh process (see ``benchmarks/harness.py``), prints each result
 as it lands and then a table per workload with time and memory ratios against the baseline
@@ -35,6 +38,7 @@ from benchmarks.harness import (
     CaseSpec,
     Result,
     machine_info,
+    run_batch,
     run_case,
     run_case_subprocess,
 )
@@ -42,7 +46,8 @@ from benchmarks.harness import (
 SUITES = ("kernels", "e2e")
 # not in "all": minutes of real training (python -m benchmarks run --suite e2e-real [--quick])
 EXTRA_SUITES = {"e2e-real": "e2e_real"}
-TOOLS = {"compile-report": "benchmarks.compile_report", "gpu": "benchmarks.gpu"}
+TOOLS = {"compile-report": "benchmarks.compile_report", "gpu": "benchmarks.gpu",
+         "bundle": "benchmarks.bundle"}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -73,10 +78,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     plot.add_argument("results", type=Path)
     plot.add_argument("--out", type=Path, default=None)
     for name, text in (("compile-report", "AOT compile gates for sm_80/sm_90 (no GPU needed)"),
-                       ("gpu", "the one-command GPU report")):
+                       ("gpu", "the one-command GPU report"),
+                       ("bundle", "the carry bundle of wheels for a GPU machine without network")):
         tool = sub.add_parser(name, help=text, add_help=False)
         tool.add_argument("rest", nargs=argparse.REMAINDER)
     sub.add_parser("_worker", help=argparse.SUPPRESS)
+    sub.add_parser("_batch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if getattr(args, "reps", None) is not None and args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
@@ -181,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.command == "_worker":
         return _worker()
+    if args.command == "_batch":
+        job = json.loads(sys.stdin.read())
+        run_batch([CaseSpec(**s) for s in job["specs"]], job["deadline_s"])
+        return 0
     if args.command == "run":
         return run(args, argv)
     if args.command == "report":
