@@ -160,9 +160,12 @@ def trl_step(trainer: Any, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def _trl_workload(spec: CaseSpec, *, patched: bool) -> Workload:
-    import datasets
-    import trl
+    import importlib
+
+    import trl  # first: without TRL the row is "not installed", not an error about its needs
     from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    datasets = importlib.import_module("datasets")  # TRL's own dependency, after TRL
 
     params, device = spec.params, spec.device
     policy, ref = make_models(params, device)
