@@ -64,7 +64,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--warmup", type=int, default=None, help="untimed calls before measuring")
     run.add_argument("--threads", type=int, default=None, help="torch threads per case")
     run.add_argument("--only", default=None,
-                     help="only cases whose label contains this text (e.g. 'hidden' or 'fastpo')")
+                     help="only cases whose label contains this text (e.g. 'hidden' or 'fastpo'; "
+                          "'a|b': either)")
     run.add_argument("--profile", action="store_true",
                      help="write a torch.profiler trace of one call per case")
     run.add_argument("--out", type=Path, default=None, help="output folder")
@@ -117,7 +118,8 @@ def collect_cases(args: argparse.Namespace, out_dir: Path) -> list[CaseSpec]:
         if args.profile:
             spec.profile_dir = str(out_dir / "traces")
     if args.only:
-        specs = [s for s in specs if args.only in s.label()]
+        texts = args.only.split("|")
+        specs = [s for s in specs if any(text in s.label() for text in texts)]
     return specs
 
 

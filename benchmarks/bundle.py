@@ -1,4 +1,4 @@
-"""The carry bundle: every wheel ``python -m benchmarks gpu`` needs on a GPU machine without network.
+"""The carry bundle: the wheels ``benchmarks gpu`` needs on a GPU machine without network.
 
     python -m benchmarks bundle --out DIR [--no-trl]
 

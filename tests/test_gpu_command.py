@@ -236,3 +236,40 @@ def test_half_precision_linear_bound_holds_the_gpu_rounding(dtype, vocab):
     wrong = emulated[0].clone()
     wrong[20] *= 1.02
     assert gc._ratio((wrong - refs[0]).abs(), bounds[0]) > 1
+
+
+def test_bundle_wheel_is_pure_python_and_the_size_is_checked(tmp_path, monkeypatch):
+    """The carry bundle's fastpo wheel has no native extension (any CPython, any torch) and
+    every package of the tree; a bundle over the limit is refused, naming its size."""
+    import zipfile
+
+    from benchmarks import bundle
+
+    wheel = bundle.build_fastpo_wheel(tmp_path)
+    assert wheel.name.endswith("-py3-none-any.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [n for n in names if n.endswith((".so", ".pyd"))], names
+    for package in ("fastpo/__init__.py", "fastpo/kernels/linear_logprobs_roofline.py",
+                    "fastpo/engine/online/__init__.py"):
+        assert package in names
+    text, total = bundle.manifest(tmp_path)
+    assert wheel.name in text and total == wheel.stat().st_size
+    monkeypatch.setattr(bundle, "LIMIT_BYTES", 1000)
+    monkeypatch.setattr(bundle, "build_fastpo_wheel",
+                        lambda out: (out / "big.whl").write_bytes(b"x" * 2000))
+    monkeypatch.setattr(bundle, "_pip", lambda *a, **k: None)
+    out = tmp_path / "bundle"
+    with pytest.raises(bundle.BundleError, match="over the 0 MiB limit"):
+        bundle.build(out, trl=False)
+
+
+def test_readme_gives_the_bundles_install_lines():
+    """The README's "On a GPU machine without network" runs the bundle's own install lines."""
+    from benchmarks import bundle
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## On a GPU machine without network"):]
+    section = section[:section.index("\n## ", 5)]
+    for line in bundle.INSTALL_LINES:
+        assert line.split("   #")[0].replace("DIR", "bundle") in section, line
+    assert "-c constraints.txt" not in section and "python -m benchmarks gpu --preflight" in section
