@@ -229,14 +229,13 @@ def calibration(machine: dict[str, Any], rows: list[dict[str, Any]]):
     """The cost model's efficiencies measured in this run (None until both yardsticks are):
     the matmul's share of the data sheet's bf16 peak and the copy's share of its HBM bandwidth,
     the data sheet being the one the dispatcher uses for this device name."""
-    from fastpo.kernels.linear_logprobs_roofline import Calibration, device_spec
+    from fastpo.kernels.linear_logprobs_roofline import Calibration, data_sheet
 
     ref = yardsticks(rows)
     if ref["copy_bytes_s"] is None or ref["matmul_flops_s"] is None:
         return None
     name = machine.get("gpu") or "cpu-dry-run"
-    sheet = device_spec.__wrapped__(None) if machine.get("gpu") is None else \
-        device_spec.__wrapped__(name)
+    sheet = data_sheet(machine.get("gpu"))
     return Calibration(device=name, gemm_efficiency=ref["matmul_flops_s"] / sheet.half_flops,
                        hbm_efficiency=ref["copy_bytes_s"] / sheet.hbm_bytes_per_s,
                        source=f"python -m benchmarks gpu, {machine.get('time')}")
@@ -249,13 +248,11 @@ def predictions(rows: list[dict[str, Any]], machine: dict[str, Any]) -> list[dic
     import dataclasses
 
     from fastpo.kernels import linear_logprobs_cost as lc
+    from fastpo.kernels.linear_logprobs_roofline import calibrated, data_sheet
 
     cal = calibration(machine, rows)
-    name = machine.get("gpu")
-    spec = lc.device_spec.__wrapped__(name)
+    spec = data_sheet(machine.get("gpu"))
     if cal is not None:
-        from fastpo.kernels.linear_logprobs_roofline import calibrated
-
         spec = calibrated(spec, cal)
     out = []
     for r in rows:

@@ -127,7 +127,8 @@ def calibrated(spec: DeviceSpec, calibration: Calibration) -> DeviceSpec:
                                calibrated=calibration.source or calibration.device)
 
 
-def _data_sheet(name: str | None) -> DeviceSpec:
+def data_sheet(name: str | None) -> DeviceSpec:
+    """The uncalibrated spec of a device name (H100 for anything unknown)."""
     text = (name or "").lower()
     return H200 if "h200" in text else H100
 
@@ -137,7 +138,7 @@ def device_spec(name: str | None) -> DeviceSpec:
     """The spec of a device name (``torch.cuda.get_device_name``; H100 for anything unknown),
     with the calibration that ``FASTPO_COST_CALIBRATION`` names applied when it was measured on a
     device of that name. Read once per process and name (the dispatcher calls this per call)."""
-    spec = _data_sheet(name)
+    spec = data_sheet(name)
     path = os.environ.get(CALIBRATION_ENV)
     if path:
         calibration = Calibration.load(path)
