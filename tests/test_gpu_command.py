@@ -273,3 +273,34 @@ def test_readme_gives_the_bundles_install_lines():
     for line in bundle.INSTALL_LINES:
         assert line.split("   #")[0].replace("DIR", "bundle") in section, line
     assert "-c constraints.txt" not in section and "python -m benchmarks gpu --preflight" in section
+
+
+def test_preflight_reports_versions_apis_and_a_failing_kernel_as_fail(monkeypatch, tmp_path):
+    """The preflight's rows: versions and fastpo's location as information, each torch API the
+    GPU path needs called (passing here), and a kernel whose error exceeds its tolerance as a
+    FAIL that makes the command exit 1; without the interpreter on a CPU the kernels are "not
+    run", never "pass"."""
+    from benchmarks import gpu_correctness, preflight
+
+    rows = preflight.environment("cpu") + preflight.torch_apis("cpu")
+    names = {r["check"]: r for r in rows}
+    assert names["torch"]["status"] == "info" and "fastpo imported from" in names
+    apis = [r for r in rows if r["status"] != "info"]
+    assert len(apis) == 4 and all(r["status"] == "pass" for r in apis), apis
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert [r["status"] for r in preflight.kernels("cpu")] == ["not run"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    good = {"fwd_err": 0.1, "grad_err": 0.2, "exact_zeros": True}
+    monkeypatch.setattr(gpu_correctness, "logits_errors", lambda *a, **k: good)
+    monkeypatch.setattr(gpu_correctness, "linear_errors",
+                        lambda *a, design, **k: {**good, "grad_err": 3.0 if design == "tile"
+                                                 else 0.2})
+    monkeypatch.setattr(preflight, "_loss_fused", lambda *a: "ok")
+    checked = preflight.kernels("cpu")
+    failed = [r["check"] for r in checked if r["status"] == "FAIL"]
+    assert failed == ["fused linear tile design fwd + bwd, fp32",
+                      "fused linear tile design fwd + bwd, bf16"], checked
+    assert len(checked) == 10 and "grad err/tol 3" in checked[2]["detail"]
+    monkeypatch.setattr(preflight, "run", lambda device: rows + checked)
+    assert preflight.main("cpu", tmp_path) == 1
+    assert "| FAIL |" in (tmp_path / "preflight.md").read_text()
