@@ -100,7 +100,8 @@ def make_models(params: dict[str, Any], device: str):
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if params.get("dtype") == "bf16" else torch.float32
-    policy = LlamaForCausalLM(model_config(params)).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialised where it runs: seconds of host work for a 1B model
+        policy = LlamaForCausalLM(model_config(params)).to(dtype=dtype)
     return policy, copy.deepcopy(policy)
 
 
