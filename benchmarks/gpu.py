@@ -313,8 +313,8 @@ def markdown(machine: dict[str, Any], preflight: list[dict[str, Any]],
              f"{_f(ref['matmul_flops_s'] and ref['matmul_flops_s'] / 1e12, ',.1f')} TFLOP/s"
              f" (data sheet dense bf16: {_f(flops and flops / 1e12, ',.0f')} TFLOP/s)",
              "- cost-model calibration: " + (
-                 f"GEMM efficiency {cal.gemm_efficiency:.3f}, HBM efficiency "
-                 f"{cal.hbm_efficiency:.3f} of the data sheet the dispatcher uses "
+                 f"GEMM efficiency {cal.gemm_efficiency:.3g}, HBM efficiency "
+                 f"{cal.hbm_efficiency:.3g} of the data sheet the dispatcher uses "
                  "(`calibration.json`, applied to the sections after this one)" if cal else
                  "not measured (defaults: 0.80 GEMM, 0.90 HBM)"),
              "", "## Preflight", "", "| check | status | detail |", "|---|---|---|"]
@@ -551,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="check the install and every kernel once (about a minute)")
     parser.add_argument("--estimate", action="store_true",
                         help="print the plan's estimated time per section and exit")
+    parser.add_argument("--workers", action="store_true",
+                        help="on a CPU too, run each section in its own worker process, as on a "
+                             "GPU (the rehearsal does)")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S)
     parser.add_argument("--skip", default="", help=f"comma-separated of {SECTIONS}")
     parser.add_argument("--correctness-worker", action="store_true", help=argparse.SUPPRESS)
@@ -602,7 +605,7 @@ def run(args: argparse.Namespace, skip: frozenset[str]) -> int:
     out = args.out or REPO_ROOT / "benchmarks" / "results" / f"gpu-{_safe_name(name)}"
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out, machine)
-    in_process = args.device == "cpu"
+    in_process = args.device == "cpu" and not args.workers
     specs = plan(args.device, args.quick)
     estimate = estimate_s(plan("cuda", False), skip)
     print(f"device: {name}; estimated {estimate['total']:.0f} s on one H100 at full size; "
@@ -651,7 +654,7 @@ def run(args: argparse.Namespace, skip: frozenset[str]) -> int:
         path.write_text(cal.to_json())
         os.environ[CALIBRATION_ENV] = str(path)  # the later sections' workers (and this one)
         device_spec.cache_clear()
-        print(f"calibration: GEMM {cal.gemm_efficiency:.3f}, HBM {cal.hbm_efficiency:.3f} of "
+        print(f"calibration: GEMM {cal.gemm_efficiency:.3g}, HBM {cal.hbm_efficiency:.3g} of "
               f"the data sheet -> {path}", flush=True)
     if "correctness" not in skip:
         begin = time.perf_counter()
