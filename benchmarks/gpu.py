@@ -6,6 +6,8 @@
     python -m benchmarks gpu --dry-run        (= --device cpu --quick: the whole pipeline at toy
                                                shapes on the CPU; what CI rehearses)
     python -m benchmarks gpu --estimate       the planned cases and the run's estimated time
+    python -m benchmarks gpu --dry-run --workers   each section in its own worker process, as on
+                                              a GPU (``make gpu-rehearsal``)
 
 fastpo must be installed (see the README's "On a GPU machine without network"): when it cannot
 be imported the command fails at once with the reason, it never reports skipped rows instead.

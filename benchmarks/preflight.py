@@ -187,16 +187,19 @@ def _loss_fused(dtype: Any, device: str, backend: str) -> str:
     got, want = [], []
     with use_cpu_backend(backend):
         for design in ("loss-fused", None):
-            h, w = (t.detach().clone().requires_grad_() for t in (hidden, weight))
+            # the reference: the op in float64 on the CPU (its chunked path) + the same loss
+            h, w = (t.detach().clone().to("cpu" if design is None else device).requires_grad_()
+                    for t in (hidden, weight))
             if design:
                 loss = FusedLinearDPOLoss(beta=0.1, use_ref_model=False, design=design)(
                     w, h, labels)[0]
             else:
-                seq = linear_sequence_logps(h.double(), w.double(), labels).logps
+                seq = linear_sequence_logps(h.double(), w.double(), labels.cpu()).logps
                 chosen, rejected = seq.chunk(2)
                 loss = -torch.nn.functional.logsigmoid(0.1 * (chosen - rejected)).mean()
             loss.backward()
-            (got if design else want).append((loss.double(), h.grad.double(), w.grad.double()))
+            (got if design else want).append(
+                tuple(t.detach().double().cpu() for t in (loss, h.grad, w.grad)))
     rtol = 1e-5 if dtype == torch.float32 else 2**-6
     for name, a, b in zip(("loss", "grad hidden", "grad weight"), got[0], want[0]):
         err = float((a - b).abs().max())
