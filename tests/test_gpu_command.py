@@ -304,3 +304,24 @@ def test_preflight_reports_versions_apis_and_a_failing_kernel_as_fail(monkeypatc
     monkeypatch.setattr(preflight, "run", lambda device: rows + checked)
     assert preflight.main("cpu", tmp_path) == 1
     assert "| FAIL |" in (tmp_path / "preflight.md").read_text()
+
+
+def test_percent_of_copy_uses_the_fastest_copy_row_and_the_bytes_touched():
+    """The kernels suite's table: GB/s of the bytes touched over the fastest copy of the run
+    (a slower copy was a busier moment); the problem's GB/s beside it."""
+    from benchmarks import report
+    from benchmarks.suites import kernels
+
+    figures = kernels.logits_bytes("fastpo", "fwd+bwd", rows=100, scored=70, vocab=10,
+                                   element_bytes=4)
+    assert figures["touched_bytes"] == (2 * 70 + 100) * 10 * 4
+    assert figures["problem_bytes"] == 3 * 100 * 10 * 4
+    assert kernels.logits_bytes("torch", "fwd", rows=100, scored=70, vocab=10,
+                                element_bytes=2)["touched_bytes"] == 100 * 10 * 2
+    rows = [{"family": "copy", "status": "ok", "bandwidth_gb_s": g, "device": "cpu"}
+            for g in (4.0, 8.0)]
+    row = {"family": "logits", "status": "ok", "impl": "fastpo", "median_s": 1e-6,
+           "extra": figures}
+    assert report.copy_rate(rows) == {"cpu": 8e9}
+    lines = report.bandwidth_lines([row], 8e9)
+    assert "| fastpo | 0.0 | 0.0 | 9.60 | 12.00 | 120 |" in lines, lines
