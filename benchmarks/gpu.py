@@ -311,7 +311,7 @@ def markdown(machine: dict[str, Any], preflight: list[dict[str, Any]],
              f"- copy (device to device, read + write): "
              f"{_f(ref['copy_bytes_s'] and ref['copy_bytes_s'] / 1e9, ',.1f')} GB/s"
              f" (data sheet HBM: {_f(hbm and hbm / 1e9, ',.0f')} GB/s)",
-             f"- bf16 matmul at the 8B head's shape: "
+             f"- matmul at the linear section's shape (bf16 at the 8B head on a GPU): "
              f"{_f(ref['matmul_flops_s'] and ref['matmul_flops_s'] / 1e12, ',.1f')} TFLOP/s"
              f" (data sheet dense bf16: {_f(flops and flops / 1e12, ',.0f')} TFLOP/s)",
              "- cost-model calibration: " + (
@@ -353,6 +353,10 @@ def markdown(machine: dict[str, Any], preflight: list[dict[str, Any]],
         lines.append(_row(r, [_f(r.get("tflops"), ",.1f"), _f(r.get("pct_matmul"), ".0f"),
                               _f(r.get("beyond_grads_mib"), ",.0f")]))
     lines += ["", "## Cost model: predicted vs measured at the anchor shape", "",
+              "Predicted: the calibrated model of `fastpo.kernels.linear_logprobs_cost` (the "
+              "data sheet of this device name, this run's efficiencies)"
+              + ("." if machine.get("gpu") else "; on a CPU the measured column is the CPU "
+                 "path, not the GPU design named."), "",
               "| design | mode | predicted ms | measured ms | measured / predicted | note |",
               "|---|---|---:|---:|---:|---|"]
     for c in predictions(rows, machine):
