@@ -10,7 +10,7 @@ CONSTRAINTS := -c constraints.txt
 STAMP := $(VENV)/.fastpo-installed
 ARGS ?=
 
-.PHONY: install train test lint bench-quick clean
+.PHONY: install train test lint bench-quick gpu-rehearsal clean
 
 $(STAMP): setup.py pyproject.toml constraints.txt $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ lint: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(VENV)/bin/python -m benchmarks run --suite all --device cpu --quick
+
+# The first GPU run rehearsed on the CPU: carry bundle -> fresh venv with only the GPU image's
+# packages -> `pip install --no-deps --no-index` -> `benchmarks gpu --preflight` and `--dry-run`
+# from outside the checkout (.ci/gpu_rehearsal; a few minutes).
+gpu-rehearsal: $(STAMP)
+	BUNDLE_PYTHON=$(VENV)/bin/python PYTHON=$(PYTHON) .ci/gpu_rehearsal
 
 clean:
 	rm -rf $(VENV) build *.egg-info kernels/_C*.so

@@ -6,8 +6,11 @@
     python -m benchmarks plot DIR/results.json       PNG plots of time and memory
     python -m benchmarks compile-report [...]         AOT compile gates, sm_80/sm_90, no GPU
                                                      (``benchmarks/compile_report.py``)
-    python -m benchmarks gpu [--out PATH] [...]       the one-command GPU report (one H100,
-                                                     < 9 min; ``benchmarks/gpu.py``)
+    python -m benchmarks gpu [--out DIR] [...]        the one-command GPU report (one H100,
+                                                     < 6 min; ``benchmarks/gpu.py``); --preflight
+                                                     checks the install in about a minute
+    python -m benchmarks bundle --out DIR             the wheels to carry to a GPU machine
+                                                     without network (``benchmarks/bundle.py``)
 
 ``run`` measures every case in a fresh process (see ``benchmarks/harness.py``), prints each result
 as it lands and then a table per workload with time and memory ratios against the baseline
@@ -35,6 +38,7 @@ from benchmarks.harness import (
     CaseSpec,
     Result,
     machine_info,
+    run_batch,
     run_case,
     run_case_subprocess,
 )
@@ -42,7 +46,8 @@ from benchmarks.harness import (
 SUITES = ("kernels", "e2e")
 # not in "all": minutes of real training (python -m benchmarks run --suite e2e-real [--quick])
 EXTRA_SUITES = {"e2e-real": "e2e_real"}
-TOOLS = {"compile-report": "benchmarks.compile_report", "gpu": "benchmarks.gpu"}
+TOOLS = {"compile-report": "benchmarks.compile_report", "gpu": "benchmarks.gpu",
+         "bundle": "benchmarks.bundle"}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -59,7 +64,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--warmup", type=int, default=None, help="untimed calls before measuring")
     run.add_argument("--threads", type=int, default=None, help="torch threads per case")
     run.add_argument("--only", default=None,
-                     help="only cases whose label contains this text (e.g. 'hidden' or 'fastpo')")
+                     help="only cases whose label contains this text (e.g. 'hidden' or 'fastpo'; "
+                          "'a|b': either)")
     run.add_argument("--profile", action="store_true",
                      help="write a torch.profiler trace of one call per case")
     run.add_argument("--out", type=Path, default=None, help="output folder")
@@ -73,10 +79,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     plot.add_argument("results", type=Path)
     plot.add_argument("--out", type=Path, default=None)
     for name, text in (("compile-report", "AOT compile gates for sm_80/sm_90 (no GPU needed)"),
-                       ("gpu", "the one-command GPU report")):
+                       ("gpu", "the one-command GPU report"),
+                       ("bundle", "the carry bundle of wheels for a GPU machine without network")):
         tool = sub.add_parser(name, help=text, add_help=False)
         tool.add_argument("rest", nargs=argparse.REMAINDER)
     sub.add_parser("_worker", help=argparse.SUPPRESS)
+    sub.add_parser("_batch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if getattr(args, "reps", None) is not None and args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
@@ -110,7 +118,8 @@ def collect_cases(args: argparse.Namespace, out_dir: Path) -> list[CaseSpec]:
         if args.profile:
             spec.profile_dir = str(out_dir / "traces")
     if args.only:
-        specs = [s for s in specs if args.only in s.label()]
+        texts = args.only.split("|")
+        specs = [s for s in specs if any(text in s.label() for text in texts)]
     return specs
 
 
@@ -181,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.command == "_worker":
         return _worker()
+    if args.command == "_batch":
+        job = json.loads(sys.stdin.read())
+        run_batch([CaseSpec(**s) for s in job["specs"]], job["deadline_s"])
+        return 0
     if args.command == "run":
         return run(args, argv)
     if args.command == "report":

@@ -4,7 +4,9 @@ Part of ``python -m benchmarks gpu``: on a CUDA device the ops run the compiled 
 (never the interpreter), so this is what the CPU test suite cannot check. References: the float64
 ``token_logps_reference`` of ``fastpo.kernels.logprobs_torch`` (from logits) and ``hidden @ Wᵀ`` →
 ``log_softmax`` in float64 (fused linear), differentiated by autograd; the tolerances are those
-of ``tests/kernels/test_logprobs.py`` and ``tests/kernels/test_linear_logprobs.py``.
+of ``tests/kernels/test_logprobs.py`` and ``tests/kernels/test_linear_logprobs.py``; the
+half-precision fused-linear gradients are held to the scale-aware bound of
+``tests/kernels/test_linear_logprobs_gemm.py`` (:func:`linear_grad_bounds`).
 
 Cases: fp32 / bf16 / fp16; vocabularies 1, 7, 32003 (odd) and 128256; 30% ignored tokens; -inf
 logits (label on a -inf entry: logp -inf, finite gradient); all-masked rows (exact zeros);
@@ -14,8 +16,10 @@ V 128256, checked row block by row block in float64) where the device has the me
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +32,7 @@ EPS = {torch.float32: 2**-23, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 IGNORE = -100
 
 
-def _inputs(rows: int, vocab: int, dtype: torch.dtype, device: str, seed: int,
+def inputs(rows: int, vocab: int, dtype: torch.dtype, device: str, seed: int,
             shape: tuple[int, ...] | None = None):
     gen = torch.Generator().manual_seed(seed)
     shape = shape or (rows,)
@@ -39,7 +43,7 @@ def _inputs(rows: int, vocab: int, dtype: torch.dtype, device: str, seed: int,
     return logits.to(device), labels.to(device), grad_out.to(device)
 
 
-def _logits_errors(logits: torch.Tensor, labels: torch.Tensor, grad_out: torch.Tensor, *,
+def logits_errors(logits: torch.Tensor, labels: torch.Tensor, grad_out: torch.Tensor, *,
                    inplace: bool = False) -> dict[str, Any]:
     """Worst error / tolerance of forward and gradient (≤ 1 passes), as in the test suite."""
     x = logits.detach().double().requires_grad_()
@@ -71,7 +75,58 @@ def _ratio(err: torch.Tensor, tol: torch.Tensor) -> float:
     return float(ratio.max()) if ratio.numel() else 0.0
 
 
-def _linear_errors(dtype: torch.dtype, device: str, vocab: int, seed: int) -> dict[str, Any]:
+# Unit roundoff of the half-precision operand dtypes (round to nearest, as on a GPU), and the
+# largest absolute error of rounding into their subnormal range (half its spacing): fp16's
+# subnormals start at 2⁻¹⁴, where a softmax gradient over a large vocabulary lives.
+HALF_ROUNDOFF = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
+HALF_SUBNORMAL_ERROR = {torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25}
+
+
+def linear_grad_bounds(dtype: torch.dtype, g_ref: torch.Tensor, hidden: torch.Tensor,
+                       weight: torch.Tensor, grads: tuple[torch.Tensor, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element bounds on |grad − reference| of the fused linear op's (grad_hidden,
+    grad_weight), the bound of ``tests/kernels/test_linear_logprobs_gemm.py``.
+
+    Half precision (bf16 / fp16): the tile and GEMM backwards round the softmax gradient ``G``
+    ([N, V], float64 reference ``g_ref``) to the operand dtype before the tensor-core dot, so each
+    term of ``G @ W`` (``Gᵀ @ h``) may be off by one rounding of its ``G`` factor, and the result
+    is rounded once more when cast: ``u·(|G| @ |W|) + u·|ref| + 1e-7`` (``u`` the unit roundoff,
+    2⁻⁸ bf16, 2⁻¹¹ fp16). A per-element tolerance ``rtol·|ref|`` ignores the first term, which is
+    large wherever the terms cancel (most of ``grad_W``). An entry of ``G`` that rounds into the
+    dtype's subnormal range is off by up to half the subnormal spacing ``s`` instead of ``u·|G|``
+    (fp16, ``G`` below 2⁻¹⁴: a vocabulary of 32k spreads it that thin), hence the extra
+    ``s·(1[G≠0] @ |W|)`` — the test suite's bf16 bound, where ``s`` is negligible, extended to
+    fp16. fp32: ``2e-6 + 1e-5·|ref|``, as the tests."""
+    grad_h, grad_w = grads
+    if dtype in HALF_ROUNDOFF:
+        u, s = HALF_ROUNDOFF[dtype], HALF_SUBNORMAL_ERROR[dtype]
+        g_abs = g_ref.abs()
+        g_abs = g_abs + s / u * (g_abs != 0).double()  # u·(|G| + s/u) = u·|G| + s per term
+        return (u * (g_abs @ weight.abs()) + u * grad_h.abs() + 1e-7,
+                u * (g_abs.t() @ hidden.abs()) + u * grad_w.abs() + 1e-7)
+    return 2e-6 + 1e-5 * grad_h.abs(), 2e-6 + 1e-5 * grad_w.abs()
+
+
+def linear_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     upstream: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Float64 logps, softmax gradient ``G`` and (grad_hidden, grad_weight) of Σ upstream·logp
+    over the scored tokens (``hidden [N, H]``, ``weight [V, H]``, ``labels [N]``)."""
+    h, w = hidden.double(), weight.double()
+    logp = torch.log_softmax(h @ w.t(), dim=-1)
+    scored = labels != IGNORE
+    safe = torch.where(scored, labels, 0)
+    picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    want = torch.where(scored, picked, torch.zeros_like(picked))
+    onehot = torch.nn.functional.one_hot(safe, w.shape[0]).double()
+    g = (scored.double() * upstream.double()).unsqueeze(-1) * (onehot - logp.exp())
+    return {"logps": want, "g": g, "grad_hidden": g @ w, "grad_weight": g.t() @ h}
+
+
+def linear_errors(dtype: torch.dtype, device: str, vocab: int, seed: int, *,
+                  design: str = "auto") -> dict[str, Any]:
+    """Worst error / bound of the fused linear op's logps and gradients (≤ 1 passes) on a
+    [3, 37] batch with prompt, a fully masked sequence and the last vocab entry as a label."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(3, 37, 64, generator=gen).to(dtype)
     weight = (torch.randn(vocab, 64, generator=gen) * 0.3).to(dtype)
@@ -81,21 +136,18 @@ def _linear_errors(dtype: torch.dtype, device: str, vocab: int, seed: int) -> di
     labels[0, -1] = vocab - 1
     upstream = torch.randn(3, 37, generator=gen)
     ours = [t.detach().clone().to(device).requires_grad_() for t in (hidden, weight)]
-    got = linear_token_logps(ours[0], ours[1], labels.to(device))
+    got = linear_token_logps(ours[0], ours[1], labels.to(device), design=design)
     got.backward(upstream.to(device))
-    ref_in = [t.detach().double().requires_grad_() for t in (hidden, weight)]
-    logp = torch.log_softmax(ref_in[0] @ ref_in[1].t(), dim=-1)
-    scored = labels != IGNORE
-    picked = logp.gather(-1, torch.where(scored, labels, 0).unsqueeze(-1)).squeeze(-1)
-    want = torch.where(scored, picked, torch.zeros_like(picked))
-    want.backward(upstream.double())
-    fwd = (got.double().cpu() - want.detach()).abs() / (2e-5 + 1e-5 * want.detach().abs())
-    rtol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
-    atol = 2e-6 if dtype == torch.float32 else 1e-6
-    grads = [((o.grad.double().cpu() - r.grad).abs() / (atol + rtol * r.grad.abs())).max()
-             for o, r in zip(ours, ref_in)]
-    exact = bool((got[~scored.to(device)] == 0).all() and (ours[0].grad[1] == 0).all())
-    return {"fwd_err": float(fwd.max()), "grad_err": float(max(grads)), "exact_zeros": exact}
+    h2, flat = hidden.reshape(-1, 64), labels.reshape(-1)
+    ref = linear_reference(h2, weight, flat, upstream.reshape(-1))
+    want = ref["logps"].view(3, 37)
+    fwd = (got.double().cpu() - want).abs() / (2e-5 + 1e-5 * want.abs())
+    refs = (ref["grad_hidden"], ref["grad_weight"])
+    bounds = linear_grad_bounds(dtype, ref["g"], h2.double(), weight.double(), refs)
+    got_grads = (ours[0].grad.reshape(-1, 64), ours[1].grad)
+    grads = [_ratio((o.double().cpu() - r).abs(), b) for o, r, b in zip(got_grads, refs, bounds)]
+    exact = bool((got[~(labels != IGNORE).to(device)] == 0).all() and (ours[0].grad[1] == 0).all())
+    return {"fwd_err": float(fwd.max()), "grad_err": max(grads), "exact_zeros": exact}
 
 
 def _large_offsets(device: str, dtype: torch.dtype, min_elements: int) -> dict[str, Any]:
@@ -146,27 +198,27 @@ def cases(device: str, quick: bool) -> list[tuple[str, str, Callable[[], dict[st
     for name, dtype in DTYPES.items():
         for i, vocab in enumerate(vocabs):
             out.append((f"logits V={vocab}", name,
-                        lambda d=dtype, v=vocab, s=i: _logits_errors(
-                            *_inputs(0, v, d, device, s, shape=(3, 11)))))
+                        lambda d=dtype, v=vocab, s=i: logits_errors(
+                            *inputs(0, v, d, device, s, shape=(3, 11)))))
 
         def neg_inf(d=dtype) -> dict[str, Any]:
-            logits, labels, grad = _inputs(16, 97, d, device, 5)
+            logits, labels, grad = inputs(16, 97, d, device, 5)
             logits[:, ::3] = float("-inf")
             labels[0], labels[1] = 3, 4  # label on a -inf entry: logp -inf, finite gradient
-            return _logits_errors(logits, labels, grad)
+            return logits_errors(logits, labels, grad)
 
         def all_masked(d=dtype) -> dict[str, Any]:
-            logits, labels, grad = _inputs(0, 301, d, device, 6, shape=(3, 9))
+            logits, labels, grad = inputs(0, 301, d, device, 6, shape=(3, 9))
             labels[1] = IGNORE
             labels[2, :4] = IGNORE
-            return _logits_errors(logits, labels, grad)
+            return logits_errors(logits, labels, grad)
 
         def shifted(d=dtype) -> dict[str, Any]:
-            logits, labels, grad = _inputs(0, 1001, d, device, 7, shape=(2, 17))
-            return _logits_errors(logits[:, :-1], labels[:, 1:], grad[:, 1:])
+            logits, labels, grad = inputs(0, 1001, d, device, 7, shape=(2, 17))
+            return logits_errors(logits[:, :-1], labels[:, 1:], grad[:, 1:])
 
         def inplace(d=dtype) -> dict[str, Any]:
-            return _logits_errors(*_inputs(0, 2053, d, device, 8, shape=(2, 9)), inplace=True)
+            return logits_errors(*inputs(0, 2053, d, device, 8, shape=(2, 9)), inplace=True)
 
         out += [("logits -inf entries", name, neg_inf), ("logits all-masked rows", name,
                                                           all_masked),
@@ -174,24 +226,33 @@ def cases(device: str, quick: bool) -> list[tuple[str, str, Callable[[], dict[st
                 ("logits in-place backward", name, inplace)]
         for vocab in (299, 32003):
             out.append((f"fused linear V={vocab} H=64", name,
-                        lambda d=dtype, v=vocab: _linear_errors(d, device, v, 9)))
+                        lambda d=dtype, v=vocab: linear_errors(d, device, v, 9)))
     return out
 
 
-def run(device: str, *, quick: bool) -> list[dict[str, Any]]:
+def run(device: str, *, quick: bool, rows_file: Path | None = None) -> list[dict[str, Any]]:
     """Every case on ``device``; > 2³¹ elements on CUDA when ≥ 16 GiB are free (scaled down to
-    2¹⁶ elements in ``quick`` runs, which checks the same code path at toy size)."""
-    rows = []
+    2¹⁶ elements in ``quick`` runs, which checks the same code path at toy size). Each row is
+    appended to ``rows_file`` (one JSON object a line) as soon as it is known, so that a worker
+    killed by its timeout still leaves the rows it finished."""
+    rows: list[dict[str, Any]] = []
+
+    def keep(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if rows_file is not None:
+            with open(rows_file, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
     for case, dtype, check in cases(device, quick):
-        rows.append(_row(case, dtype, check))
+        keep(_row(case, dtype, check))
     big = 2**16 if quick else 2**31
     name = "logits > 2^31 elements" if big == 2**31 else "logits large-offset path (2^16, quick)"
     free = torch.cuda.mem_get_info()[0] if device.startswith("cuda") else None
     if free is not None and not quick and free < 16 * 2**30:
-        rows.append({"case": name, "dtype": "bf16", "status": "skipped",
-                     "reason": f"needs 16 GiB free on the device, {free / 2**30:.1f} GiB free"})
+        keep({"case": name, "dtype": "bf16", "status": "skipped",
+              "reason": f"needs 16 GiB free on the device, {free / 2**30:.1f} GiB free"})
     else:
-        rows.append(_row(name, "bf16", lambda: _large_offsets(device, torch.bfloat16, big)))
+        keep(_row(name, "bf16", lambda: _large_offsets(device, torch.bfloat16, big)))
     return rows
 
 

@@ -58,6 +58,24 @@ class SkipCase(Exception):
     """The case cannot run here (missing optional library, no GPU, ...); the reason is recorded."""
 
 
+# The rivals a benchmark may lack (their import names): only these give a "not installed" skip.
+# fastpo, torch, triton or transformers missing, or any import error *inside* a rival (a torch
+# or triton it cannot load), is an error row: a skip would hide a broken install.
+OPTIONAL_PACKAGES = ("liger_kernel", "cut_cross_entropy", "trl", "quack", "flash_attn",
+                     "deepspeed")
+
+
+def missing_optional(exc: ImportError) -> str | None:
+    """The optional rival whose own absence ``exc`` reports, else None: a
+    ``ModuleNotFoundError`` whose missing module is one of :data:`OPTIONAL_PACKAGES` (or a
+    submodule of one). Any other import error, including one raised while a rival that is
+    installed imports its own dependencies, is not a missing rival."""
+    if type(exc) is not ModuleNotFoundError or not exc.name:
+        return None
+    root = exc.name.split(".")[0]
+    return root if root in OPTIONAL_PACKAGES else None
+
+
 def skip_if_unavailable(spec: CaseSpec, cuda_only: dict[str, str]) -> None:
     """SkipCase for a CUDA case without a CUDA device, or a CUDA-only implementation (``impl`` →
     reason, in ``cuda_only``) asked for on another device."""
@@ -382,7 +400,11 @@ def run_case(spec: CaseSpec) -> Result:
     except SkipCase as exc:
         return Result(**base, status="skipped", reason=str(exc))
     except ImportError as exc:
-        return Result(**base, status="skipped", reason=f"not installed: {exc}")
+        rival = missing_optional(exc)
+        if rival is None:
+            return Result(**base, status="error",
+                          reason=f"import failed ({type(exc).__name__}): {exc}"[:500])
+        return Result(**base, status="skipped", reason=f"not installed: {rival}")
     except Exception as exc:
         return Result(**base, status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
     return Result(**base, status="ok", tokens=workload.tokens, notes=workload.notes,
@@ -420,6 +442,93 @@ def run_case_subprocess(spec: CaseSpec) -> Result:
     if proc.returncode in (-9, 137):
         reason += " (killed: out of memory?)"
     return Result(**base, status="error", reason=f"{reason}: {' | '.join(tail)}"[:500])
+
+
+BATCH_MIN_START_S = 20.0  # a case that would start with less time left is recorded as skipped
+
+
+def run_batch(specs: list[CaseSpec], deadline_s: float) -> None:
+    """The batch worker's job: the cases one after another in this process, each result printed
+    as soon as it is known (``RESULT_MARKER`` + JSON), none started with less than
+    :data:`BATCH_MIN_START_S` left before ``deadline_s`` seconds from now."""
+    import torch
+
+    start = time.perf_counter()
+    for spec in specs:
+        left = deadline_s - (time.perf_counter() - start)
+        if left < BATCH_MIN_START_S:
+            result = Result(suite=spec.suite, family=spec.family, impl=spec.impl,
+                            params=spec.params, device=spec.device, status="skipped",
+                            reason=f"time budget spent ({left:.0f} s left)")
+        else:
+            result = run_case(spec)
+        print(RESULT_MARKER + json.dumps(result.to_row()), flush=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def stream_batch(specs: list[CaseSpec], *, timeout_s: float, log_path: Path | None = None,
+                 on_result: Callable[[Result], None] | None = None) -> list[Result]:
+    """Run ``specs`` in ONE fresh process (``python -m benchmarks _batch``: one interpreter and
+    device start for a section, not one per case), calling ``on_result`` as each result arrives.
+    The process is killed after ``timeout_s``; the cases it had not reported become error rows
+    saying so, never an exception. Its stderr goes to ``log_path`` (else discarded)."""
+    import queue
+
+    payload = json.dumps({"specs": [dataclasses.asdict(s) for s in specs],
+                          "deadline_s": timeout_s})
+    err = open(log_path, "a") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "_batch"], cwd=REPO_ROOT,
+                            env=worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=err, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert proc.stdin is not None
+    proc.stdin.write(payload)
+    proc.stdin.close()
+    results: list[Result] = []
+    deadline = time.perf_counter() + timeout_s
+    why = ""
+    while len(results) < len(specs):
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.perf_counter()))
+        except queue.Empty:
+            why = f"timed out: the section's worker was killed after {timeout_s:.0f} s"
+            break
+        if line is None:
+            break
+        if line.startswith(RESULT_MARKER):
+            result = Result(**json.loads(line[len(RESULT_MARKER):]))
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    if proc.poll() is None:
+        proc.kill()
+    code = proc.wait()
+    if err is not subprocess.DEVNULL:
+        err.close()
+    if not why:
+        why = f"worker exited with status {code} before this case"
+        if code in (-9, 137):
+            why += " (killed: out of memory?)"
+        if log_path:
+            why += f"; see {log_path}"
+    for spec in specs[len(results):]:
+        result = Result(suite=spec.suite, family=spec.family, impl=spec.impl, params=spec.params,
+                        device=spec.device, status="error", reason=why)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
 
 
 # --------------------------------------------------------------------------- machine

@@ -20,7 +20,10 @@ the gradients it must return). Implementations:
     fastpo_loss_fused  ``fastpo.FusedLinearDPOLoss(design="loss-fused")``: the loss inside the
                     op, every gradient made in the forward, 6·N·V·H executed (its "auto" takes
                     this design on CUDA where the cost model predicts a win, never on CPU)
-    cce             Cut Cross-Entropy ``linear_cross_entropy(reduction="none")`` (CUDA only)
+    cce             Cut Cross-Entropy ``linear_cross_entropy(reduction="none", impl="cce")``
+                    with its default gradient filter (``filter_eps="high"``: not exact; CUDA
+                    only); ``cce_filtered`` names the same row, ``cce_exact`` runs it with
+                    ``filter_eps=None`` (every gradient entry computed)
     matmul          not a DPO step: one ``h_scored @ W.T`` in the input dtype, the machine's
                     matmul rate at this shape (the yardstick of the TFLOP/s column)
 
@@ -65,7 +68,15 @@ from benchmarks.harness import (
 
 BETA = 0.1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IMPLS = ("naive", "liger", "liger_compiled", "fastpo", "fastpo_loss_fused", "cce", "matmul")
+IMPLS = ("naive", "liger", "liger_compiled", "fastpo", "fastpo_loss_fused", "cce", "cce_exact",
+         "cce_filtered", "matmul")
+CCE_IMPLS = ("cce", "cce_exact", "cce_filtered")
+
+
+def cce_filter_eps(impl: str) -> str | None:
+    """Cut Cross-Entropy's ``filter_eps`` of a row: None for ``cce_exact`` (no gradient entry
+    skipped), else its default "high" (gradient blocks below a threshold skipped)."""
+    return None if impl == "cce_exact" else "high"
 HEADLINE = {
     "cpu": {"batch": 8, "seq": 512, "hidden": 576, "vocab": 49152, "dtype": "fp32",
             "impls": "naive,liger,liger_compiled,fastpo,fastpo_loss_fused,matmul"},
@@ -83,14 +94,16 @@ def dpo_loss(seq_logps: torch.Tensor) -> torch.Tensor:
 def build(cfg: dict[str, Any]) -> Workload:
     """One forward + backward of the DPO loss for implementation ``cfg["impl"]``."""
     device, impl = cfg["device"], cfg["impl"]
-    if impl == "cce" and device != "cuda":
+    if impl in CCE_IMPLS and device != "cuda":
         raise RuntimeError("Cut Cross-Entropy needs a CUDA device")
     dtype = DTYPES[cfg["dtype"]]
-    gen = torch.Generator().manual_seed(1)
-    hidden = torch.randn(cfg["batch"], cfg["seq"], cfg["hidden"], generator=gen)
-    weight = torch.randn(cfg["vocab"], cfg["hidden"], generator=gen) * cfg["hidden"] ** -0.5
-    hidden = hidden.to(device, dtype).requires_grad_(True)
-    weight = weight.to(device, dtype).requires_grad_(True)
+    # drawn on the device: the 8B head's weight is half a billion values (seconds of host randn)
+    gen = torch.Generator(device=device).manual_seed(1)
+    hidden = torch.randn(cfg["batch"], cfg["seq"], cfg["hidden"], generator=gen, device=device)
+    weight = (torch.randn(cfg["vocab"], cfg["hidden"], generator=gen, device=device)
+              * cfg["hidden"] ** -0.5)
+    hidden = hidden.to(dtype).requires_grad_(True)
+    weight = weight.to(dtype).requires_grad_(True)
     # the first cfg["prompt"] of each row is prompt and, with a prompt, ~1/16 is trailing padding
     seq = cfg["seq"]
     labels = masked_labels(cfg["batch"], seq, cfg["vocab"], prompt=int(cfg["prompt"] * seq),
@@ -125,11 +138,14 @@ def build(cfg: dict[str, Any]) -> Workload:
 
         def loss_fn() -> torch.Tensor:
             return fused(weight, hidden, labels)[0]
-    elif impl == "cce":
+    elif impl in CCE_IMPLS:
         from cut_cross_entropy import linear_cross_entropy
 
+        filter_eps = cce_filter_eps(impl)
+
         def loss_fn() -> torch.Tensor:
-            nll = linear_cross_entropy(hidden, weight, labels, reduction="none", shift=False)
+            nll = linear_cross_entropy(hidden, weight, labels, reduction="none", shift=False,
+                                       impl="cce", filter_eps=filter_eps)
             return dpo_loss(-torch.where(scored, nll.float(), 0.0).sum(-1))
     elif impl == "matmul":
         flat = hidden.detach().reshape(-1, cfg["hidden"])[scored.reshape(-1)].contiguous()

@@ -34,7 +34,7 @@ import sys
 import torch
 
 from benchmarks import harness
-from benchmarks.suites.kernels import logits_forward_backward
+from benchmarks.suites.kernels import logits_bytes, logits_forward_backward
 
 SHAPE = (8, 512, 49152)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -101,9 +101,12 @@ def build(impl: str, dtype: str) -> harness.Workload:
     forward_backward, setup = logits_forward_backward(logits, _impl_fn(impl, labels),
                                                       restore=impl == "fastpo_inplace")
 
-    size = logits.numel() * logits.element_size()
-    return harness.Workload(forward_backward, tokens=batch * seq, bytes_moved=3 * size,
-                            setup_each=setup)
+    # the bytes this implementation must touch (fastpo's kernels skip the ignored rows)
+    figures = logits_bytes("fastpo" if impl == "native_op" else impl, "fwd+bwd",
+                           rows=batch * seq, scored=int((labels != -100).sum()), vocab=vocab,
+                           element_bytes=logits.element_size())
+    return harness.Workload(forward_backward, tokens=batch * seq,
+                            bytes_moved=figures["touched_bytes"], setup_each=setup, extra=figures)
 
 
 def _cpu_seconds() -> float:

@@ -9,7 +9,8 @@ from typing import Any
 from benchmarks.harness import Result
 
 # The implementation every other one is compared with, per workload family.
-BASELINES = {"logits": "torch", "hidden": "naive", "dpo_step": "trl", "dpo_lora_real": "trl"}
+BASELINES = {"copy": "copy", "logits": "torch", "hidden": "naive", "dpo_step": "trl",
+             "dpo_lora_real": "trl"}
 # Parameters that describe an implementation's setting, not the workload (not part of the group).
 IMPL_PARAMS = ("compiled",)
 
@@ -70,6 +71,7 @@ def markdown(data: dict[str, Any]) -> str:
              f"liger-kernel {machine.get('version_liger-kernel')}; fastpo CPU backend: "
              f"{(machine.get('fastpo_backends') or {}).get('cpu', '?')}; load average at start "
              f"{machine.get('load_average_1_5_15min')}", ""]
+    copy = copy_rate(data["rows"])
     for (suite, family, device, sizes), group in group_rows(data["rows"]).items():
         base = BASELINES.get(family, "?")
         lines.append(f"**{suite}/{family}** on {device}: "
@@ -94,8 +96,41 @@ def markdown(data: dict[str, Any]) -> str:
                 f" | {_fmt(row.get('tokens_per_s'), ',.0f')} | {_fmt(row.get('check'), '.6g')}"
                 f" | {note} |")
         lines.append("")
+        lines.extend(bandwidth_lines(group, copy.get(device)))
         lines.extend(_suite_summary(suite, group))
     return "\n".join(lines)
+
+
+def copy_rate(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """device -> the copy rate (bytes/s) measured in this run: the fastest of its ``copy`` rows
+    (the machine's capability; a slower reading was a busier moment, and dividing by it would
+    flatter every "% of copy")."""
+    rates: dict[str, float] = {}
+    for r in rows:
+        if r["family"] == "copy" and r["status"] == "ok" and r.get("bandwidth_gb_s"):
+            rates[r["device"]] = max(rates.get(r["device"], 0.0), r["bandwidth_gb_s"] * 1e9)
+    return rates
+
+
+def bandwidth_lines(group: list[dict[str, Any]], copy_bytes_s: float | None) -> list[str]:
+    """Bytes touched, the problem's bytes and "% of copy" of the rows that count their bytes."""
+    counted = [r for r in group if r["status"] == "ok" and "touched_bytes" in r.get("extra", {})
+               and r["family"] != "copy"]
+    if not counted:
+        return []
+    lines = ["| impl | bytes touched (MB) | problem bytes (MB) | GB/s touched | GB/s of the "
+             "problem | % of copy (touched) |", "|---|---:|---:|---:|---:|---:|"]
+    for r in counted:
+        touched, problem = r["extra"]["touched_bytes"], r["extra"]["problem_bytes"]
+        rate = touched / r["median_s"]
+        pct = 100 * rate / copy_bytes_s if copy_bytes_s else None
+        lines.append(f"| {r['impl']} | {touched / 1e6:,.1f} | {problem / 1e6:,.1f} | "
+                     f"{rate / 1e9:,.2f} | {problem / r['median_s'] / 1e9:,.2f} | "
+                     f"{_fmt(pct, '.0f')} |")
+    note = (f"copy rate measured in this run (the fastest copy row): {copy_bytes_s / 1e9:,.2f} "
+            "GB/s (read + write)"
+            if copy_bytes_s else "no copy row in this run: no % of copy")
+    return [*lines, "", note, ""]
 
 
 def _suite_summary(suite: str, group: list[dict[str, Any]]) -> list[str]:

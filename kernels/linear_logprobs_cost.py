@@ -23,7 +23,10 @@ Assumptions, stated once:
 
 * **L2 reuse in the tile kernels.** Programs run token tiles fastest, so the ~``sms`` programs in
   flight share the weight tiles they stream: the weight crosses HBM ``ceil(token tiles / sms)``
-  times per pass. Hidden rows are re-read per vocab split from L2 (not charged).
+  times per pass. Every program reloads its hidden rows for each vocab tile and its weight rows
+  for each token tile (the K loop of ``_logit_tile``): what of that does not cross HBM is L2
+  traffic, charged at the spec's L2 bandwidth (:func:`tile_l2_bytes`); at the 8B head × 32k
+  tokens it is ~0.5 TB per matmul pass, more than the matmul's time at 80 % of peak.
 * **FLOPs.** Executed FLOPs count only matmul work (2 per multiply-add); the exp/log of the row
   kernels is charged as memory traffic, which bounds it. "Model" FLOPs are those of a training
   step that keeps its logits, 2·N·V·H forward, 6·N·V·H forward + backward — the numerator of every
@@ -87,6 +90,17 @@ def _tile_blocks(shape: Shape) -> tuple[int, int]:
     return TILE_BLOCK_N[shape.dtype_bytes], TILE_BLOCK_V[shape.dtype_bytes]
 
 
+def tile_l2_bytes(shape: Shape, spec: DeviceSpec) -> float:
+    """Bytes one matmul pass of a tile kernel reads from L2: each token tile's hidden rows once
+    per vocab tile, each vocab tile's weight rows once per token tile, less what crosses HBM
+    (the hidden rows once, the weight ``ceil(token tiles / sms)`` times)."""
+    n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
+    block_n, block_v = _tile_blocks(shape)
+    n_tiles, v_tiles = math.ceil(n / block_n), math.ceil(v / block_v)
+    weight_passes = math.ceil(n_tiles / spec.sms)
+    return float(n * h * e * (v_tiles - 1) + v * h * e * (n_tiles - weight_passes))
+
+
 def tile_forward(shape: Shape, spec: DeviceSpec) -> Cost:
     n, h, v, e = shape.rows, shape.hidden, shape.vocab, shape.dtype_bytes
     cost = new_cost("tile", "forward", shape, spec)
@@ -95,7 +109,7 @@ def tile_forward(shape: Shape, spec: DeviceSpec) -> Cost:
     splits = max(1, min(v_tiles, math.ceil(2 * spec.sms / max(n_tiles, 1))))
     weight_passes = math.ceil(n_tiles / spec.sms)
     cost.kernel(spec, nbytes=shape.tokens * 16, launches=4)  # scored order (sort) and count
-    cost.kernel(spec, flops=2.0 * n * v * h,
+    cost.kernel(spec, flops=2.0 * n * v * h, l2_bytes=tile_l2_bytes(shape, spec),
                 nbytes=n * h * e + weight_passes * v * h * e + 3 * 4 * splits * n)
     cost.kernel(spec, nbytes=3 * 4 * splits * n + 8 * n * 4, launches=8)  # combine the splits
     cost.memory_bytes = 3 * 4 * splits * n + 16 * n
@@ -124,7 +138,8 @@ def tile_backward(shape: Shape, spec: DeviceSpec) -> Cost:
     cost.kernel(spec, nbytes=shape.tokens * 16, launches=4)  # scored order and count
     cost.kernel(spec, nbytes=4.0 * n * h * shape.need_hidden, launches=1)  # zero grad_h
     cost.kernel(spec, flops=2.0 * matmuls * n * v * h, launches=launches,
-                nbytes=matmuls * (n * h * e + weight_passes * v * h * e), atomic_bytes=atomics)
+                nbytes=matmuls * (n * h * e + weight_passes * v * h * e), atomic_bytes=atomics,
+                l2_bytes=matmuls * tile_l2_bytes(shape, spec))
     if shape.need_weight and half_weight:  # zero the fp32 chunk, cast it into grad_W
         cost.kernel(spec, nbytes=v * h * (4 + 4 + e), launches=2 * launches)
     if shape.need_hidden:

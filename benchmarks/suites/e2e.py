@@ -100,7 +100,8 @@ def make_models(params: dict[str, Any], device: str):
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if params.get("dtype") == "bf16" else torch.float32
-    policy = LlamaForCausalLM(model_config(params)).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialised where it runs: seconds of host work for a 1B model
+        policy = LlamaForCausalLM(model_config(params)).to(dtype=dtype)
     return policy, copy.deepcopy(policy)
 
 
@@ -160,9 +161,12 @@ def trl_step(trainer: Any, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def _trl_workload(spec: CaseSpec, *, patched: bool) -> Workload:
-    import datasets
-    import trl
+    import importlib
+
+    import trl  # first: without TRL the row is "not installed", not an error about its needs
     from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    datasets = importlib.import_module("datasets")  # TRL's own dependency, after TRL
 
     params, device = spec.params, spec.device
     policy, ref = make_models(params, device)

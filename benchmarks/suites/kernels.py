@@ -15,10 +15,19 @@ backward (``fwd+bwd``):
     trl_chunked     TRL's chunked fused-head function (what its trainers run since TRL 1.x)
     fastpo          ``fastpo.kernels.linear_sequence_logps``
     liger_dpo       Liger's ``LigerFusedLinearDPOLoss`` (chunked PyTorch; compiled in full runs)
-    cce             Cut Cross-Entropy ``linear_cross_entropy(reduction="none")`` (CUDA only)
+    cce_exact       Cut Cross-Entropy ``linear_cross_entropy(reduction="none", impl="cce",
+                    filter_eps=None)``: every gradient entry computed (CUDA only)
+    cce_filtered    the same with its default ``filter_eps="high"``: gradient blocks below a
+                    threshold are skipped, so its gradients are not exact (CUDA only)
 
-Labels: the first quarter of every row is prompt (``-100``), a few trailing positions are padding.
-Every implementation returns the same scalar (loss or Σ logps) so that the table shows they agree.
+``copy``    ``dst.copy_(src)`` on the device: the copy rate measured in the same run, the yardstick
+    of the from-logits GB/s ("% of copy").
+
+Labels: the first quarter of every row is prompt (``-100``), a few trailing positions are padding;
+rows with ``labels=all`` score every token. Every implementation returns the same scalar (loss or
+Σ logps) so that the table shows they agree. GB/s counts the bytes each implementation must touch
+(:func:`logits_bytes`: fastpo's kernels skip the ignored rows, the others read every row); the
+problem's bytes (every row) are given beside them.
 """
 
 from __future__ import annotations
@@ -32,9 +41,11 @@ from benchmarks.harness import CaseSpec, SkipCase, Workload, masked_labels, skip
 BETA = 0.1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOGITS_IMPLS = ("torch", "trl", "fastpo", "fastpo_inplace", "liger_ce")
-HIDDEN_IMPLS = ("naive", "trl_chunked", "fastpo", "liger_dpo", "cce")
+HIDDEN_IMPLS = ("naive", "trl_chunked", "fastpo", "liger_dpo", "cce_exact", "cce_filtered")
 CUDA_ONLY = {"liger_ce": "Liger's Triton ops need a CUDA device",
-             "cce": "Cut Cross-Entropy needs a CUDA device"}
+             "cce": "Cut Cross-Entropy needs a CUDA device",
+             "cce_exact": "Cut Cross-Entropy needs a CUDA device",
+             "cce_filtered": "Cut Cross-Entropy needs a CUDA device"}
 BWD_ONLY = {"fastpo_inplace", "liger_dpo"}  # an in-place backward / a loss: no forward-only row
 VOCABS = (32000, 49152, 128256, 256000)
 
@@ -43,10 +54,19 @@ VOCABS = (32000, 49152, 128256, 256000)
 
 
 def _grid(size: str, device: str) -> list[tuple[str, dict[str, Any], tuple[str, ...]]]:
-    """(family, params, modes) triples for one run size."""
+    """(family, params, modes) triples for one run size: the copy yardstick first and last (on
+    a shared machine the rate moves during a run; the report takes the faster of the two)."""
+    mib = 16 if size == "smoke" else 4096 if device == "cuda" else 512
+    return [("copy", {"MiB": mib, "at": "start"}, ("copy",)), *_workload_grid(size, device),
+            ("copy", {"MiB": mib, "at": "end"}, ("copy",))]
+
+
+def _workload_grid(size: str, device: str) -> list[tuple[str, dict[str, Any], tuple[str, ...]]]:
     if size == "smoke":
-        return [("logits", {"B": 2, "T": 32, "V": 1000, "dtype": "fp32"}, ("fwd+bwd", "fwd")),
-                ("hidden", {"B": 2, "T": 32, "H": 32, "V": 1000, "dtype": "fp32"}, ("fwd+bwd",))]
+        return [
+            ("logits", {"B": 2, "T": 32, "V": 1000, "dtype": "fp32"}, ("fwd+bwd", "fwd")),
+            ("logits", {"B": 2, "T": 32, "V": 1000, "dtype": "fp32", "labels": "all"}, ("fwd",)),
+            ("hidden", {"B": 2, "T": 32, "H": 32, "V": 1000, "dtype": "fp32"}, ("fwd+bwd",))]
     if device == "cuda":
         if size == "quick":
             return [("logits", {"B": 8, "T": 1024, "V": 128256, "dtype": "bf16"},
@@ -54,6 +74,8 @@ def _grid(size: str, device: str) -> list[tuple[str, dict[str, Any], tuple[str, 
                     ("hidden", {"B": 8, "T": 1024, "H": 4096, "V": 128256, "dtype": "bf16"},
                      ("fwd+bwd",))]
         grid = [("logits", {"B": 32, "T": 1024, "V": 128256, "dtype": "bf16"}, ("fwd+bwd", "fwd")),
+                ("logits", {"B": 32, "T": 1024, "V": 128256, "dtype": "bf16", "labels": "all"},
+                 ("fwd+bwd", "fwd")),
                 ("hidden", {"B": 32, "T": 1024, "H": 4096, "V": 128256, "dtype": "bf16"},
                  ("fwd+bwd", "fwd"))]
         grid += [("logits", {"B": 8, "T": 1024, "V": v, "dtype": "bf16"}, ("fwd+bwd",))
@@ -68,8 +90,8 @@ def _grid(size: str, device: str) -> list[tuple[str, dict[str, Any], tuple[str, 
                 ("hidden", {"B": 2, "T": 256, "H": 576, "V": 49152, "dtype": "fp32"},
                  ("fwd+bwd",))]
     # full CPU: the headline shape B8×T512×V49152 (fp32 and bf16), a vocab sweep and a token sweep
-    grid = [("logits", {"B": 8, "T": 512, "V": 49152, "dtype": dt}, ("fwd+bwd", "fwd"))
-            for dt in ("fp32", "bf16")]
+    grid = [("logits", {"B": 8, "T": 512, "V": 49152, "dtype": dt, "labels": labels},
+             ("fwd+bwd", "fwd")) for dt in ("fp32", "bf16") for labels in ("prompt", "all")]
     grid.append(("hidden", {"B": 8, "T": 512, "H": 576, "V": 49152, "dtype": "fp32"},
                  ("fwd+bwd", "fwd")))
     grid += [("logits", {"B": 2, "T": 512, "V": v, "dtype": "fp32"}, ("fwd+bwd",))
@@ -88,6 +110,10 @@ def cases(device: str, size: str) -> list[CaseSpec]:
     reps, warmup = {"smoke": (2, 1), "quick": (3, 1), "full": (5, 1)}[size]
     specs = []
     for family, params, modes in _grid(size, device):
+        if family == "copy":
+            specs.append(CaseSpec(suite="kernels", family="copy", impl="copy", params=params,
+                                  device=device, warmup=warmup, reps=reps))
+            continue
         impls = LOGITS_IMPLS if family == "logits" else HIDDEN_IMPLS
         for mode in modes:
             for impl in impls:
@@ -114,6 +140,36 @@ def quarter_prompt_labels(batch: int, seq: int, vocab: int, *, device: str,
     """Shifted labels: a prompt quarter and ~1/16 trailing padding per row are ``-100``."""
     return masked_labels(batch, seq, vocab, prompt=max(1, seq // 4), pad=(0, max(1, seq // 16)),
                          seed=seed).to(device)
+
+
+def case_labels(params: dict[str, Any], *, device: str) -> torch.Tensor:
+    """The labels of a from-logits case: quarter prompt and padding ignored (the default), or
+    every token scored (``params["labels"] == "all"``)."""
+    if params.get("labels", "prompt") == "all":
+        return masked_labels(params["B"], params["T"], params["V"], prompt=0, pad=0).to(device)
+    return quarter_prompt_labels(params["B"], params["T"], params["V"], device=device)
+
+
+# fastpo's from-logits kernels (Triton, native C++) read only the scored rows; the others read
+# every row (at least: a log-softmax baseline also writes and reads fp32 copies).
+SKIPS_IGNORED_ROWS = ("fastpo", "fastpo_inplace")
+
+
+def logits_bytes(impl: str, mode: str, *, rows: int, scored: int, vocab: int,
+                 element_bytes: int) -> dict[str, int]:
+    """Bytes of a from-logits call: ``problem`` — the logits read once (forward), or read in the
+    forward, read again and the gradient written (forward + backward: the three-pass limit), every
+    row; ``touched`` — what the implementation must move at least: for fastpo's kernels the
+    forward reads the scored rows only and the backward reads them again and writes every row of
+    the gradient (zeros where ignored); for the others the problem's bytes (a lower bound)."""
+    row = vocab * element_bytes
+    problem = rows * row if mode == "fwd" else 3 * rows * row
+    if impl in SKIPS_IGNORED_ROWS:
+        touched = scored * row if mode == "fwd" else (2 * scored + rows) * row
+    else:
+        touched = problem
+    return {"problem_bytes": problem, "touched_bytes": touched, "scored_rows": scored,
+            "rows": rows}
 
 
 def _dpo_loss(seq_logps: torch.Tensor) -> torch.Tensor:
@@ -168,22 +224,40 @@ def logits_workload(spec: CaseSpec, logits_fn) -> Workload:
     logits = torch.empty(p["B"], p["T"], p["V"], dtype=DTYPES[p["dtype"]], device=device)
     for b in range(p["B"]):  # a row at a time: no fp32 copy of the whole tensor
         logits[b] = torch.randn(p["T"], p["V"], generator=gen, device=device) * 2.0
-    labels = quarter_prompt_labels(p["B"], p["T"], p["V"], device=device)
+    labels = case_labels(p, device=device)
     fn = logits_fn(spec.impl, labels)
-    n_elem = logits.numel() * logits.element_size()
     tokens = p["B"] * p["T"]
+    # counted once, at set-up (a host read outside the timed calls)
+    figures = logits_bytes(spec.impl, p["mode"], rows=tokens, scored=int((labels != -100).sum()),
+                           vocab=p["V"], element_bytes=logits.element_size())
     if p["mode"] == "fwd":
         def forward() -> torch.Tensor:
             with torch.no_grad():
                 return fn(logits).float().sum()
 
-        return Workload(forward, tokens=tokens, bytes_moved=n_elem)
+        return Workload(forward, tokens=tokens, bytes_moved=figures["touched_bytes"],
+                        extra=figures)
 
     forward_backward, setup = logits_forward_backward(logits, fn,
                                                       restore=spec.impl == "fastpo_inplace")
-    # read logits (forward), read them again and write the gradient (backward)
-    return Workload(forward_backward, tokens=tokens, bytes_moved=3 * n_elem, setup_each=setup,
+    return Workload(forward_backward, tokens=tokens, bytes_moved=figures["touched_bytes"],
+                    setup_each=setup, extra=figures,
                     notes="inputs restored untimed before each call" if setup else "")
+
+
+def copy_workload(spec: CaseSpec) -> Workload:
+    """The machine's copy rate, the yardstick of every GB/s figure: ``dst.copy_(src)`` of
+    ``params["MiB"]`` MiB on the device (read + write: twice the size moved)."""
+    nbytes = int(spec.params["MiB"]) * 2**20
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=spec.device).uniform_()
+    dst = torch.empty_like(src)
+
+    def copy() -> torch.Tensor:
+        dst.copy_(src)
+        return dst[:1]
+
+    return Workload(copy, bytes_moved=2 * nbytes, extra={"touched_bytes": 2 * nbytes,
+                                                         "problem_bytes": 2 * nbytes})
 
 
 def logits_forward_backward(logits: torch.Tensor, fn, *, restore: bool):
@@ -237,11 +311,16 @@ def _hidden_fn(impl: str, labels: torch.Tensor, spec: CaseSpec):
         from fastpo.kernels.linear_logprobs import linear_sequence_logps
 
         return lambda h, w: linear_sequence_logps(h, w, labels).logps
-    if impl == "cce":
+    if impl in ("cce_exact", "cce_filtered"):
         from cut_cross_entropy import linear_cross_entropy
 
+        from benchmarks.linear_logprobs import cce_filter_eps
+
+        filter_eps = cce_filter_eps(impl)
+
         def cce(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            nll = linear_cross_entropy(h, w, labels, reduction="none", shift=False)
+            nll = linear_cross_entropy(h, w, labels, reduction="none", shift=False, impl="cce",
+                                       filter_eps=filter_eps)
             return -_masked_sum(nll.float(), labels)
 
         return cce
@@ -302,6 +381,8 @@ def _build_hidden(spec: CaseSpec) -> Workload:
 def build(spec: CaseSpec) -> Workload:
     """The workload of one case (called in the measuring process)."""
     skip_if_unavailable(spec, CUDA_ONLY)
+    if spec.family == "copy":
+        return copy_workload(spec)
     if spec.family == "logits":
         return _build_logits(spec)
     if spec.family == "hidden":

@@ -215,7 +215,10 @@ def test_cost_model_executes_six_nvh_and_plans_whole_pairs():
     assert both.flops == pytest.approx(6.0 * 32768 * 4096 * 128256)
     assert both.model_flops == both.flops
     gemm = cost.best_plan(cost.Shape(32768, 4096, 128256), cost.H100)[2]
-    assert both.time_s < gemm.time_s and both.model_pct_peak > 75 > gemm.model_pct_peak
+    # past the 3/4 of the GEMM ceiling (80 % of peak) that recomputing the logits allows
+    ceiling = 100 * cost.H100.gemm_efficiency
+    assert both.time_s < gemm.time_s
+    assert both.model_pct_peak > 0.75 * ceiling > gemm.model_pct_peak
     # one 2048-token pair's logits exceed the budget: the chunk is that one pair
     assert cost.loss_fused_plan(32768, 4096, 128256, 2, 2048) == 1
     assert cost.loss_fused_plan(4096, 576, 49152, 2, 512) > 1
