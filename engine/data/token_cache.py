@@ -129,14 +129,24 @@ def load_tokenized(folder: Path) -> TokenizedDataset:
 
 def cached_tokenization(entry: Path, build: Callable[[], TokenizedDataset]) -> TokenizedDataset:
     """The data set cached at ``entry``, built with ``build()`` and stored first when absent
-    (once: concurrent callers wait on a file lock); an unreadable entry is rebuilt."""
+    (once: concurrent callers wait on a file lock); an unreadable entry is rebuilt, and a cache
+    folder that cannot be written (read-only, full) is warned about and skipped."""
     built: list[TokenizedDataset] = []
+    started: list[bool] = []
 
     def write(tmp: Path) -> None:
+        started.append(True)
         built.append(build())
         save_tokenized(built[0], tmp)
 
-    folder = build_once(entry, write)
+    try:
+        folder = build_once(entry, write)
+    except OSError as exc:
+        if started and not built:  # build() itself failed (a data file): its own error
+            raise
+        logger.warning("tokenization cache %s not usable (%s: %s); the data stays in memory",
+                       entry, type(exc).__name__, exc)
+        return built[0] if built else build()
     if built:  # tokenized here: no need to read it back
         return built[0]
     try:

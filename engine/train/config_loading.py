@@ -280,6 +280,7 @@ def check_paths(cfg: TrainConfig) -> None:
     _check_folder("checkpoint.dir", ckpt.dir)
     _check_folder("checkpoint.export_dir", ckpt.export_dir)
     _check_folder("reference.cache_dir", cfg.reference.cache_dir)
+    _check_folder("data.cache_dir", cfg.data.cache_dir)
     data = cfg.data
     if data.mixture is not None:
         for i, entry in enumerate(data.mixture):

@@ -212,3 +212,18 @@ def test_online_prompts_get_the_chat_template_kwargs_too(thinking_tokenizer):
     plain = render_prompt_ids(record, thinking_tokenizer, None)
     assert thinking_tokenizer.decode(quiet).endswith("assistant\n<think></think>")
     assert not thinking_tokenizer.decode(plain).endswith("</think>")
+
+
+def test_a_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_path, tokenizer, caplog):
+    (tmp_path / "a_file").write_text("")
+    entry = tmp_path / "a_file" / "cache" / "key"  # a folder under a file: cannot be made
+    rows = [{"prompt": "a", "chosen": " x", "rejected": " y"}]
+    dataset = cached_tokenization(entry, lambda: tokenize_pairs(rows, tokenizer))
+    assert len(dataset) == 1
+    assert "tokenization cache" in caplog.text and "the data stays in memory" in caplog.text
+
+    def broken():
+        raise FileNotFoundError(2, "No such file", str(tmp_path / "data.jsonl"))
+
+    with pytest.raises(FileNotFoundError, match=r"data\.jsonl"):  # the data's error, not a warning
+        cached_tokenization(tmp_path / "cache" / "key", broken)
