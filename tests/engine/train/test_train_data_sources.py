@@ -207,3 +207,20 @@ def test_a_configured_mixture_of_10k_items_follows_its_weights(forms, tokenizer,
     assert len(held) == 4 and not held & {key(p) for p in train.pairs}
     again, _ = load_datasets(config_from_dict({"data": data}), tokenizer)
     assert again.fingerprint() == train.fingerprint()  # the same mixture every time
+
+
+def test_mapping_keys_are_overridable_from_the_command_line():
+    from fastpo.engine.train.config_base import ConfigError
+    from fastpo.engine.train.config_loading import load_config
+
+    cfg = load_config(None, overrides=["--data.columns.prompt", "question",
+                                       "--data.columns.chosen=good",
+                                       "--data.chat_template_kwargs.enable_thinking", "false",
+                                       "--logging.report_to", "wandb"])
+    assert cfg.data.columns == {"prompt": "question", "chosen": "good"}
+    assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
+    assert cfg.logging.report_to == ["wandb"]
+    with pytest.raises(ConfigError, match=r"data\.columns: unknown field 'answer'"):
+        load_config(None, overrides=["--data.columns.answer", "x"])
+    with pytest.raises(ConfigError, match=r"'data\.columns' is a value, not a section"):
+        load_config(None, overrides=["--data.columns.prompt.x", "x"])
