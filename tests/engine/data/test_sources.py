@@ -196,6 +196,14 @@ def test_the_tokenization_cache_is_keyed_and_safe_to_load(tmp_path, tokenizer):
     other_tok = copy.deepcopy(tokenizer)
     other_tok.chat_template = TEMPLATE
     assert tokenization_key(source.content_hash(), other_tok, settings) != key
+    from fastpo.engine.data import token_cache
+
+    code = token_cache._code_hash
+    token_cache._code_hash = lambda: "another fastpo"
+    try:  # another version of the tokenizing code never reads this entry
+        assert tokenization_key(source.content_hash(), tokenizer, settings) != key
+    finally:
+        token_cache._code_hash = code
     # an entry damaged on disk is named, and rebuilt by cached_tokenization
     (tmp_path / "cache" / key / "tokens.safetensors").write_bytes(b"garbage")
     with pytest.raises(DataFormatError, match=r"tokenization cache .* unreadable"):
