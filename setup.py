@@ -131,10 +131,10 @@ extras_require = {
     # store. The dev extra takes all four, MLflow as its client alone (mlflow-skinny: enough for
     # the tests' file store and for a tracking server; together +~260 MB measured)
     "tensorboard": ["tensorboard"],
-    "wandb": ["wandb"],
-    "mlflow": ["mlflow"],
-    "trackio": ["trackio"],
-    "dev": [*DEV, "tensorboard", "wandb", "mlflow-skinny", "trackio"],
+    "wandb": ["wandb>=0.19"],
+    "mlflow": ["mlflow>=2.10"],
+    "trackio": ["trackio>=0.45"],  # tested: wandb 0.31, mlflow(-skinny) 3.18, trackio 0.45
+    "dev": [*DEV, "tensorboard", "wandb>=0.19", "mlflow-skinny>=2.10", "trackio>=0.45"],
 }
 
 ext_modules, cmdclass = native_extensions()

@@ -1,7 +1,10 @@
 """fastpo.engine.data: files → records → tokenized examples → batches.
 
     assets.py         the default job's model, tokenizer and demo pairs (built once, cached)
-    files.py          reading JSON / JSONL / Parquet / Arrow / HF dataset folders
+    files.py          reading JSON / JSONL / Parquet / CSV / Arrow / HF dataset folders
+    columns.py        a column mapping: the user's column names → fastpo's fields
+    sources.py        file lists, weighted mixtures (seeded picks over the sources)
+    token_cache.py    tokenized data sets on disk (safetensors + JSON), keyed by content
     formats.py        the record formats (pairs, sharegpt, unpaired) → one normalized record
     dataset.py        tokenization: TokenizedPair / TokenizedExample / TokenizedDataset
     encoding.py       text → token ids: chat-template cuts, batched encoding naming bad rows

@@ -5,16 +5,18 @@
 
 The key is a sha256 of the data's bytes (``DataSource.content_hash``), the tokenizer (its
 vocabulary, added and special tokens, chat template, normalizer and pre-tokenizer: everything
-that changes a token id) and the settings (limits, truncation, KTO conversion,
-``chat_template_kwargs``, the column mapping), so a changed file, tokenizer or setting is a new
-entry and an unchanged one is read back instead of tokenized again. An entry is a folder:
-``tokens.safetensors`` (each field's token ids concatenated, int32, with int64 offsets; no
-pickle) and ``meta.json`` (counts, stats, settings). It is built in a temporary folder and moved
-into place under a file lock (``assets.build_once``): concurrent callers wait for the first.
+that changes a token id), the settings (limits, truncation, KTO conversion,
+``chat_template_kwargs``, the column mapping) and the tokenizing code itself, so a changed file,
+tokenizer, setting or fastpo version is a new entry and an unchanged one is read back instead of
+tokenized again. An entry is a folder: ``tokens.safetensors`` (each field's token ids
+concatenated, int32, with int64 offsets; no pickle) and ``meta.json`` (counts, stats, settings).
+It is built in a temporary folder and moved into place under a file lock
+(``assets.build_once``): concurrent callers wait for the first.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -56,9 +58,24 @@ def tokenizer_fingerprint(tokenizer: object) -> str:
     return digest.hexdigest()
 
 
+# the modules whose code decides the token ids: a change to any of them is a new cache entry
+TOKENIZING_CODE = ("files.py", "columns.py", "formats.py", "encoding.py", "dataset.py",
+                   "token_cache.py")
+
+
+@functools.cache
+def _code_hash() -> str:
+    digest = hashlib.sha256()
+    for name in TOKENIZING_CODE:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()
+
+
 def tokenization_key(data_hash: str, tokenizer: object, settings: Mapping[str, object]) -> str:
-    """The cache entry's name: sha256 of the data, the tokenizer and the settings."""
+    """The cache entry's name: sha256 of the data, the tokenizer, the settings and the code
+    that tokenizes (so an upgraded fastpo never reads an entry an older one wrote)."""
     digest = hashlib.sha256(f"fastpo-tokenized-v{CACHE_FORMAT}\n{data_hash}\n".encode())
+    digest.update(_code_hash().encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:32]
@@ -129,14 +146,24 @@ def load_tokenized(folder: Path) -> TokenizedDataset:
 
 def cached_tokenization(entry: Path, build: Callable[[], TokenizedDataset]) -> TokenizedDataset:
     """The data set cached at ``entry``, built with ``build()`` and stored first when absent
-    (once: concurrent callers wait on a file lock); an unreadable entry is rebuilt."""
+    (once: concurrent callers wait on a file lock); an unreadable entry is rebuilt, and a cache
+    folder that cannot be written (read-only, full) is warned about and skipped."""
     built: list[TokenizedDataset] = []
+    started: list[bool] = []
 
     def write(tmp: Path) -> None:
+        started.append(True)
         built.append(build())
         save_tokenized(built[0], tmp)
 
-    folder = build_once(entry, write)
+    try:
+        folder = build_once(entry, write)
+    except OSError as exc:
+        if started and not built:  # build() itself failed (a data file): its own error
+            raise
+        logger.warning("tokenization cache %s not usable (%s: %s); the data stays in memory",
+                       entry, type(exc).__name__, exc)
+        return built[0] if built else build()
     if built:  # tokenized here: no need to read it back
         return built[0]
     try:

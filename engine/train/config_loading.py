@@ -34,6 +34,15 @@ def _annotation_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _is_mapping(annotation: Any) -> bool:
+    """Whether a field annotation is a dict (``dict[str, str]``, ``dict[...] | None``)."""
+    if typing.get_origin(annotation) is dict:
+        return True
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_is_mapping(arg) for arg in typing.get_args(annotation))
+    return False
+
+
 def _section_at(path: Sequence[str]) -> type[BaseModel] | None:
     model: type[BaseModel] | None = TrainConfig
     for key in path:
@@ -159,7 +168,12 @@ def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
         if depth == len(parts) - 1:
             node[part] = value
             return
-        model = _annotation_model(model.model_fields[part].annotation)
+        annotation = model.model_fields[part].annotation
+        if depth == len(parts) - 2 and _is_mapping(annotation):  # --data.columns.prompt q
+            child = node.get(part)
+            node[part] = {**(child if isinstance(child, dict) else {}), parts[-1]: value}
+            return
+        model = _annotation_model(annotation)
         child = node.get(part)
         if not isinstance(child, dict):
             child = {} if child is None else child
@@ -280,6 +294,7 @@ def check_paths(cfg: TrainConfig) -> None:
     _check_folder("checkpoint.dir", ckpt.dir)
     _check_folder("checkpoint.export_dir", ckpt.export_dir)
     _check_folder("reference.cache_dir", cfg.reference.cache_dir)
+    _check_folder("data.cache_dir", cfg.data.cache_dir)
     data = cfg.data
     if data.mixture is not None:
         for i, entry in enumerate(data.mixture):

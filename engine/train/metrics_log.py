@@ -209,7 +209,8 @@ class _Progress:
         if self.kind == "tqdm":
             self.bar.n = step
             self.bar.set_postfix_str(text, refresh=False)
-            self.bar.refresh()
+            if self.bar.total is None or step < self.bar.total:  # the last: close() draws it
+                self.bar.refresh()
         elif self.kind == "rich":
             self.bar.update(self.task, completed=step, description=f"train {text}")
 

@@ -114,8 +114,7 @@ class WandbTracker(Tracker):
         import wandb
 
         folder.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=project, name=run_name, dir=str(folder), config=config,
-                              reinit="create_new")
+        self.run = wandb.init(project=project, name=run_name, dir=str(folder), config=config)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)

@@ -196,6 +196,14 @@ def test_the_tokenization_cache_is_keyed_and_safe_to_load(tmp_path, tokenizer):
     other_tok = copy.deepcopy(tokenizer)
     other_tok.chat_template = TEMPLATE
     assert tokenization_key(source.content_hash(), other_tok, settings) != key
+    from fastpo.engine.data import token_cache
+
+    code = token_cache._code_hash
+    token_cache._code_hash = lambda: "another fastpo"
+    try:  # another version of the tokenizing code never reads this entry
+        assert tokenization_key(source.content_hash(), tokenizer, settings) != key
+    finally:
+        token_cache._code_hash = code
     # an entry damaged on disk is named, and rebuilt by cached_tokenization
     (tmp_path / "cache" / key / "tokens.safetensors").write_bytes(b"garbage")
     with pytest.raises(DataFormatError, match=r"tokenization cache .* unreadable"):
@@ -212,3 +220,18 @@ def test_online_prompts_get_the_chat_template_kwargs_too(thinking_tokenizer):
     plain = render_prompt_ids(record, thinking_tokenizer, None)
     assert thinking_tokenizer.decode(quiet).endswith("assistant\n<think></think>")
     assert not thinking_tokenizer.decode(plain).endswith("</think>")
+
+
+def test_a_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_path, tokenizer, caplog):
+    (tmp_path / "a_file").write_text("")
+    entry = tmp_path / "a_file" / "cache" / "key"  # a folder under a file: cannot be made
+    rows = [{"prompt": "a", "chosen": " x", "rejected": " y"}]
+    dataset = cached_tokenization(entry, lambda: tokenize_pairs(rows, tokenizer))
+    assert len(dataset) == 1
+    assert "tokenization cache" in caplog.text and "the data stays in memory" in caplog.text
+
+    def broken():
+        raise FileNotFoundError(2, "No such file", str(tmp_path / "data.jsonl"))
+
+    with pytest.raises(FileNotFoundError, match=r"data\.jsonl"):  # the data's error, not a warning
+        cached_tokenization(tmp_path / "cache" / "key", broken)

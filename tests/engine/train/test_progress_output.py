@@ -1,5 +1,5 @@
 """What a user sees: log lines print on lines of their own above the progress bar (tqdm's
-logging redirect), the final bar is drawn once (then left), later lines print below it, and
+logging redirect), the final bar is drawn once and left, later lines print below it, and
 ``fastpo-train`` ends with one summary line."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def test_log_lines_go_above_the_bar_and_the_final_bar_is_drawn_once(tmp_path, ca
     assert "a log line" in pieces  # a line of its own, not spliced into the bar's line
     assert not any("a log line" in p and p != "a log line" for p in pieces)
     final = [i for i, p in enumerate(pieces) if p.startswith("train: 100%")]
-    assert len(final) == 2  # the last update, then close() redraws it in place and leaves it
+    assert len(final) == 1  # drawn once, by close(), and left
     assert pieces.index("a later line") > final[-1]  # nothing redraws the bar after it closes
     assert captured.out == "[after step 3] held-out: fine\n"
 
@@ -56,4 +56,4 @@ def test_fastpo_train_ends_with_one_summary_line(tiny_dir, pairs_file, tmp_path,
         r"fastpo-train: 2 steps \(completed\) in \d+ s; held-out reward accuracy 0\.000 → "
         r"[01]\.\d{3}, margin 0\.0000 → -?\d\.\d{4}, loss 0\.6931 → \d\.\d{4}", lines[2])
     bars = [p for p in re.split(r"[\r\n]", captured.err) if p.startswith("train: 100%")]
-    assert len(bars) == 2  # drawn by the last step and left by close(), not once per message
+    assert len(bars) == 1  # drawn once when the steps end, not again for each later message

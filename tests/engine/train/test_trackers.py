@@ -82,6 +82,7 @@ def wandb_history(run_dir) -> dict[str, dict[int, float]]:
                     history[key][step] = float(value) if value is not None else math.nan
         elif record.WhichOneof("record_type") == "run":
             config = {i.key: json.loads(i.value_json) for i in record.run.config.update}
+            config["_run"] = (record.run.project, record.run.display_name)
     return history, config
 
 
@@ -130,6 +131,7 @@ def test_every_tracker_holds_every_jsonl_metric(tiny_dir, pairs_file, tmp_path, 
     (run_dir,) = (out / "wandb").glob("offline-run-*")
     history, wandb_config = wandb_history(run_dir)
     check("wandb", history)
+    assert wandb_config["_run"] == ("proj", "first-run")
     section = wandb_config["optimization"]
     assert section.get("value", section)["max_steps"] == 3
 

@@ -178,3 +178,49 @@ def test_the_readme_recipes_are_valid_configs():
     assert mixture.chat_template_kwargs == {"enable_thinking": False}
     tracking = config_from_dict(yaml.safe_load(recipes["tracking"])).logging
     assert tracking.report_to == ["wandb", "mlflow"] and tracking.project == "dpo-experiments"
+
+
+def test_a_configured_mixture_of_10k_items_follows_its_weights(forms, tokenizer, tmp_path):
+    from fastpo.engine.train.config_loading import config_from_dict
+    from fastpo.engine.train.job import load_datasets
+
+    data = {"columns": MAPPING, "cache_dir": str(tmp_path / "cache"), "eval_fraction": 0.2,
+            "max_length": 48, "max_prompt_length": 24, "mixture_size": 10_000,
+            "mixture": [{"path": str(forms["a"]["parquet"]), "weight": 7},
+                        {"path": str(forms["b"]["csv"]), "weight": 3}]}
+    train, held_out = load_datasets(config_from_dict({"data": data}), tokenizer)
+    alone = [load_datasets(config_from_dict({"data": {**data, "mixture": [entry],
+                                                      "mixture_size": None}}), tokenizer)
+             for entry in data["mixture"]]
+
+    def key(pair):
+        return tuple(pair.prompt_ids), tuple(pair.rejected_ids)
+
+    a_items = {key(p) for p in alone[0][0].pairs}
+    b_items = {key(p) for p in alone[1][0].pairs}
+    assert not a_items & b_items and len(a_items) == 8 and len(b_items) == 6  # 20 % held out
+    from_a = sum(key(p) in a_items for p in train.pairs)
+    assert sum(key(p) in b_items for p in train.pairs) == 10_000 - from_a
+    assert abs(from_a / 10_000 - 0.7) < 0.02
+    # held-out items come from each source's own split and never enter training
+    held = {key(p) for p in held_out.pairs}
+    assert len(held) == 4 and not held & {key(p) for p in train.pairs}
+    again, _ = load_datasets(config_from_dict({"data": data}), tokenizer)
+    assert again.fingerprint() == train.fingerprint()  # the same mixture every time
+
+
+def test_mapping_keys_are_overridable_from_the_command_line():
+    from fastpo.engine.train.config_base import ConfigError
+    from fastpo.engine.train.config_loading import load_config
+
+    cfg = load_config(None, overrides=["--data.columns.prompt", "question",
+                                       "--data.columns.chosen=good",
+                                       "--data.chat_template_kwargs.enable_thinking", "false",
+                                       "--logging.report_to", "wandb"])
+    assert cfg.data.columns == {"prompt": "question", "chosen": "good"}
+    assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
+    assert cfg.logging.report_to == ["wandb"]
+    with pytest.raises(ConfigError, match=r"data\.columns: unknown field 'answer'"):
+        load_config(None, overrides=["--data.columns.answer", "x"])
+    with pytest.raises(ConfigError, match=r"'data\.columns' is a value, not a section"):
+        load_config(None, overrides=["--data.columns.prompt.x", "x"])
