@@ -2,8 +2,9 @@
 
 :class:`JobGuard`, built right after the process group and before anything is written:
 
-- takes the output folder's lock on rank 0 (:mod:`.output_lock`) and releases it when the job
-  ends, normally or not;
+- takes the output folder's lock on rank 0 (:mod:`.output_lock`; also ``checkpoint.dir``'s when
+  it lies outside, so that two jobs never rotate each other's checkpoints) and releases it when
+  the job ends, normally or not;
 - learns every rank's host and pid, so that a failed collective becomes a
   :class:`~.lost_rank.LostRankError` naming the rank that is gone (:meth:`watching`);
 - lets the ranks agree on host-side facts without a device sync (:meth:`any_rank`, a gloo
@@ -23,29 +24,37 @@ from torch import nn
 
 from .config import TrainConfig
 from .lost_rank import lost_rank_error, peer_table
-from .output_lock import lock_output_folder
+from .output_lock import OutputLock, lock_output_folder
 from .runtime import Runtime
 from .storage import StorageError, check_room
 
 
 class JobGuard:
-    """See the module docstring; ``timeout_s`` is ``deepspeed.timeout_s`` (for the messages)."""
+    """See the module docstring."""
 
-    def __init__(self, rt: Runtime, output_dir: Path, *, timeout_s: float) -> None:
-        self.rt, self.timeout_s = rt, timeout_s
+    def __init__(self, rt: Runtime, cfg: TrainConfig) -> None:
+        self.rt, self.timeout_s = rt, cfg.deepspeed.timeout_s
         self.peers = peer_table(rt.world_size)
         # host-side agreement is reduced on the CPU (gloo), never through the device
         self.host_group = None
         if rt.world_size > 1 and torch.distributed.get_backend() != "gloo":
             self.host_group = torch.distributed.new_group(
-                backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-        self.lock = lock_output_folder(output_dir, rank=rt.rank, world_size=rt.world_size)
+                backend="gloo", timeout=datetime.timedelta(seconds=self.timeout_s))
+        self.locks: list[OutputLock] = []
+        folders = [Path(cfg.logging.output_dir)]
+        if cfg.checkpoint.dir and not Path(cfg.checkpoint.dir).absolute().is_relative_to(
+                folders[0].absolute()):
+            folders.append(Path(cfg.checkpoint.dir))
+        with self.watching(release=False):
+            for folder in folders:
+                lock = lock_output_folder(folder, rank=rt.rank, world_size=rt.world_size)
+                if lock is not None:
+                    self.locks.append(lock)
 
     def release(self) -> None:
-        """Release the output folder (rank 0; idempotent)."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        """Release the folders (rank 0; idempotent)."""
+        while self.locks:
+            self.locks.pop().release()
 
     @contextlib.contextmanager
     def watching(self, *, release: bool = True) -> Iterator[None]:

@@ -106,7 +106,7 @@ class Trainer:
         self.bad_evals = 0
         self.ref_version = 0
         self.history: list[dict[str, Any]] = []
-        self.guard = JobGuard(self.rt, self.output_dir, timeout_s=cfg.deepspeed.timeout_s)
+        self.guard = JobGuard(self.rt, cfg)
         with self.guard.watching(release=False):
             self._setup()
         self.step_metrics = StepMetrics(self.rt.device)

@@ -99,3 +99,22 @@ def test_a_second_job_on_one_folder_is_refused_and_a_killed_jobs_lock_taken_over
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"taking over the lock left by pid {first.pid}" in proc.stderr
     assert not (out / LOCK_FILE).exists()  # released at the end
+
+
+def test_a_checkpoint_dir_outside_the_output_folder_is_locked_too(tiny_dir, pairs_file, tmp_path):
+    from trainer_helpers import run
+
+    shared = tmp_path / "shared-checkpoints"
+    held = acquire_output_lock(shared)  # another job writes its checkpoints there
+    try:
+        with pytest.raises(OutputLockedError, match=f"output folder {shared} is in use by "
+                                                    f"another fastpo job \\(pid {os.getpid()}"):
+            run(job(tiny_dir, pairs_file, tmp_path / "run", checkpoint={"dir": str(shared),
+                                                                        "export": "none"}))
+        assert not (tmp_path / "run" / LOCK_FILE).exists()  # its own folder released again
+    finally:
+        held.release()
+    result = run(job(tiny_dir, pairs_file, tmp_path / "run",
+                     checkpoint={"dir": str(shared), "every_steps": 1, "export": "none"}))
+    assert result.steps == 2 and (shared / "step-00000002").is_dir()
+    assert not (shared / LOCK_FILE).exists() and not (tmp_path / "run" / LOCK_FILE).exists()
