@@ -109,6 +109,7 @@ def step_losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl", "train")}
 
 
+@pytest.mark.slow
 def test_a_lost_rank_is_named_and_the_job_resumes_exactly(tiny_dir, pairs_file, tmp_path):
     sections = dict(deepspeed={"enabled": True, "timeout_s": TIMEOUT_S},
                     optimization={"micro_batch_size": 1, "max_steps": 6},

@@ -63,6 +63,7 @@ def test_the_lock_names_its_holder_and_a_dead_holder_is_taken_over(tmp_path, cap
         acquire_output_lock(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_a_second_job_on_one_folder_is_refused_and_a_killed_jobs_lock_taken_over(
         tiny_dir, pairs_file, tmp_path):
     out = tmp_path / "run"

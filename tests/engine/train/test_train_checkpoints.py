@@ -63,6 +63,7 @@ def test_kill_and_resume_continues_exactly(tiny_dir, pairs_file, tmp_path):
     assert not torch.allclose(base, reference(input_ids=ids).logits, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_ends_bit_identical(tiny_dir, pairs_file, tmp_path):
     """A job SIGKILLed at several seeded-random moments (the end of a step, mid-step, while a
     checkpoint's files are written, between its rename and ``latest``, inside an evaluation)
