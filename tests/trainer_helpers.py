@@ -150,3 +150,26 @@ def launch_workers(test_file: str, report_dir: Path, *, world: int, report_env: 
     reports = [json.loads(p.read_text()) for p in sorted(report_dir.glob("rank*.json"))]
     assert sorted(r["rank"] for r in reports) == list(range(world)), output[-4000:]
     return output, reports
+
+
+def tiny_moe(kind: str, vocab_size: int, **config: object) -> torch.nn.Module:
+    """A tiny random MoE causal LM (seed 0): ``"mixtral"`` (Mixtral-style, 4 experts, top-2) or
+    ``"qwen2_moe"`` (Qwen-MoE-style: 4 routed experts, top-2, and a shared expert)."""
+    from transformers import (
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+    )
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, router_aux_loss_coef=0.05, initializer_range=0.1)
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4, **config))
+    if kind == "qwen2_moe":
+        return Qwen2MoeForCausalLM(Qwen2MoeConfig(
+            **common, num_experts=4, moe_intermediate_size=24,
+            shared_expert_intermediate_size=24, **config))
+    raise ValueError(f"unknown MoE kind {kind!r}")

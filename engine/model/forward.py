@@ -31,6 +31,7 @@ from fastpo.kernels.zero3 import unwrap_engine as unwrap_model
 
 from ..data.batch import PreferenceBatch
 from ..data.shared_prompt import shared_prompt_attention_mask
+from ..losses.router import RouterSettings, router_aux_loss
 from . import attention as segment_attention
 
 SequenceLogps = kernels.SequenceLogps
@@ -61,6 +62,13 @@ def uses_varlen_attention(attn_implementation: str | None) -> bool:
 
 def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> Tensor:
     """Run the decoder body on the batch and return the final hidden states ``[R, L, H]``."""
+    return decoder_outputs(model, batch)[0]
+
+
+def decoder_outputs(model: nn.Module, batch: PreferenceBatch, *,
+                    output_router_logits: bool = False) -> tuple[Tensor, Any]:
+    """The decoder body on the batch: the final hidden states ``[R, L, H]`` and, with
+    ``output_router_logits`` (a MoE model), its routers' logits per layer (else None)."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else None
     if body is None or body is model:
         raise TypeError(f"{type(model).__name__}: cannot find the decoder body (get_decoder())")
@@ -70,6 +78,8 @@ def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> Tensor:
         "position_ids": batch.position_ids,
         "use_cache": False,  # a cache would switch off the packed-sequence detection
     }
+    if output_router_logits:
+        kwargs["output_router_logits"] = True
     config = getattr(model, "config", None)
     plan = batch.attention_plan
     if plan is not None and segment_attention.applies(config, plan, batch.max_seqlen):
@@ -95,7 +105,12 @@ def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> Tensor:
     if hidden.shape[:2] != batch.input_ids.shape:
         raise RuntimeError(f"decoder returned hidden states of shape {tuple(hidden.shape)} for "
                            f"input_ids {tuple(batch.input_ids.shape)}")
-    return hidden
+    router_logits = getattr(out, "router_logits", None) if output_router_logits else None
+    if output_router_logits and not router_logits:
+        raise TypeError(f"{type(model).__name__}: the decoder returned no router logits with "
+                        "output_router_logits=True (set model.router_aux_loss_coef: 0 to train "
+                        "without the MoE load-balancing loss)")
+    return hidden, router_logits
 
 
 class ForwardLogps(NamedTuple):
@@ -104,13 +119,15 @@ class ForwardLogps(NamedTuple):
     ``token_logps`` ``[N]`` (with grad) follow ``batch.target_index``. ``tail_logps`` ``[S]``:
     the part of each sequence's logps beyond its pair's shared completion length (LD-DPO's
     input). ``log_sum_sq_probs`` ``[S]``: ``Σ_t log Σ_v π(v|·)²`` over the scored tokens (WPO
-    weights; detached).
+    weights; detached). ``aux_loss`` (0-d, with grad): a MoE policy's router load-balancing
+    loss over the batch's real tokens.
     """
 
     sequence: SequenceLogps
     token_logps: Tensor
     tail_logps: Tensor | None = None
     log_sum_sq_probs: Tensor | None = None
+    aux_loss: Tensor | None = None
 
 
 def _log_sum_sq_probs(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
@@ -127,12 +144,13 @@ def _log_sum_sq_probs(h: Tensor, weight: Tensor, bias: Tensor | None, temperatur
 
 def forward_logps(model: nn.Module, batch: PreferenceBatch, *, use_fused_linear: bool = True,
                   temperature: float = 1.0, with_logits_sum: bool = False,
-                  with_tail_logps: bool = False, with_log_sum_sq_probs: bool = False
-                  ) -> ForwardLogps:
+                  with_tail_logps: bool = False, with_log_sum_sq_probs: bool = False,
+                  router: RouterSettings | None = None) -> ForwardLogps:
     """One forward of ``model`` on ``batch``: see :func:`sequence_logps_from_model`.
 
     ``with_tail_logps`` (pair batches) adds LD-DPO's tail sums; ``with_log_sum_sq_probs`` adds
-    WPO's per-sequence ``Σ_t log Σ_v π²`` (one extra head matmul per token chunk, no grad).
+    WPO's per-sequence ``Σ_t log Σ_v π²`` (one extra head matmul per token chunk, no grad);
+    ``router`` (a MoE policy's settings) adds the router load-balancing loss.
     """
     if not isinstance(batch, PreferenceBatch):
         raise TypeError(f"batch must be a PreferenceBatch, got {type(batch).__name__}")
@@ -142,7 +160,11 @@ def forward_logps(model: nn.Module, batch: PreferenceBatch, *, use_fused_linear:
     # the scale and soft-cap the model applies to its head's logits: both paths apply them
     scale, cap = config_logit_transform(getattr(model, "config", None), type(model).__name__)
     resolve_lm_head(model)  # a clear error for a model without output embeddings
-    hidden = final_hidden_states(model, batch)
+    hidden, router_logits = decoder_outputs(model, batch, output_router_logits=router is not None)
+    aux = None
+    if router is not None:  # every real token counts, whatever the layout
+        aux = router_aux_loss(router_logits, router,
+                              token_mask=(batch.sequence_ids >= 0).to(torch.long))
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
     if batch.shared_prompt is not None:  # a prompt's last position scores two tokens
         labels = batch.shared_prompt.target_labels
@@ -178,7 +200,7 @@ def forward_logps(model: nn.Module, batch: PreferenceBatch, *, use_fused_linear:
         tail = kernels.segment_sum(token_logps * batch.target_tail, segments, count)
     return ForwardLogps(
         SequenceLogps(logps, batch.completion_tokens, logits_sum), token_logps, tail,
-        None if sum_sq is None else kernels.segment_sum(sum_sq, segments, count))
+        None if sum_sq is None else kernels.segment_sum(sum_sq, segments, count), aux)
 
 
 def sequence_logps_from_model(model: nn.Module, batch: PreferenceBatch, *,

@@ -48,6 +48,9 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     use_fused_linear: bool = True  # logps from hidden states + lm_head weight (no logits)
+    # MoE policies: the router load-balancing loss's weight; null: the model config's own
+    # router_aux_loss_coef (as TRL), 0: off
+    router_aux_loss_coef: float | None = Field(None, ge=0.0)
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 

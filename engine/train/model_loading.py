@@ -9,6 +9,7 @@ the LoRA adapter alone, the LoRA merged into the base weights, or the full model
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import re
@@ -21,8 +22,10 @@ from torch import nn
 from fastpo.kernels.zero3 import find_lm_head, full_shape
 
 from ..errors import InputError
+from ..losses.router import RouterSettings, router_settings
 from ..model.gather import full_state_dict
 from .config import TrainConfig
+from .config_base import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +155,27 @@ def load_reference(cfg: TrainConfig, path: str, dtype: torch.dtype) -> nn.Module
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def policy_router(cfg: TrainConfig, model: nn.Module) -> RouterSettings | None:
+    """The MoE load-balancing settings the policy trains with (TRL's rule): a model whose
+    config has ``output_router_logits``, weighted by ``model.router_aux_loss_coef`` or, unset,
+    the config's ``router_aux_loss_coef``; None when not MoE or the weight is 0."""
+    coef = cfg.model.router_aux_loss_coef
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    settings = router_settings(getattr(base, "config", None))
+    if settings is None:
+        if coef:
+            raise ConfigError(f"model.router_aux_loss_coef is {coef}, but {type(base).__name__} "
+                              "is not a mixture-of-experts model (its config has no "
+                              "output_router_logits)")
+        return None
+    settings = dataclasses.replace(settings, coef=settings.coef if coef is None else coef)
+    if settings.coef == 0:
+        return None
+    logger.info("MoE policy: router load-balancing loss × %g (%d experts, top-%d)",
+                settings.coef, settings.num_experts, settings.top_k)
+    return settings
 
 
 def vocab_size(model: nn.Module) -> int:

@@ -48,7 +48,10 @@ class TorchBackend:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def backward(self, loss: Tensor) -> None:
-        (loss / self.accumulation).backward()
+        """Accumulate the gradient of ``loss``: the micro-batch's share of the step's loss (the
+        objective normalizes by the step's item count, :mod:`.step_weighting`), not divided
+        again by the accumulation steps."""
+        loss.backward()
 
     def step(self, *, nonfinite: Tensor | None = None) -> StepOutcome:
         """Clip, update, advance the schedule. The update is skipped when the gradient norm is
