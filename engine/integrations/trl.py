@@ -25,8 +25,9 @@ goes to TRL's forward — with one that fills the same output from fastpo:
   soft-caps its logits, the head module runs on the scored positions only and the from-logits op
   (``fastpo.kernels.token_logps``) takes its logits (``fused_linear=False`` forces this path).
 - the statistics TRL logs (no gradient: TRL detaches them, and WPO uses its weights as constants):
-  one chunked pass over the scored tokens under ``no_grad``, computing only the fields TRL asked
-  this model for (none for a reference model).
+  on the fused linear path they come from the op's own pass over the vocabulary
+  (``fastpo.kernels.linear_logprobs_stats``: no second V×H pass), on the logits path from the
+  logits; only the fields TRL asked this model for (none for a reference model).
 
 The loss types, config, metrics, data pipeline, PEFT and reference handling stay TRL's own; the
 trainer's temperature, logit scale, soft-cap and lm_head dtype settings are read from the forward

@@ -160,6 +160,7 @@ class Trainer:
             self.reference.attach(self.backend.module)  # the (possibly DeepSpeed-cast) policy
         self.objective = Objective(cfg.loss, vocab_size=self.vocab_size, router=self.router,
                                    all_reduce_mean=self.rt.all_reduce_mean)
+        self.forward_options = self.objective.forward_options(cfg.model)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.output_dir / "checkpoints",
                                       keep_last=cfg.checkpoint.keep_last, rank=rt.rank,
                                       barrier=rt.barrier)
@@ -193,10 +194,7 @@ class Trainer:
         step's loss): policy, then reference log-probs (default: the reference's), autocast."""
         obj = self.objective
         with self.backend.autocast():
-            policy = forward_logps(self.backend.model, batch,
-                                   use_fused_linear=self.cfg.model.use_fused_linear,
-                                   with_logits_sum=True, with_tail_logps=obj.with_tails,
-                                   with_log_sum_sq_probs=obj.with_sum_sq, router=obj.router)
+            policy = forward_logps(self.backend.model, batch, **self.forward_options)
             if reference_logps is None:
                 reference = self.reference.reference_logps(batch, with_tail_logps=obj.with_tails)
             else:

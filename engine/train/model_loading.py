@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import importlib.util
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -106,18 +108,55 @@ def load_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.float32
 
 
-def load_causal_lm(cfg: TrainConfig, path: str, dtype: torch.dtype) -> nn.Module:
+def load_causal_lm(cfg: TrainConfig, path: str, dtype: torch.dtype, *,
+                   quantize: bool = True) -> nn.Module:
+    """The causal LM at ``path``; quantized as ``model.quantization`` says unless ``quantize`` is
+    False (a merged export folds the adapter into the unquantized base)."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(path, key="reference.name_or_path" if path == cfg.reference.name_or_path
                      else "model.name_or_path")
+    quantized = {}
+    if quantize and cfg.model.quantization is not None:
+        quantized = quantization_kwargs(cfg)
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
-            trust_remote_code=cfg.model.trust_remote_code)
+            trust_remote_code=cfg.model.trust_remote_code, **quantized)
     except OSError as exc:
         raise FileNotFoundError(f"model.name_or_path {path!r}: cannot load a causal LM there "
                                 f"({exc})") from None
+
+
+def quantization_kwargs(cfg: TrainConfig) -> dict[str, object]:
+    """``from_pretrained`` keywords for the QLoRA base (``model.quantization``): transformers'
+    ``BitsAndBytesConfig`` and, for bitsandbytes, the device to quantize on."""
+    quant = cfg.model.quantization
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.quantization needs bitsandbytes: pip install 'fastpo[qlora]'")
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=quant.skip_modules)
+    else:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                                 bnb_4bit_use_double_quant=quant.double_quant,
+                                 bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+                                 llm_int8_skip_modules=quant.skip_modules)
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    else:
+        device = "cpu"
+    return {"quantization_config": bnb, "device_map": {"": device}}
+
+
+def _keep_cpu_layout(model: nn.Module) -> None:
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first no-grad
+    call in eval mode (a reference pass), which changes the numbers of every later forward: a
+    resumed run would then differ from the run it continues. The trainer keeps the one layout."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def peft_config(cfg: TrainConfig):
@@ -143,6 +182,11 @@ def load_policy(cfg: TrainConfig, path: str, dtype: torch.dtype) -> nn.Module:
     if cfg.model.lora.enabled:
         import peft
 
+        if cfg.model.quantization is not None:  # norms and head in fp32, input grads on
+            _keep_cpu_layout(model)
+            model = peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         model = peft.get_peft_model(model, peft_config(cfg))
     model.train()
     return model
@@ -212,8 +256,8 @@ def export_model(cfg: TrainConfig, module: nn.Module, tokenizer: Any, out_dir: P
         else:  # merged: fold the adapter into a fresh copy of the base model
             import peft
 
-            fresh = peft.get_peft_model(load_causal_lm(cfg, base_path, torch.float32),
-                                        peft_config(cfg))
+            fresh = peft.get_peft_model(load_causal_lm(cfg, base_path, torch.float32,
+                                                       quantize=False), peft_config(cfg))
             missing, unexpected = fresh.load_state_dict(state, strict=False)
             missing = [k for k in missing if "lm_head" not in k or
                        not fresh.config.get_text_config().tie_word_embeddings]

@@ -22,8 +22,9 @@ from ..data.batch import PreferenceBatch
 from ..losses import PairStats, cpo_loss, kto_loss, orpo_loss, preference_loss
 from ..losses.router import RouterSettings
 from ..losses.unpaired import kl_reference_point
-from ..model.forward import ForwardLogps, split_pairs, split_unpaired
+from ..model.forward import ForwardLogps, ForwardOptions, split_pairs, split_unpaired
 from ..model.reference import ReferenceLogps
+from .config import ModelConfig
 from .loss_config import LossConfig
 from .step_weighting import StepCounts
 
@@ -62,6 +63,13 @@ class Objective:
         self.with_tails = self.dpo is not None and self.dpo.ld_alpha is not None
         self.with_sum_sq = self.dpo is not None and self.dpo.use_weighting
 
+    def forward_options(self, model: ModelConfig) -> ForwardOptions:
+        """What the policy forward must give this objective (``model``: the config section)."""
+        return ForwardOptions(use_fused_linear=model.use_fused_linear, with_logits_sum=True,
+                              with_tail_logps=self.with_tails,
+                              with_log_sum_sq_probs=self.with_sum_sq, router=self.router,
+                              with_statistics=model.token_statistics)
+
     def __call__(self, policy: ForwardLogps, reference: ReferenceLogps,
                  batch: PreferenceBatch, counts: StepCounts | None = None) -> ObjectiveOutput:
         """The loss of ``batch``; with the step's ``counts``, its share of the step's mean.
@@ -71,6 +79,8 @@ class Objective:
             out = self._paired(policy, reference, batch, counts)
         else:
             out = self._unpaired(policy, reference, batch, counts)
+        if policy.statistics is not None:
+            out.metrics.update(token_metrics(policy, batch, paired=self.paired))
         if policy.aux_loss is not None and self.router is not None:
             share = self.router.coef * policy.aux_loss.float()
             if counts is not None:
@@ -166,6 +176,20 @@ def _step_share(mean: Tensor, losses: Tensor, counts: StepCounts | None) -> Tens
     if counts is None:
         return mean
     return losses.sum() * counts.loss_scale().to(losses.dtype)
+
+
+def token_metrics(policy: ForwardLogps, batch: PreferenceBatch, *, paired: bool
+                  ) -> dict[str, Tensor]:
+    """TRL's per-token metrics from the head's statistics (device scalars): ``entropy``, the
+    mean over the completion tokens of the loss's sequences (KTO: not the KL ones), and
+    ``mean_token_accuracy``, how often the label is the top-1 token on the chosen completions
+    (KTO: the examples')."""
+    stats, seq = policy.statistics, batch.target_sequence
+    scope = seq < (2 * batch.num_pairs if paired else batch.num_examples)
+    chosen = seq < batch.num_pairs if paired else scope
+    entropy = (stats.entropy.float() * scope).sum() / scope.sum().clamp(min=1)
+    accuracy = (stats.is_top1 & chosen).sum() / chosen.sum().clamp(min=1)
+    return {"entropy": entropy, "mean_token_accuracy": accuracy.float()}
 
 
 def _log_ratio_kl(policy: ForwardLogps, reference: ReferenceLogps) -> Tensor:

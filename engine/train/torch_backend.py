@@ -22,7 +22,8 @@ class TorchBackend:
         opt = cfg.optimization
         if opt.precision == "fp16":
             raise ValueError("optimization.precision 'fp16' needs DeepSpeed (loss scaling)")
-        self.module = module.to(device)
+        # a bitsandbytes-quantized base was placed on its device when it was loaded
+        self.module = module if getattr(module, "is_quantized", False) else module.to(device)
         self.device = device
         self.accumulation = opt.gradient_accumulation_steps
         self.max_grad_norm = opt.max_grad_norm
