@@ -173,3 +173,20 @@ def tiny_moe(kind: str, vocab_size: int, **config: object) -> torch.nn.Module:
             **common, num_experts=4, moe_intermediate_size=24,
             shared_expert_intermediate_size=24, **config))
     raise ValueError(f"unknown MoE kind {kind!r}")
+
+
+def trainable_gradients(trainer) -> dict[str, torch.Tensor]:
+    """Every trainable parameter's full gradient (float64, on the host); under DeepSpeed ZeRO
+    assembled from the shards (a collective call: every rank calls it)."""
+    out = {}
+    for name, param in trainer.backend.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if trainer.rt.deepspeed:
+            from deepspeed.utils import safe_get_full_grad
+
+            grad = safe_get_full_grad(param)
+        else:
+            grad = param.grad
+        out[name] = grad.detach().double().cpu().clone()
+    return out

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2])]  # tests/ (a launcher worker's path)
-from trainer_helpers import isolated_launch, job  # noqa: E402
+from trainer_helpers import isolated_launch, job, trainable_gradients  # noqa: E402
 
 REPORT_DIR_ENV = "FASTPO_TEST_REPORT_DIR"
 UNEVEN = {"micro_batch_size": 1, "gradient_accumulation_steps": 3, "max_grad_norm": 0.0}
@@ -46,21 +46,6 @@ def _trainer(data: dict):
     return Trainer(config_from_dict(data))
 
 
-def _grads(trainer) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, param in trainer.backend.module.named_parameters():
-        if not param.requires_grad:
-            continue
-        if trainer.rt.deepspeed:
-            from deepspeed.utils import safe_get_full_grad
-
-            grad = safe_get_full_grad(param)
-        else:
-            grad = param.grad
-        out[name] = grad.detach().double().cpu().clone()
-    return out
-
-
 def step_and_record(trainer, groups: list[list[int]]) -> dict[str, torch.Tensor]:
     """One training step over the micro-batches ``groups`` (dataset indices): the accumulated
     gradient just before the optimizer step."""
@@ -71,7 +56,7 @@ def step_and_record(trainer, groups: list[list[int]]) -> dict[str, torch.Tensor]
 
     class Capture(Callback):
         def on_before_optimizer_step(self, t) -> None:
-            grads.update(_grads(t))
+            grads.update(trainable_gradients(t))
 
     trainer.callbacks = [*trainer.callbacks, Capture()]
     trainer.last_record = trainer.train_step()
@@ -86,7 +71,7 @@ def full_batch_grads(data: dict, indices: list[int]) -> dict[str, torch.Tensor]:
     batch = trainer.source.collate(indices)
     out = trainer.forward(batch)  # no step counts: the batch's own mean
     out.loss.backward()
-    return _grads(trainer)
+    return trainable_gradients(trainer)
 
 
 def mean_of_means_grads(data: dict, groups: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -96,7 +81,7 @@ def mean_of_means_grads(data: dict, groups: list[list[int]]) -> dict[str, torch.
     trainer = _trainer(data)
     for group in groups:
         (trainer.forward(trainer.source.collate(group)).loss / len(groups)).backward()
-    return _grads(trainer)
+    return trainable_gradients(trainer)
 
 
 def relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
