@@ -159,12 +159,11 @@ def chunked_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | 
                 tile.tanh_().mul_(post)
             col, inside = _label_cols(lab, v0, w.shape[0])
             picked += torch.where(inside, tile.gather(1, col.unsqueeze(1)).squeeze(1), 0.0)
-            if row_stats is not None:  # the statistics' sums give the log-sum-exp too
+            if row_stats is not None:  # before the log-sum-exp, which may overwrite the tile
                 row_stats.update(tile, v0)
-            else:
-                running = torch.logaddexp(running, _tile_lse(tile, col, native))
+            running = torch.logaddexp(running, _tile_lse(tile, col, native))
         if row_stats is not None:
-            running, stats[:, rows] = row_stats.finish(lab, vocab)
+            stats[:, rows] = row_stats.finish(lab, vocab)
         logps[rows] = picked - running
         lse[rows] = running
     return logps, lse, stats

@@ -182,7 +182,7 @@ def gemm_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | Non
     """(logps, lse) ``[N]`` of 2-D ``hidden [N, H]``, 0 at rows not computed or ignored;
     ``softcap`` 0: none (the logit scale then folds into the temperature); and with
     ``statistics`` the ``[4, N]`` statistics of ``linear_logprobs_stats`` (else empty), from
-    the same tiles (their row pass then runs in PyTorch)."""
+    the same tiles (in PyTorch, beside the row pass, which is unchanged)."""
     if softcap <= 0:
         temperature, logit_scale = temperature / logit_scale, 1.0
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -218,17 +218,14 @@ def gemm_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | Non
                 _softcap_(tile, logit_scale, softcap)
             col, inside = _label_cols(lab, v0, w.shape[0])
             picked += torch.where(inside, tile.gather(1, col.unsqueeze(1)).squeeze(1), 0.0)
-            if row_stats is not None:  # z = tile / T; the statistics' sums give the lse too
-                row_stats.update(tile.div_(temperature) if temperature != 1.0 else tile, v0)
-            else:
-                running = torch.logaddexp(running,
-                                          _rows_lse(tile, temperature, triton_rows, any_col))
+            if row_stats is not None:  # z = tile / T, before the lse may overwrite the tile
+                row_stats.update(tile, v0, scale=1.0 / temperature)
+            running = torch.logaddexp(running, _rows_lse(tile, temperature, triton_rows, any_col))
         scored = lab != ignore_index
         zero = torch.zeros((), dtype=acc, device=device)
         out_stats = None
         if row_stats is not None:
-            running, out_stats = row_stats.finish(lab, vocab)
-            out_stats = torch.where(scored, out_stats, zero)
+            out_stats = torch.where(scored, row_stats.finish(lab, vocab), zero)
         out_logps = torch.where(scored, picked / temperature - running, zero)
         out_lse = torch.where(scored, running, zero)
         index = torch.arange(start, start + size, device=device) if rows is None \

@@ -42,7 +42,7 @@ class TokenStatistics(NamedTuple):
 
 class RowStatistics:
     """The online accumulator of one chunk of rows over the vocabulary slices (see the module
-    doc); ``update`` takes each slice's tile of transformed logits z (overwritten)."""
+    doc); ``update`` takes each slice's tile (left as it was)."""
 
     def __init__(self, rows: int, dtype: torch.dtype, device: torch.device) -> None:
         def full(value: float) -> Tensor:
@@ -51,11 +51,18 @@ class RowStatistics:
         self.m, self.top = full(float("-inf")), full(float("-inf"))
         self.s, self.t, self.q, self.zsum = full(0.0), full(0.0), full(0.0), full(0.0)
         self.arg = torch.zeros(rows, dtype=torch.int64, device=device)
-        self._exp: Tensor | None = None  # e^{z−M} of a tile (a reused buffer)
+        self._buf: Tensor | None = None  # z − M and e^{z−M} of a tile (reused)
 
-    def update(self, z: Tensor, v0: int) -> None:
-        self.zsum += z.sum(dim=1)
-        value, index = z.max(dim=1)  # the first maximum of the slice
+    def update(self, tile: Tensor, v0: int, scale: float = 1.0) -> None:
+        """Fold in one vocabulary slice, z = ``tile`` · ``scale`` (> 0), starting at column
+        ``v0``; the tile is left as it was (the caller's own log-sum-exp reads it next)."""
+        n = tile.numel()
+        if self._buf is None or self._buf.shape[1] < n:
+            self._buf = torch.empty((2, n), dtype=tile.dtype, device=tile.device)
+        d, e = (b[:n].view_as(tile) for b in self._buf)
+        self.zsum += tile.sum(dim=1) * scale
+        value, index = tile.max(dim=1)  # the first maximum of the slice
+        value = value * scale
         better = value > self.top  # a later slice must beat it strictly: the first maximum
         self.arg = torch.where(better, index + v0, self.arg)
         self.top = torch.where(better, value, self.top)
@@ -64,10 +71,8 @@ class RowStatistics:
         old = self.s > 0
         rescale = torch.where(old, torch.exp(self.m - shift), torch.zeros_like(m))
         delta = torch.where(old, self.m - shift, torch.zeros_like(m))
-        d = z.sub_(shift.unsqueeze(1))  # z − M
-        if self._exp is None or self._exp.numel() < d.numel():
-            self._exp = torch.empty(d.numel(), dtype=d.dtype, device=d.device)
-        e = torch.exp(d, out=self._exp[:d.numel()].view_as(d))
+        torch.mul(tile, scale, out=d).sub_(shift.unsqueeze(1))  # z − M
+        torch.exp(d, out=e)
         d.clamp_(min=torch.finfo(d.dtype).min)  # a −inf logit: e = 0 times a finite d
         # row dot products: einsum reads both tiles once, without a product temporary
         self.t = rescale * (self.t + self.s * delta) + torch.einsum("ij,ij->i", e, d)
@@ -75,15 +80,14 @@ class RowStatistics:
         self.s = rescale * self.s + e.sum(dim=1)
         self.m = m
 
-    def finish(self, labels: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
-        """(lse ``[rows]``, statistics ``[4, rows]``: entropy, mean logit, top-1 as 0/1,
-        log Σ p²) of the rows whose ``labels`` are given."""
-        shift = torch.where(self.m == float("-inf"), torch.zeros_like(self.m), self.m)
+    def finish(self, labels: Tensor, vocab: int) -> Tensor:
+        """The statistics ``[4, rows]`` (entropy, mean logit, top-1 as 0/1, log Σ p²) of the
+        rows whose ``labels`` are given. (The op's log-sum-exp stays its own computation, so
+        that the log-probs are the same numbers with or without the statistics.)"""
         log_s = torch.log(self.s)
-        stats = torch.stack([log_s - self.t / self.s, self.zsum / vocab,
-                             (self.arg == labels).to(self.s.dtype),
-                             torch.log(self.q) - 2 * log_s])
-        return shift + log_s, stats
+        return torch.stack([log_s - self.t / self.s, self.zsum / vocab,
+                            (self.arg == labels).to(self.s.dtype),
+                            torch.log(self.q) - 2 * log_s])
 
 
 @torch.no_grad()
@@ -94,8 +98,8 @@ def logits_statistics(z: Tensor, labels: Tensor, *, ignore_index: int = -100
     dtype; 0 / False where ``labels`` is ``ignore_index``."""
     z = z.detach().to(accumulation_dtype(z))
     acc = RowStatistics(z.shape[0], z.dtype, z.device)
-    acc.update(z.clone(), 0)
-    _, stats = acc.finish(labels, z.shape[-1])
+    acc.update(z, 0)
+    stats = acc.finish(labels, z.shape[-1])
     stats = torch.where(labels != ignore_index, stats, torch.zeros((), dtype=stats.dtype))
     return unpack_statistics(stats, labels.shape)
 
