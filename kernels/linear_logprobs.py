@@ -55,10 +55,10 @@ import torch
 from torch import Tensor
 
 from . import checks
-from . import ops as _ops
 from .dtypes import accumulation_dtype
 from .labels import prepare_labels
 from .linear_logits_sum import linear_logits_sum
+from .linear_logprobs_checks import check_linear_call, uses_triton
 from .linear_logprobs_chunked import (
     MAX_CHUNK_TOKENS,
     TILE_BYTES,
@@ -72,14 +72,6 @@ from .logprobs import SequenceLogps, reduce_sequences, sequence_totals
 
 __all__ = ["MAX_CHUNK_TOKENS", "TILE_BYTES", "choose_chunks", "linear_logits_sum",
            "linear_sequence_logps", "linear_token_logps"]
-
-
-def uses_triton(hidden: Tensor, weight: Tensor) -> bool:
-    """Whether the Triton backend runs for these inputs (CUDA tensors, or CPU tensors under
-    ``use_cpu_backend("triton")``; never float64)."""
-    if accumulation_dtype(hidden, weight) == torch.float64:
-        return False
-    return _ops.resolve_backend(hidden.device) == "triton"
 
 
 def _design(phase: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, design: str,
@@ -132,22 +124,25 @@ def linear_logps_forward(
     num_scored: int = -1,
     logit_scale: float = 1.0,
     softcap: float = 0.0,
-) -> tuple[Tensor, Tensor]:
-    """(logps, lse) per token of 2-D ``hidden [N, H]`` and ``weight [V, H]``; ``labels`` of any
-    shape with N elements (the outputs take its shape, and a bad label is reported there).
+    statistics: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(logps, lse, stats) per token of 2-D ``hidden [N, H]`` and ``weight [V, H]``; ``labels``
+    of any shape with N elements (logps and lse take its shape; a bad label is reported there).
     ``deterministic`` only travels to the backward (the forwards have no atomics);
-    ``num_scored``: the host-known count of scored labels (-1: unknown), checked on the device;
-    ``softcap`` 0.0: none."""
+    ``num_scored``: host-known scored count (-1: unknown), checked on the device; ``softcap``
+    0.0: none; ``statistics``: stats ``[4, N]`` of the same pass (tile gives way to gemm)."""
     transform = {"logit_scale": logit_scale, "softcap": softcap}
     checks.check_label_range(labels, weight.shape[0], ignore_index)
     flat = labels.reshape(-1)
     chosen = _design("forward", hidden, weight, bias, design, num_scored=num_scored)
+    chosen = "gemm" if statistics and chosen == "tile" else chosen
+    stats = hidden.new_empty(0, dtype=accumulation_dtype(hidden, weight, bias))
     if chosen == "gemm":
-        logps, lse = gemm_linear_logps_forward(
+        logps, lse, stats = gemm_linear_logps_forward(
             hidden, weight, bias, flat, ignore_index, temperature,
             rows=_gemm_rows(flat, ignore_index, num_scored),
             triton_rows=uses_triton(hidden, weight), chunk_tokens=chunk_tokens,
-            chunk_vocab=chunk_vocab, **transform)
+            chunk_vocab=chunk_vocab, statistics=statistics, **transform)
     else:
         # whatever the design, a wrong hint is refused at the first call
         checks.check_num_scored(flat, ignore_index, num_scored)
@@ -157,18 +152,20 @@ def linear_logps_forward(
             logps, lse = triton_linear_logps_forward(hidden, weight, bias, flat, ignore_index,
                                                      temperature, **transform)
         else:
-            logps, lse = chunked_linear_logps_forward(hidden, weight, bias, flat, ignore_index,
-                                                      temperature, chunk_tokens, chunk_vocab,
-                                                      **transform)
-    return logps.view(labels.shape), lse.view(labels.shape)
+            logps, lse, stats = chunked_linear_logps_forward(
+                hidden, weight, bias, flat, ignore_index, temperature, chunk_tokens,
+                chunk_vocab, statistics=statistics, **transform)
+    return logps.view(labels.shape), lse.view(labels.shape), stats
 
 
 @linear_logps_forward.register_fake
 def _(hidden, weight, bias, labels, ignore_index, temperature, chunk_tokens=0, chunk_vocab=0,
-      design="auto", deterministic=False, num_scored=-1, logit_scale=1.0, softcap=0.0):
+      design="auto", deterministic=False, num_scored=-1, logit_scale=1.0, softcap=0.0,
+      statistics=False):
     dtype = accumulation_dtype(hidden, weight, bias)
     return (hidden.new_empty(labels.shape, dtype=dtype),
-            hidden.new_empty(labels.shape, dtype=dtype))
+            hidden.new_empty(labels.shape, dtype=dtype),
+            hidden.new_empty((4, labels.numel()) if statistics else (0,), dtype=dtype))
 
 
 @torch.library.custom_op("fastpo::linear_logps_backward", mutates_args=())
@@ -232,22 +229,22 @@ def _(grad_logps, hidden, weight, bias, labels, lse, ignore_index, temperature, 
 
 
 # defaults of the forward op's options: chunk_tokens, chunk_vocab, design, deterministic,
-# num_scored, logit_scale, softcap
-_FORWARD_OPTIONS = (0, 0, "auto", False, -1, 1.0, 0.0)
+# num_scored, logit_scale, softcap, statistics
+_FORWARD_OPTIONS = (0, 0, "auto", False, -1, 1.0, 0.0, False)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     hidden, weight, bias, labels, ignore_index, temperature, *rest = inputs
-    _logps, lse = output
+    _logps, lse, stats = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse)
-    ctx.mark_non_differentiable(lse)
-    chunk_tokens, chunk_vocab, design, deterministic, num_scored, logit_scale, softcap = (
+    ctx.mark_non_differentiable(lse, stats)
+    chunk_tokens, chunk_vocab, design, deterministic, num_scored, logit_scale, softcap, _ = (
         *rest, *_FORWARD_OPTIONS[len(rest):])
     ctx.args = (ignore_index, temperature, chunk_tokens, chunk_vocab)
     ctx.options = (design, deterministic, num_scored, logit_scale, softcap)
 
 
-def _backward(ctx, grad_logps, _grad_lse):
+def _backward(ctx, grad_logps, _grad_lse, _grad_stats):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     nothing = (None,) * (3 + len(_FORWARD_OPTIONS))  # labels, ignore_index, temperature, options
@@ -263,23 +260,6 @@ linear_logps_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- public API
-
-
-def _check(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
-           ignore_index: int, temperature: float, chunk_tokens: int, chunk_vocab: int,
-           design: str, deterministic: bool, num_scored: int | None, logit_scale: float,
-           softcap: float | None) -> None:
-    checks.check_linear_inputs(hidden, weight, labels, bias)
-    checks.check_temperature(temperature)
-    checks.check_ignore_index(ignore_index)
-    checks.check_linear_options(logit_scale=logit_scale, softcap=softcap,
-                                chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab,
-                                design=design, deterministic=deterministic,
-                                num_scored=num_scored, num_labels=labels.numel())
-    if design == "tile" and not uses_triton(hidden, weight):
-        raise ValueError("design='tile' needs the Triton backend (CUDA tensors, or CPU tensors "
-                         "under use_cpu_backend('triton')) and no float64 input; got "
-                         f"{hidden.dtype}/{weight.dtype} tensors on {hidden.device}")
 
 
 def linear_token_logps(
@@ -334,10 +314,10 @@ def linear_token_logps(
     """
     labels = prepare_labels(labels, ignore_index, shift=shift, reduction=reduction,
                             per_token=True, sequence_ids=sequence_ids)
-    _check(hidden, weight, labels, bias, ignore_index, temperature, chunk_tokens, chunk_vocab,
-           design, deterministic, num_scored, logit_scale, softcap)
+    check_linear_call(hidden, weight, labels, bias, ignore_index, temperature, chunk_tokens,
+                      chunk_vocab, design, deterministic, num_scored, logit_scale, softcap)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    logps, _lse = torch.ops.fastpo.linear_logps_forward(
+    logps, _lse, _stats = torch.ops.fastpo.linear_logps_forward(
         flat_hidden, weight, bias, labels, ignore_index, float(temperature), chunk_tokens,
         chunk_vocab, design, deterministic, -1 if num_scored is None else num_scored,
         float(logit_scale), 0.0 if softcap is None else float(softcap))

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from . import ops as _ops
 from .dtypes import accumulation_dtype
+from .linear_logprobs_stats import RowStatistics
 
 # Bytes of one fp32 logits tile of the CPU path, and the most tokens in one chunk.
 TILE_BYTES = 8 * 2**20
@@ -128,16 +129,18 @@ def _logit_tile(h_scaled: Tensor, weight: Tensor, bias_t: Tensor | None, v0: int
 def chunked_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None,
                                  labels: Tensor, ignore_index: int, temperature: float,
                                  chunk_tokens: int = 0, chunk_vocab: int = 0, *,
-                                 logit_scale: float = 1.0, softcap: float = 0.0
-                                 ) -> tuple[Tensor, Tensor]:
-    """(logps, lse) of 2-D ``hidden [N, H]`` with the chunked matmul path; see the module doc."""
+                                 logit_scale: float = 1.0, softcap: float = 0.0,
+                                 statistics: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(logps, lse, stats) of 2-D ``hidden [N, H]`` with the chunked matmul path (module doc);
+    stats ``[4, N]`` (``linear_logprobs_stats``) with ``statistics``, else empty."""
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden, weight, bias)
     logps = torch.zeros(n, dtype=acc, device=hidden.device)
     lse = torch.zeros(n, dtype=acc, device=hidden.device)
+    stats = torch.zeros((4, n) if statistics else (0,), dtype=acc, device=hidden.device)
     rows_all = _scored_rows(labels, ignore_index)
     if rows_all.numel() == 0 or vocab == 0:
-        return logps, lse
+        return logps, lse, stats
     step, width = choose_chunks(rows_all.numel(), vocab, chunk_tokens=chunk_tokens,
                                 chunk_vocab=chunk_vocab)
     inv_t, post, _ = tile_scales(temperature, logit_scale, softcap)
@@ -149,16 +152,21 @@ def chunked_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | 
         _, h_scaled, lab = _chunk_inputs(hidden, labels, rows, acc, inv_t)
         running = torch.full((rows.numel(),), float("-inf"), dtype=acc, device=hidden.device)
         picked = torch.zeros(rows.numel(), dtype=acc, device=hidden.device)
+        row_stats = RowStatistics(rows.numel(), acc, hidden.device) if statistics else None
         for v0 in range(0, vocab, width):
             w, tile = _logit_tile(h_scaled, weight, bias_t, v0, width, buffer)
             if post is not None:
                 tile.tanh_().mul_(post)
             col, inside = _label_cols(lab, v0, w.shape[0])
             picked += torch.where(inside, tile.gather(1, col.unsqueeze(1)).squeeze(1), 0.0)
+            if row_stats is not None:  # before the log-sum-exp, which may overwrite the tile
+                row_stats.update(tile, v0)
             running = torch.logaddexp(running, _tile_lse(tile, col, native))
+        if row_stats is not None:
+            stats[:, rows] = row_stats.finish(lab, vocab)
         logps[rows] = picked - running
         lse[rows] = running
-    return logps, lse
+    return logps, lse, stats
 
 
 def chunked_linear_logps_backward(grad_logps: Tensor, hidden: Tensor, weight: Tensor,

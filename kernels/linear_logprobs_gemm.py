@@ -63,6 +63,7 @@ from torch import Tensor
 
 from .dtypes import accumulation_dtype
 from .linear_logprobs_cost import GEMM_BUDGET_BYTES, device_spec, gemm_plan
+from .linear_logprobs_stats import RowStatistics
 
 # Working memory of one call beyond its inputs and returned gradients (read at each call).
 BUDGET_BYTES = GEMM_BUDGET_BYTES
@@ -176,9 +177,12 @@ def gemm_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | Non
                               labels: Tensor, ignore_index: int, temperature: float, *,
                               rows: Tensor | None, triton_rows: bool, chunk_tokens: int = 0,
                               chunk_vocab: int = 0, logit_scale: float = 1.0,
-                              softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+                              softcap: float = 0.0, statistics: bool = False
+                              ) -> tuple[Tensor, Tensor, Tensor]:
     """(logps, lse) ``[N]`` of 2-D ``hidden [N, H]``, 0 at rows not computed or ignored;
-    ``softcap`` 0: none (the logit scale then folds into the temperature)."""
+    ``softcap`` 0: none (the logit scale then folds into the temperature); and with
+    ``statistics`` the ``[4, N]`` statistics of ``linear_logprobs_stats`` (else empty), from
+    the same tiles (in PyTorch, beside the row pass, which is unchanged)."""
     if softcap <= 0:
         temperature, logit_scale = temperature / logit_scale, 1.0
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -187,9 +191,10 @@ def gemm_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | Non
     device = hidden.device
     logps = torch.zeros(n, dtype=acc, device=device)
     lse = torch.zeros(n, dtype=acc, device=device)
+    stats = torch.zeros((4, n) if statistics else (0,), dtype=acc, device=device)
     m = n if rows is None else rows.numel()
     if m == 0:
-        return logps, lse
+        return logps, lse, stats
     step, width = plan(hidden, weight, m, chunk_tokens, chunk_vocab, False, False)
     bias_acc = None if bias is None else bias.to(acc)
     buffer = torch.empty(step * width, dtype=acc, device=device)
@@ -202,6 +207,7 @@ def gemm_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | Non
             0, rows[start:start + size])
         running = torch.full((size,), float("-inf"), dtype=acc, device=device)
         picked = torch.zeros(size, dtype=acc, device=device)
+        row_stats = RowStatistics(size, acc, device) if statistics else None
         for v0 in range(0, vocab, width):
             w = weight[v0:v0 + width].to(op)
             tile = buffer[:size * w.shape[0]].view(size, w.shape[0])
@@ -212,18 +218,23 @@ def gemm_linear_logps_forward(hidden: Tensor, weight: Tensor, bias: Tensor | Non
                 _softcap_(tile, logit_scale, softcap)
             col, inside = _label_cols(lab, v0, w.shape[0])
             picked += torch.where(inside, tile.gather(1, col.unsqueeze(1)).squeeze(1), 0.0)
+            if row_stats is not None:  # z = tile / T, before the lse may overwrite the tile
+                row_stats.update(tile, v0, scale=1.0 / temperature)
             running = torch.logaddexp(running, _rows_lse(tile, temperature, triton_rows, any_col))
         scored = lab != ignore_index
         zero = torch.zeros((), dtype=acc, device=device)
+        out_stats = None
+        if row_stats is not None:
+            out_stats = torch.where(scored, row_stats.finish(lab, vocab), zero)
         out_logps = torch.where(scored, picked / temperature - running, zero)
         out_lse = torch.where(scored, running, zero)
-        if rows is None:
-            logps[start:start + size] = out_logps
-            lse[start:start + size] = out_lse
-        else:
-            logps.index_copy_(0, rows[start:start + size], out_logps)
-            lse.index_copy_(0, rows[start:start + size], out_lse)
-    return logps, lse
+        index = torch.arange(start, start + size, device=device) if rows is None \
+            else rows[start:start + size]
+        logps.index_copy_(0, index, out_logps)
+        lse.index_copy_(0, index, out_lse)
+        if out_stats is not None:
+            stats.index_copy_(1, index, out_stats)
+    return logps, lse, stats
 
 
 def gemm_linear_logps_backward(grad_logps: Tensor, hidden: Tensor, weight: Tensor,

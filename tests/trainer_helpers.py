@@ -276,3 +276,43 @@ def remount(where: Path, *flags: str, **options: object) -> None:
 
     opts = ",".join(["remount", *flags, *(f"{k}={v}" for k, v in options.items())])
     subprocess.run(["mount", "-o", opts, str(where)], check=True)
+
+
+def tiny_moe(kind: str, vocab_size: int, **config: object) -> torch.nn.Module:
+    """A tiny random MoE causal LM (seed 0): ``"mixtral"`` (Mixtral-style, 4 experts, top-2) or
+    ``"qwen2_moe"`` (Qwen-MoE-style: 4 routed experts, top-2, and a shared expert)."""
+    from transformers import (
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+    )
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, router_aux_loss_coef=0.05, initializer_range=0.1)
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4, **config))
+    if kind == "qwen2_moe":
+        return Qwen2MoeForCausalLM(Qwen2MoeConfig(
+            **common, num_experts=4, moe_intermediate_size=24,
+            shared_expert_intermediate_size=24, **config))
+    raise ValueError(f"unknown MoE kind {kind!r}")
+
+
+def trainable_gradients(trainer) -> dict[str, torch.Tensor]:
+    """Every trainable parameter's full gradient (float64, on the host); under DeepSpeed ZeRO
+    assembled from the shards (a collective call: every rank calls it)."""
+    out = {}
+    for name, param in trainer.backend.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if trainer.rt.deepspeed:
+            from deepspeed.utils import safe_get_full_grad
+
+            grad = safe_get_full_grad(param)
+        else:
+            grad = param.grad
+        out[name] = grad.detach().double().cpu().clone()
+    return out

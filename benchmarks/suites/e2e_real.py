@@ -182,9 +182,7 @@ def _profile_workload(spec: CaseSpec) -> Workload:
             obj = trainer.objective
             with trainer.backend.autocast():
                 policy = fwd.forward_logps(trainer.backend.model, batch,
-                                           use_fused_linear=trainer.cfg.model.use_fused_linear,
-                                           with_logits_sum=True, with_tail_logps=obj.with_tails,
-                                           with_log_sum_sq_probs=obj.with_sum_sq)
+                                           **trainer.forward_options)
                 now = sync()
                 stages["policy decoder forward"] = marks["body"]
                 stages["policy head/op forward"] = now - t - marks["body"]

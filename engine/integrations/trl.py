@@ -25,15 +25,19 @@ goes to TRL's forward — with one that fills the same output from fastpo:
   soft-caps its logits, the head module runs on the scored positions only and the from-logits op
   (``fastpo.kernels.token_logps``) takes its logits (``fused_linear=False`` forces this path).
 - the statistics TRL logs (no gradient: TRL detaches them, and WPO uses its weights as constants):
-  one chunked pass over the scored tokens under ``no_grad``, computing only the fields TRL asked
-  this model for (none for a reference model).
+  on the fused linear path they come from the op's own pass over the vocabulary
+  (``fastpo.kernels.linear_logprobs_stats``: no second V×H pass), on the logits path from the
+  logits; only the fields TRL asked this model for (none for a reference model).
 
 The loss types, config, metrics, data pipeline, PEFT and reference handling stay TRL's own; the
 trainer's temperature, logit scale, soft-cap and lm_head dtype settings are read from the forward
 TRL installed. A reference model whose forward accelerate already wrapped for mixed precision gets
-the same autocast wrapper around fastpo's forward. MoE models that return router logits are left
-on TRL's path (a warning says so). Only the per-token log-probabilities carry a gradient: the
-trainers supported here use the statistics as detached metrics or constant weights.
+the same autocast wrapper around fastpo's forward. MoE models keep fastpo's head too: when the
+trainer (or the config) asks for router logits, the body returns them and the output carries
+the router load-balancing loss (``aux_loss``, added to ``loss`` with the config's
+``router_aux_loss_coef``), as TRL's forward does; the trainer adds it to its loss. Only the
+per-token log-probabilities (and that loss) carry a gradient: the trainers supported here use the
+statistics as detached metrics or constant weights.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from torch import Tensor
 
 from fastpo.kernels.zero3 import find_lm_head
 
+from ..losses.router import router_aux_loss, router_settings
 from .trl_compat import MIN_TRL_VERSION, check_trl, fused_head_closure
 from .trl_head import HeadSettings, choose_path, linear_path, logits_path, settings_from
 
@@ -103,8 +108,12 @@ def _fused_forward(model: torch.nn.Module, state: PatchState, args: tuple, kwarg
     if labels is None and shift_labels is None:
         raise ValueError("fused_lm_head=True needs labels (or shift_labels)")
     kwargs["use_cache"] = False
+    router = router_settings(getattr(model, "config", None))
+    if router is not None and getattr(_text_config(model), "output_router_logits", False):
+        kwargs.setdefault("output_router_logits", True)  # as the model's own forward would
     body = getattr(model, settings.backbone_attr)
-    hidden = body(*args, **kwargs).last_hidden_state
+    body_out = body(*args, **kwargs)
+    hidden = body_out.last_hidden_state
     if shift_labels is None:
         hidden, labels = hidden[:, :-1], labels[:, 1:]
     else:
@@ -122,11 +131,26 @@ def _fused_forward(model: torch.nn.Module, state: PatchState, args: tuple, kwarg
     run = linear_path if path == "linear" else logits_path
     log_probs, stats = run(head, hidden, labels, mask, settings)
     denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-    values = {"loss": -log_probs.sum() / denominator, "log_probs": log_probs,
-              "label_mask": mask, **stats}
+    loss = -log_probs.sum() / denominator
+    aux_loss = None
+    if kwargs.get("output_router_logits"):
+        if router is None:
+            raise ValueError(f"output_router_logits=True but {type(model).__name__} is not a "
+                             "mixture-of-experts model (its config has no output_router_logits)")
+        # padding-free rows carry no attention mask: every token counts
+        aux_loss = router_aux_loss(body_out.router_logits, router,
+                                   token_mask=kwargs.get("attention_mask"))
+        loss = loss + router.coef * aux_loss
+    values = {"loss": loss, "log_probs": log_probs, "label_mask": mask, "aux_loss": aux_loss,
+              **stats}
     cls = _output_class()
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _text_config(model: torch.nn.Module) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def is_patched(model: torch.nn.Module) -> bool:
@@ -177,23 +201,11 @@ def patch_model(model: torch.nn.Module, *, fused_linear: bool | None = None,
         warnings.warn(f"fastpo: {type(model).__name__}: {why}; its log-probs come from the "
                       "head's logits on the scored positions (fastpo.token_logps), not from the "
                       "fused linear op", RuntimeWarning, stacklevel=2)
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
-    moe = bool(getattr(text_config, "output_router_logits", False))
-    if moe:
-        warnings.warn(f"fastpo: {type(model).__name__} returns MoE router logits "
-                      "(output_router_logits); it stays on TRL's own fused head",
-                      RuntimeWarning, stacklevel=2)
 
     @functools.wraps(type(model).forward)
     def fastpo_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
                        num_items_in_batch=None, **kwargs):
-        if not fused_lm_head or moe or kwargs.get("output_router_logits"):
-            if fused_lm_head:
-                state.calls["trl"] += 1
-                if state.calls["trl"] == 1:
-                    warnings.warn("fastpo: MoE router logits requested; this model stays on "
-                                  "TRL's fused head", RuntimeWarning, stacklevel=2)
+        if not fused_lm_head:
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels,
                                shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
                                **kwargs)
@@ -275,7 +287,7 @@ def unpatch_trainer(trainer: Any) -> Any:
 
 
 def path_counts(trainer: Any) -> dict[str, dict[str, int]]:
-    """role -> {"linear" | "logits" | "trl": calls}, to see which path each model took."""
+    """role -> {"linear" | "logits": calls}, to see which path each model took."""
     return {role: dict(patch_state(m).calls) for role, m in trainer_models(trainer)
             if is_patched(m)}
 

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fastpo.kernels import linear_token_logps, token_logps
+from fastpo.kernels.linear_logprobs_stats import linear_token_logps_with_statistics
 from fastpo.kernels.logit_transform import transform_logits
 from fastpo.kernels.zero3 import gathered_lm_head
 
@@ -105,22 +105,16 @@ def linear_path(head: torch.nn.Linear, hidden: Tensor, labels: Tensor, mask: Ten
             torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        log_probs = linear_token_logps(
-            hidden.to(dtype), w, labels, bias=b, ignore_index=IGNORE_INDEX,
-            temperature=settings.temperature, logit_scale=settings.logit_scale,
-            softcap=settings.softcap)
-        stats = {}
+        options = {"bias": b, "ignore_index": IGNORE_INDEX, "temperature": settings.temperature,
+                   "logit_scale": settings.logit_scale, "softcap": settings.softcap}
         wanted = settings.outputs & set(STATISTICS)
-        if wanted:
-            h = hidden.detach()[mask].to(dtype)
-            scored = head_statistics(
-                lambda s, e: torch.nn.functional.linear(h[s:e], w.detach(),
-                                                        None if b is None else b.detach()),
-                labels[mask], vocab_size=w.shape[0], which=wanted,
-                transform=functools.partial(transform_logits, logit_scale=settings.logit_scale,
-                                            softcap=settings.softcap,
-                                            temperature=settings.temperature))
-            stats = {k: scatter_scored(v, mask) for k, v in scored.items()}
+        if not wanted:
+            return linear_token_logps(hidden.to(dtype), w, labels, **options).float(), {}
+        # the statistics come from the op's own pass over the vocabulary: no second V×H pass
+        log_probs, scored = linear_token_logps_with_statistics(hidden.to(dtype), w, labels,
+                                                               **options)
+    stats = {k: getattr(scored, k) if k == "is_top1" else getattr(scored, k).float()
+             for k in wanted}
     return log_probs.float(), stats
 
 

@@ -90,7 +90,7 @@ def design_loss(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | N
     logps = pl.per_token(out.logps, out.num_tokens) if average else out.logps
     nll = zero
     if nll_weight is not None:
-        nll = pl.nll_loss(out.logps[:half], chosen_num_tokens=out.num_tokens[:half])[0]
+        nll = pl.nll_loss(out.logps[:half], chosen_num_tokens=out.num_tokens[:half]).mean()
     return out.loss, logps, out.num_tokens, nll
 
 
@@ -144,8 +144,8 @@ def chosen_nll(sums: Tensor, counts: Tensor, hidden: Tensor, weight: Tensor,
         check_batch(hidden, nll_target, paired=True, target_name="nll_target")
         _, sums, counts = sequence_logps(hidden[:half], weight, nll_target[:half], bias,
                                  ignore_index=ignore_index, average=False)
-        return pl.nll_loss(sums, chosen_num_tokens=counts)[0]
-    return pl.nll_loss(sums[:half], chosen_num_tokens=counts[:half])[0]
+        return pl.nll_loss(sums, chosen_num_tokens=counts).mean()
+    return pl.nll_loss(sums[:half], chosen_num_tokens=counts[:half]).mean()
 
 
 def paired_aux(logps: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,

@@ -43,6 +43,10 @@ class PairStats:
     log_sum_sq_probs  WPO: Σ_t log Σ_v π(v|·)² over the completion tokens
     logits_sum        Σ over the scored tokens and the vocabulary of the logits (``logits/*``,
                       with ``vocab_size``)
+
+    ``chosen_tokens_per_pair`` (0-d, not ``[B]``): the mean chosen completion length that turns
+    the NLL term into a per-token mean (``pairwise.nll_loss``); None: the batch's own. A trainer
+    passes its optimizer step's, over every micro-batch and rank.
     """
 
     chosen_num_tokens: Tensor | None = None
@@ -56,6 +60,7 @@ class PairStats:
     chosen_logits_sum: Tensor | None = None
     rejected_logits_sum: Tensor | None = None
     vocab_size: int | None = None
+    chosen_tokens_per_pair: Tensor | None = None
 
     @property
     def has_num_tokens(self) -> bool:
@@ -75,6 +80,11 @@ class PairStats:
         for name in ("chosen_logits_sum", "rejected_logits_sum"):
             if getattr(self, name) is not None:
                 check_logps(name, getattr(self, name), like=like)
+        per_pair = self.chosen_tokens_per_pair
+        if per_pair is not None and (not isinstance(per_pair, Tensor) or per_pair.dim() != 0
+                                     or not per_pair.is_floating_point()):
+            raise ValueError("chosen_tokens_per_pair must be a 0-d floating tensor (the mean "
+                             f"chosen length), got {_describe(per_pair)}")
         if self.chosen_logits_sum is None and self.rejected_logits_sum is None:
             return
         check_vocab_size(self.vocab_size)
@@ -163,6 +173,12 @@ def check_num_tokens(name: str, value: object, *, like: Tensor) -> Tensor:
         raise TypeError(f"{name} must be an integer or floating tensor, got {value.dtype}")
     _check_like(name, value, like)
     return value
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def _check_like(name: str, value: Tensor, like: Tensor | None) -> None:

@@ -35,6 +35,7 @@ class PairTerms:
     chosen_full_logps: Tensor  # summed over every completion token (for the NLL)
     chosen_num_tokens: Tensor | None
     rejected_num_tokens: Tensor | None
+    chosen_tokens_per_pair: Tensor | None  # 0-d, the NLL's mean chosen length (None: batch's)
     beta: float
     label_smoothing: float
     discopop_tau: float
@@ -122,7 +123,8 @@ LOSS_TYPES: dict[str, LossSpec] = {
         f_divergence=True,
     ),
     "sft": LossSpec(
-        lambda p: pl.nll_loss(p.chosen_full_logps, chosen_num_tokens=p.chosen_num_tokens),
+        lambda p: pl.nll_loss(p.chosen_full_logps, chosen_num_tokens=p.chosen_num_tokens,
+                              tokens_per_pair=p.chosen_tokens_per_pair),
         needs_reference=False,
         needs_num_tokens=True,
         f_divergence=True,

@@ -339,13 +339,18 @@ def apo_down_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, *, beta:
 # ----------------------------------------------------------------------------------------------
 # reference-free losses
 # ----------------------------------------------------------------------------------------------
-def nll_loss(chosen_logps: Tensor, *, chosen_num_tokens: Tensor) -> Tensor:
-    """Negative log-likelihood of the chosen completions, averaged over all their tokens in the
-    batch: −Σ_b π_c[b] / max(1, Σ_b |y_c[b]|) (TRL's ``sft`` term, CPO's BC term, ORPO's L_SFT).
-    Returned as the scalar expanded to ``[B]`` so it combines with per-pair losses."""
+def nll_loss(chosen_logps: Tensor, *, chosen_num_tokens: Tensor,
+             tokens_per_pair: Tensor | None = None) -> Tensor:
+    """NLL of the chosen completions per token (TRL's ``sft`` term, CPO's BC term, ORPO's
+    L_SFT) as per-pair terms ``[B]``: −π_c[b] / n̄, n̄ the mean chosen length, by default
+    max(1, Σ_b |y_c[b]|) / B (the batch mean is then −Σ_b π_c[b] / max(1, Σ_b |y_c[b]|)).
+    ``tokens_per_pair`` (0-d): n̄ of a whole optimizer step (every micro-batch and rank), so that
+    the step's per-pair terms summed ÷ its pair count are its NLL per chosen token."""
     chosen_logps = at_least_fp32(chosen_logps)
-    total = chosen_num_tokens.to(chosen_logps.dtype).sum().clamp(min=1.0)
-    return (-chosen_logps.sum() / total).expand(chosen_logps.shape)
+    if tokens_per_pair is None:
+        total = chosen_num_tokens.to(chosen_logps.dtype).sum().clamp(min=1.0)
+        tokens_per_pair = total / chosen_logps.shape[0]
+    return -chosen_logps / tokens_per_pair.to(chosen_logps.dtype)
 
 
 def simpo_loss(

@@ -78,7 +78,8 @@ def cpo_loss(
     else:
         losses = pl.simpo_loss(chosen_r, rejected_r, beta=beta, gamma=options.simpo_gamma,
                                label_smoothing=options.label_smoothing)
-    nll = pl.nll_loss(chosen_full, chosen_num_tokens=n_chosen)
+    nll = pl.nll_loss(chosen_full, chosen_num_tokens=n_chosen,
+                      tokens_per_pair=stats.chosen_tokens_per_pair)
     if options.nll_weight:
         losses = losses + options.nll_weight * nll
     return preference_output(
@@ -88,7 +89,7 @@ def cpo_loss(
         chosen_logps=chosen,
         rejected_logps=rejected,
         stats=stats,
-        nll=nll[0],
+        nll=nll.mean(),
     )
 
 
@@ -114,7 +115,8 @@ def orpo_loss(
     chosen = pl.per_token(chosen_full, n_chosen)
     rejected = pl.per_token(policy_rejected_logps.to(dtype), stats.rejected_num_tokens.to(dtype))
     ratio_loss, log_odds = pl.odds_ratio_loss(chosen, rejected)
-    nll = pl.nll_loss(chosen_full, chosen_num_tokens=n_chosen)
+    nll = pl.nll_loss(chosen_full, chosen_num_tokens=n_chosen,
+                      tokens_per_pair=stats.chosen_tokens_per_pair)
     output = preference_output(
         nll + beta * ratio_loss,
         chosen_rewards=beta * chosen,
@@ -122,7 +124,7 @@ def orpo_loss(
         chosen_logps=chosen,
         rejected_logps=rejected,
         stats=stats,
-        nll=nll[0],
+        nll=nll.mean(),
     )
     output.metrics["log_odds_ratio"] = (-ratio_loss).detach().mean()
     output.metrics["log_odds_chosen"] = log_odds.detach().mean()

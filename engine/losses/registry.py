@@ -132,8 +132,8 @@ def preference_loss(
         )
     nll = None
     if stats.has_num_tokens:
-        nll = pl.nll_loss(pair.chosen_full_logps.detach(),
-                          chosen_num_tokens=pair.chosen_num_tokens)[0]
+        nll = pl.nll_loss(pair.chosen_full_logps.detach(), chosen_num_tokens=pair.chosen_num_tokens,
+                          tokens_per_pair=pair.chosen_tokens_per_pair).mean()
     return preference_output(
         losses,
         chosen_rewards=options.beta * pair.chosen_logratios,
@@ -193,6 +193,7 @@ def _pair_terms(options: DPOOptions, stats: PairStats, dtype: torch.dtype,
         chosen_full_logps=chosen_full,
         chosen_num_tokens=cast(stats.chosen_num_tokens, dtype),
         rejected_num_tokens=cast(stats.rejected_num_tokens, dtype),
+        chosen_tokens_per_pair=cast(stats.chosen_tokens_per_pair, dtype),
         beta=float(options.beta),
         label_smoothing=float(options.label_smoothing),
         discopop_tau=float(options.discopop_tau),

@@ -14,26 +14,33 @@ and applies the from-logits op instead. Per-sequence sums are a segment sum over
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import logging
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor, nn
 
 from fastpo import kernels
 from fastpo.kernels.linear_logprobs import linear_logits_sum, linear_token_logps
+from fastpo.kernels.linear_logprobs_stats import (
+    TokenStatistics,
+    linear_token_logps_with_statistics,
+    logits_statistics,
+)
 from fastpo.kernels.logit_transform import (
     config_logit_transform,
-    log_sum_sq_probs,
     transform_logits,
 )
-from fastpo.kernels.zero3 import gathered_lm_head, resolve_lm_head
+from fastpo.kernels.zero3 import find_lm_head, gathered_lm_head, resolve_lm_head
 from fastpo.kernels.zero3 import unwrap_engine as unwrap_model
 
 from ..data.batch import PreferenceBatch
 from ..data.shared_prompt import shared_prompt_attention_mask
+from ..losses.router import RouterSettings, router_aux_loss
 from . import attention as segment_attention
 
 SequenceLogps = kernels.SequenceLogps
+logger = logging.getLogger(__name__)
 
 
 def _head_logits(h: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
@@ -41,6 +48,21 @@ def _head_logits(h: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
     """The model's logits of the hidden rows ``h``: ``(h Wᵀ + b)·s``, soft-capped."""
     return transform_logits(torch.nn.functional.linear(h, weight, bias), logit_scale=scale,
                             softcap=cap)
+
+
+_WARNED_QUANTIZED_HEAD: set[str] = set()
+
+
+def _warn_quantized_head(model: nn.Module, weight: Tensor) -> None:
+    """Logged once per model class: a quantized head cannot feed the fused linear op."""
+    name = type(model).__name__
+    if name not in _WARNED_QUANTIZED_HEAD:
+        _WARNED_QUANTIZED_HEAD.add(name)
+        logger.warning("%s: the output head is quantized (%s weight); the fused linear op needs "
+                       "a float head, so the head module builds the logits of the scored "
+                       "positions and the from-logits op takes them (keep the head unquantized "
+                       "for the fused path: the default of model.quantization)", name,
+                       weight.dtype)
 
 
 def _compute_dtype(model: nn.Module, device_type: str) -> torch.dtype:
@@ -61,6 +83,13 @@ def uses_varlen_attention(attn_implementation: str | None) -> bool:
 
 def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> Tensor:
     """Run the decoder body on the batch and return the final hidden states ``[R, L, H]``."""
+    return decoder_outputs(model, batch)[0]
+
+
+def decoder_outputs(model: nn.Module, batch: PreferenceBatch, *,
+                    output_router_logits: bool = False) -> tuple[Tensor, Any]:
+    """The decoder body on the batch: the final hidden states ``[R, L, H]`` and, with
+    ``output_router_logits`` (a MoE model), its routers' logits per layer (else None)."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else None
     if body is None or body is model:
         raise TypeError(f"{type(model).__name__}: cannot find the decoder body (get_decoder())")
@@ -70,6 +99,8 @@ def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> Tensor:
         "position_ids": batch.position_ids,
         "use_cache": False,  # a cache would switch off the packed-sequence detection
     }
+    if output_router_logits:
+        kwargs["output_router_logits"] = True
     config = getattr(model, "config", None)
     plan = batch.attention_plan
     if plan is not None and segment_attention.applies(config, plan, batch.max_seqlen):
@@ -95,7 +126,23 @@ def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> Tensor:
     if hidden.shape[:2] != batch.input_ids.shape:
         raise RuntimeError(f"decoder returned hidden states of shape {tuple(hidden.shape)} for "
                            f"input_ids {tuple(batch.input_ids.shape)}")
-    return hidden
+    router_logits = getattr(out, "router_logits", None) if output_router_logits else None
+    if output_router_logits and not router_logits:
+        raise TypeError(f"{type(model).__name__}: the decoder returned no router logits with "
+                        "output_router_logits=True (set model.router_aux_loss_coef: 0 to train "
+                        "without the MoE load-balancing loss)")
+    return hidden, router_logits
+
+
+class ForwardOptions(TypedDict, total=False):
+    """The keyword options of :func:`forward_logps` a trainer fixes once for its policy."""
+
+    use_fused_linear: bool
+    with_logits_sum: bool
+    with_tail_logps: bool
+    with_log_sum_sq_probs: bool
+    router: RouterSettings | None
+    with_statistics: bool
 
 
 class ForwardLogps(NamedTuple):
@@ -104,35 +151,30 @@ class ForwardLogps(NamedTuple):
     ``token_logps`` ``[N]`` (with grad) follow ``batch.target_index``. ``tail_logps`` ``[S]``:
     the part of each sequence's logps beyond its pair's shared completion length (LD-DPO's
     input). ``log_sum_sq_probs`` ``[S]``: ``Σ_t log Σ_v π(v|·)²`` over the scored tokens (WPO
-    weights; detached).
+    weights; detached). ``aux_loss`` (0-d, with grad): a MoE policy's router load-balancing
+    loss over the batch's real tokens. ``statistics``: per scored token, the entropy, mean logit,
+    top-1 and log Σ p² of the next-token distribution, from the head's own pass (no grad).
     """
 
     sequence: SequenceLogps
     token_logps: Tensor
     tail_logps: Tensor | None = None
     log_sum_sq_probs: Tensor | None = None
-
-
-def _log_sum_sq_probs(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
-                      cap: float | None, chunk: int = 1024, scale: float = 1.0) -> Tensor:
-    """Per token ``log Σ_v softmax(z / T)_v²`` of the model's logits z, chunked, no grad."""
-    out = []
-    with torch.no_grad():
-        for part in h.detach().split(chunk):
-            z = _head_logits(part, weight.detach(), None if bias is None else bias.detach(),
-                             scale, cap).float()
-            out.append(log_sum_sq_probs(transform_logits(z, temperature=temperature)))
-    return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+    aux_loss: Tensor | None = None
+    statistics: TokenStatistics | None = None
 
 
 def forward_logps(model: nn.Module, batch: PreferenceBatch, *, use_fused_linear: bool = True,
                   temperature: float = 1.0, with_logits_sum: bool = False,
-                  with_tail_logps: bool = False, with_log_sum_sq_probs: bool = False
+                  with_tail_logps: bool = False, with_log_sum_sq_probs: bool = False,
+                  router: RouterSettings | None = None, with_statistics: bool = False
                   ) -> ForwardLogps:
     """One forward of ``model`` on ``batch``: see :func:`sequence_logps_from_model`.
 
     ``with_tail_logps`` (pair batches) adds LD-DPO's tail sums; ``with_log_sum_sq_probs`` adds
-    WPO's per-sequence ``Σ_t log Σ_v π²`` (one extra head matmul per token chunk, no grad).
+    WPO's per-sequence ``Σ_t log Σ_v π²``; ``router`` (a MoE policy's settings) adds the router
+    load-balancing loss; ``with_statistics`` the per-token statistics. On the fused path both
+    come from the op's own pass over the vocabulary; the logits path reads its logits.
     """
     if not isinstance(batch, PreferenceBatch):
         raise TypeError(f"batch must be a PreferenceBatch, got {type(batch).__name__}")
@@ -142,31 +184,48 @@ def forward_logps(model: nn.Module, batch: PreferenceBatch, *, use_fused_linear:
     # the scale and soft-cap the model applies to its head's logits: both paths apply them
     scale, cap = config_logit_transform(getattr(model, "config", None), type(model).__name__)
     resolve_lm_head(model)  # a clear error for a model without output embeddings
-    hidden = final_hidden_states(model, batch)
+    hidden, router_logits = decoder_outputs(model, batch, output_router_logits=router is not None)
+    aux = None
+    if router is not None:  # every real token counts, whatever the layout
+        aux = router_aux_loss(router_logits, router,
+                              token_mask=(batch.sequence_ids >= 0).to(torch.long))
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
     if batch.shared_prompt is not None:  # a prompt's last position scores two tokens
         labels = batch.shared_prompt.target_labels
     else:
         labels = batch.labels.reshape(-1).index_select(0, batch.target_index)
-    logits_sum_tokens = sum_sq = None
+    logits_sum_tokens = sum_sq = stats = None
+    want_stats = with_statistics or with_log_sum_sq_probs
     # ZeRO-3: the head is gathered for the op and its gradient still reaches the shards
     with gathered_lm_head(model) as (weight, bias):
-        if use_fused_linear:
-            token_logps = linear_token_logps(h, weight, labels, bias=bias,
-                                             ignore_index=batch.ignore_index,
-                                             temperature=temperature, softcap=cap,
-                                             logit_scale=scale)
+        quantized_head = not weight.is_floating_point()
+        if quantized_head and use_fused_linear:
+            _warn_quantized_head(model, weight)
+        if use_fused_linear and not quantized_head:
+            options = {"bias": bias, "ignore_index": batch.ignore_index,
+                       "temperature": temperature, "softcap": cap, "logit_scale": scale}
+            if want_stats:
+                token_logps, stats = linear_token_logps_with_statistics(h, weight, labels,
+                                                                        **options)
+            else:
+                token_logps = linear_token_logps(h, weight, labels, **options)
             if with_logits_sum:  # a mat-vec without soft-cap, chunked logits with one
                 logits_sum_tokens = linear_logits_sum(h, weight, bias, logit_scale=scale,
                                                       softcap=cap).float()
         else:
-            logits = _head_logits(h, weight, bias, scale, cap)
+            if quantized_head:  # the head module runs (bitsandbytes dequantizes it)
+                logits = transform_logits(find_lm_head(model)(h), logit_scale=scale, softcap=cap)
+            else:
+                logits = _head_logits(h, weight, bias, scale, cap)
             token_logps = kernels.token_logps(logits, labels, ignore_index=batch.ignore_index,
                                               temperature=temperature)
             if with_logits_sum:
                 logits_sum_tokens = logits.detach().float().sum(-1)
-        if with_log_sum_sq_probs:
-            sum_sq = _log_sum_sq_probs(h, weight, bias, temperature, cap, scale=scale)
+            if want_stats:
+                stats = logits_statistics(transform_logits(logits, temperature=temperature),
+                                          labels, ignore_index=batch.ignore_index)
+    if with_log_sum_sq_probs:
+        sum_sq = stats.log_sum_sq_probs.float()
     token_logps = token_logps.float()
     segments, count = batch.target_sequence, batch.num_sequences
     logps = kernels.segment_sum(token_logps, segments, count)
@@ -178,7 +237,8 @@ def forward_logps(model: nn.Module, batch: PreferenceBatch, *, use_fused_linear:
         tail = kernels.segment_sum(token_logps * batch.target_tail, segments, count)
     return ForwardLogps(
         SequenceLogps(logps, batch.completion_tokens, logits_sum), token_logps, tail,
-        None if sum_sq is None else kernels.segment_sum(sum_sq, segments, count))
+        None if sum_sq is None else kernels.segment_sum(sum_sq, segments, count), aux,
+        stats if with_statistics else None)
 
 
 def sequence_logps_from_model(model: nn.Module, batch: PreferenceBatch, *,

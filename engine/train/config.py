@@ -38,6 +38,18 @@ class LoraConfig(Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+class QuantizationConfig(Section):
+    """QLoRA: the frozen base loaded quantized by bitsandbytes (transformers'
+    ``BitsAndBytesConfig``; the ``qlora`` extra), a LoRA adapter trained on top. The output head
+    stays unquantized (transformers' default), so the fused linear op keeps reading it."""
+
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit only
+    double_quant: bool = True  # 4-bit only: the quantization constants quantized too
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # 4-bit matmuls
+    skip_modules: list[str] | None = None  # modules kept unquantized (default: the head)
+
+
 class ModelConfig(Section):
     """The policy. ``name_or_path`` null means SmolLM2-135M-Instruct from the package registry."""
 
@@ -48,7 +60,13 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     use_fused_linear: bool = True  # logps from hidden states + lm_head weight (no logits)
+    # MoE policies: the router load-balancing loss's weight; null: the model config's own
+    # router_aux_loss_coef (as TRL), 0: off
+    router_aux_loss_coef: float | None = Field(None, ge=0.0)
+    # entropy and top-1 accuracy per token (TRL's metrics), from the head's own pass; logged
+    token_statistics: bool = True
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    quantization: QuantizationConfig | None = None  # QLoRA (with lora.enabled)
 
 
 # -------------------------------------------------------------------------------- reference
@@ -401,4 +419,30 @@ def combination_problems(cfg: TrainConfig) -> list[str]:
     export = cfg.checkpoint.export
     if export in ("adapter", "merged") and not lora.enabled:
         problems.append(f"checkpoint.export {export!r} needs model.lora.enabled (use 'full')")
+    problems += quantization_problems(cfg)
+    return problems
+
+
+def quantization_problems(cfg: TrainConfig) -> list[str]:
+    """What a quantized (QLoRA) base cannot be combined with."""
+    quant, problems = cfg.model.quantization, []
+    if quant is None:
+        return problems
+    if not cfg.model.lora.enabled:
+        problems.append("model.quantization needs model.lora.enabled: the quantized base is "
+                        "frozen, a LoRA adapter is what trains (QLoRA)")
+    if cfg.deepspeed.zero_stage == 3:
+        problems.append("model.quantization with deepspeed.zero_stage 3 is not supported: "
+                        "ZeRO-3 would partition the bitsandbytes weights; use zero_stage <= 2 "
+                        "(the adapter's optimizer state is what ZeRO 1-2 shard)")
+    if cfg.checkpoint.export == "full":
+        problems.append("checkpoint.export 'full' with model.quantization would write the "
+                        "quantized base; use 'adapter' (or 'auto') or 'merged' (the adapter "
+                        "folded into the unquantized base weights)")
+    if cfg.reference.mode == "separate":
+        problems.append("model.quantization: the reference is the quantized policy with its "
+                        "adapter disabled (reference.mode 'adapter_disabled' or 'auto'), or "
+                        "'precomputed'")
+    if quant.bits == 8 and (quant.quant_type != "nf4" or not quant.double_quant):
+        problems.append("model.quantization.quant_type / double_quant apply to bits 4 only")
     return problems

@@ -70,7 +70,10 @@ class DeepSpeedBackend:
         return contextlib.nullcontext()
 
     def backward(self, loss: Tensor) -> None:
-        self.engine.backward(loss)
+        """``loss`` is the micro-batch's share of the step's loss (:mod:`.step_weighting`):
+        DeepSpeed does not divide it by the accumulation steps again (it still averages the
+        gradients over the ranks, which the share's ``world_size`` factor undoes)."""
+        self.engine.backward(loss, scale_wrt_gas=False)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # only advances DeepSpeed's micro-step counter
 

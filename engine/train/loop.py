@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..data.batch import PreferenceBatch
 from ..model.forward import forward_logps
 from .batch_source import BatchSource, SourceExhausted
@@ -55,6 +53,7 @@ from .model_loading import (
     load_policy,
     load_tokenizer,
     model_path,
+    policy_router,
     vocab_size,
 )
 from .objective import Objective
@@ -62,6 +61,7 @@ from .offline_source import OfflineSource
 from .reference_schedule import reference_update
 from .reports import nonfinite_eval_text, nonfinite_step_text, progress_text, run_summary
 from .runtime import init_runtime, zero3_loading
+from .step_weighting import StepCounts, step_counts
 from .torch_backend import TorchBackend
 from .trainer_checkpoint import check_checkpoint_room, resume_trainer, save_trainer_checkpoint
 
@@ -148,6 +148,7 @@ class Trainer:
             seed_everything(cfg.seed)
             policy = load_policy(cfg, self.base_path, dtype)
             self.vocab_size = vocab_size(policy)
+            self.router = policy_router(cfg, policy)  # MoE: the router loss; else None
             # the reference is built before DeepSpeed wraps the policy: a precomputed cache runs
             # it once over the data, and a separate ZeRO-3 reference gets its own engine
             self.reference = build_reference(
@@ -161,8 +162,9 @@ class Trainer:
                 self.backend = TorchBackend(policy, cfg, total_steps=self.total_steps,
                                             device=rt.device)
             self.reference.attach(self.backend.module)  # the (possibly DeepSpeed-cast) policy
-        self.objective = Objective(cfg.loss, vocab_size=self.vocab_size,
-                                   all_reduce_mean=self._all_reduce_mean)
+        self.objective = Objective(cfg.loss, vocab_size=self.vocab_size, router=self.router,
+                                   all_reduce_mean=self.rt.all_reduce_mean)
+        self.forward_options = self.objective.forward_options(cfg.model)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.output_dir / "checkpoints",
                                       keep_last=cfg.checkpoint.keep_last, rank=rt.rank,
                                       barrier=rt.barrier)
@@ -171,12 +173,6 @@ class Trainer:
                                      initial_step=self.pos.step)
         if rt.is_main:
             write_text_atomic(self.output_dir / "config.yaml", to_yaml(cfg))
-
-    def _all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.rt.world_size == 1:
-            return t
-        t = t.detach().clone()
-        return self.rt.all_reduce_(t) / self.rt.world_size
 
     def objective_with_kl(self) -> bool:
         return self.cfg.loss.method == "kto" and "kto" in self.cfg.loss.resolved_loss_types()
@@ -191,21 +187,18 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------ steps
-    def forward(self, batch: PreferenceBatch,
-                 reference_logps: Callable[[PreferenceBatch], Any] | None = None):
-        """The objective's output for ``batch``: policy, then reference log-probs (by default
-        the reference's, for training), under the backend's autocast."""
+    def forward(self, batch: PreferenceBatch, reference_logps: Callable[[PreferenceBatch], Any]
+                | None = None, counts: StepCounts | None = None):
+        """The objective's output for ``batch`` (with the step's ``counts``: its share of the
+        step's loss): policy, then reference log-probs (default: the reference's), autocast."""
         obj = self.objective
         with self.backend.autocast():
-            policy = forward_logps(self.backend.model, batch,
-                                   use_fused_linear=self.cfg.model.use_fused_linear,
-                                   with_logits_sum=True, with_tail_logps=obj.with_tails,
-                                   with_log_sum_sq_probs=obj.with_sum_sq)
+            policy = forward_logps(self.backend.model, batch, **self.forward_options)
             if reference_logps is None:
                 reference = self.reference.reference_logps(batch, with_tail_logps=obj.with_tails)
             else:
                 reference = reference_logps(batch)
-            return obj(policy, reference, batch)
+            return obj(policy, reference, batch, counts)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over the accumulation's micro-batches, no host synchronization: the
@@ -213,9 +206,11 @@ class Trainer:
         t0 = time.perf_counter()
         self.backend.module.train()
         tokens = 0
-        for batch in self.source.step_batches():
-            out = self.forward(batch)
-            self.step_metrics.add(out.loss, out.metrics)
+        batches = list(self.source.step_batches())  # every pair of the step weighs the same
+        counts = step_counts(batches, runtime=self.rt)
+        for batch in batches:
+            out = self.forward(batch, counts=counts)  # logged × M: the step's mean over M, ranks
+            self.step_metrics.add(out.loss.detach() * len(batches), out.metrics)
             self.backend.backward(out.loss)
             tokens += batch.num_sequence_tokens
         for cb in self.callbacks:

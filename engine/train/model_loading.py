@@ -9,8 +9,11 @@ the LoRA adapter alone, the LoRA merged into the base weights, or the full model
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import importlib.util
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,10 @@ from torch import nn
 from fastpo.kernels.zero3 import find_lm_head, full_shape
 
 from ..errors import InputError
+from ..losses.router import RouterSettings, router_settings
 from ..model.gather import full_state_dict
 from .config import TrainConfig
+from .config_base import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -103,18 +108,55 @@ def load_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.float32
 
 
-def load_causal_lm(cfg: TrainConfig, path: str, dtype: torch.dtype) -> nn.Module:
+def load_causal_lm(cfg: TrainConfig, path: str, dtype: torch.dtype, *,
+                   quantize: bool = True) -> nn.Module:
+    """The causal LM at ``path``; quantized as ``model.quantization`` says unless ``quantize`` is
+    False (a merged export folds the adapter into the unquantized base)."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(path, key="reference.name_or_path" if path == cfg.reference.name_or_path
                      else "model.name_or_path")
+    quantized = {}
+    if quantize and cfg.model.quantization is not None:
+        quantized = quantization_kwargs(cfg)
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
-            trust_remote_code=cfg.model.trust_remote_code)
+            trust_remote_code=cfg.model.trust_remote_code, **quantized)
     except OSError as exc:
         raise FileNotFoundError(f"model.name_or_path {path!r}: cannot load a causal LM there "
                                 f"({exc})") from None
+
+
+def quantization_kwargs(cfg: TrainConfig) -> dict[str, object]:
+    """``from_pretrained`` keywords for the QLoRA base (``model.quantization``): transformers'
+    ``BitsAndBytesConfig`` and, for bitsandbytes, the device to quantize on."""
+    quant = cfg.model.quantization
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.quantization needs bitsandbytes: pip install 'fastpo[qlora]'")
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=quant.skip_modules)
+    else:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                                 bnb_4bit_use_double_quant=quant.double_quant,
+                                 bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+                                 llm_int8_skip_modules=quant.skip_modules)
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    else:
+        device = "cpu"
+    return {"quantization_config": bnb, "device_map": {"": device}}
+
+
+def _keep_cpu_layout(model: nn.Module) -> None:
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first no-grad
+    call in eval mode (a reference pass), which changes the numbers of every later forward: a
+    resumed run would then differ from the run it continues. The trainer keeps the one layout."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def peft_config(cfg: TrainConfig):
@@ -140,6 +182,11 @@ def load_policy(cfg: TrainConfig, path: str, dtype: torch.dtype) -> nn.Module:
     if cfg.model.lora.enabled:
         import peft
 
+        if cfg.model.quantization is not None:  # norms and head in fp32, input grads on
+            _keep_cpu_layout(model)
+            model = peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         model = peft.get_peft_model(model, peft_config(cfg))
     model.train()
     return model
@@ -152,6 +199,27 @@ def load_reference(cfg: TrainConfig, path: str, dtype: torch.dtype) -> nn.Module
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def policy_router(cfg: TrainConfig, model: nn.Module) -> RouterSettings | None:
+    """The MoE load-balancing settings the policy trains with (TRL's rule): a model whose
+    config has ``output_router_logits``, weighted by ``model.router_aux_loss_coef`` or, unset,
+    the config's ``router_aux_loss_coef``; None when not MoE or the weight is 0."""
+    coef = cfg.model.router_aux_loss_coef
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    settings = router_settings(getattr(base, "config", None))
+    if settings is None:
+        if coef:
+            raise ConfigError(f"model.router_aux_loss_coef is {coef}, but {type(base).__name__} "
+                              "is not a mixture-of-experts model (its config has no "
+                              "output_router_logits)")
+        return None
+    settings = dataclasses.replace(settings, coef=settings.coef if coef is None else coef)
+    if settings.coef == 0:
+        return None
+    logger.info("MoE policy: router load-balancing loss × %g (%d experts, top-%d)",
+                settings.coef, settings.num_experts, settings.top_k)
+    return settings
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -199,7 +267,8 @@ def _write_export(cfg: TrainConfig, kind: str, module: nn.Module, state: dict[st
     else:  # merged: fold the adapter into a fresh copy of the base model
         import peft
 
-        fresh = peft.get_peft_model(load_causal_lm(cfg, base_path, torch.float32),
+        fresh = peft.get_peft_model(load_causal_lm(cfg, base_path, torch.float32,
+                                                   quantize=False),
                                     peft_config(cfg))
         missing, unexpected = fresh.load_state_dict(state, strict=False)
         missing = [k for k in missing if "lm_head" not in k or

@@ -4,6 +4,10 @@ Maps the ``loss`` config onto the loss library (``preference_loss`` for the DPO 
 ``cpo_loss`` for CPO/SimPO/AlphaPO, ``orpo_loss``, ``kto_loss``), feeding each what it needs
 from the forward pass (token counts, logit sums, LD-DPO tails, WPO sums, KTO's mismatched
 pairs). Also the per-item statistics that evaluation sums over the held-out split.
+
+Given the step's :class:`~.step_weighting.StepCounts`, the loss to backpropagate is the
+micro-batch's share of the whole step's mean loss (every pair weighs the same); without them it
+is the micro-batch's own mean (evaluation, a single batch).
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ from torch import Tensor
 
 from ..data.batch import PreferenceBatch
 from ..losses import PairStats, cpo_loss, kto_loss, orpo_loss, preference_loss
+from ..losses.router import RouterSettings
 from ..losses.unpaired import kl_reference_point
-from ..model.forward import ForwardLogps, split_pairs, split_unpaired
+from ..model.forward import ForwardLogps, ForwardOptions, split_pairs, split_unpaired
 from ..model.reference import ReferenceLogps
+from .config import ModelConfig
 from .loss_config import LossConfig
+from .step_weighting import StepCounts
 
 # sums that evaluation accumulates over the held-out split (and across ranks)
 EVAL_KEYS = ("items", "loss", "correct", "margin", "chosen_reward", "rejected_reward",
@@ -28,7 +35,7 @@ EVAL_KEYS = ("items", "loss", "correct", "margin", "chosen_reward", "rejected_re
 
 @dataclass
 class ObjectiveOutput:
-    loss: Tensor  # scalar to backpropagate
+    loss: Tensor  # scalar to backpropagate (the step's share with StepCounts, else the mean)
     metrics: dict[str, Tensor]  # TRL names + ref_kl, detached
     eval_sums: Tensor  # [len(EVAL_KEYS)] float64, see EVAL_KEYS
 
@@ -40,8 +47,10 @@ class Objective:
     WPO's log Σp² sums (the trainer asks for them); ``paired``: pair batches (else KTO's)."""
 
     def __init__(self, cfg: LossConfig, *, vocab_size: int,
-                 all_reduce_mean: Callable[[Tensor], Tensor] | None = None) -> None:
+                 all_reduce_mean: Callable[[Tensor], Tensor] | None = None,
+                 router: RouterSettings | None = None) -> None:
         self.method = cfg.method
+        self.router = router  # a MoE policy's router loss (its weight: router.coef), or None
         self.vocab_size = vocab_size
         self.all_reduce_mean = all_reduce_mean or (lambda t: t)
         self.paired = self.method != "kto"
@@ -54,20 +63,40 @@ class Objective:
         self.with_tails = self.dpo is not None and self.dpo.ld_alpha is not None
         self.with_sum_sq = self.dpo is not None and self.dpo.use_weighting
 
+    def forward_options(self, model: ModelConfig) -> ForwardOptions:
+        """What the policy forward must give this objective (``model``: the config section)."""
+        return ForwardOptions(use_fused_linear=model.use_fused_linear, with_logits_sum=True,
+                              with_tail_logps=self.with_tails,
+                              with_log_sum_sq_probs=self.with_sum_sq, router=self.router,
+                              with_statistics=model.token_statistics)
+
     def __call__(self, policy: ForwardLogps, reference: ReferenceLogps,
-                 batch: PreferenceBatch) -> ObjectiveOutput:
+                 batch: PreferenceBatch, counts: StepCounts | None = None) -> ObjectiveOutput:
+        """The loss of ``batch``; with the step's ``counts``, its share of the step's mean.
+        A MoE policy's router loss (``policy.aux_loss``) is added with its weight (with the
+        counts, as the step's mean over its micro-batches and ranks)."""
         if self.paired:
-            return self._paired(policy, reference, batch)
-        return self._unpaired(policy, reference, batch)
+            out = self._paired(policy, reference, batch, counts)
+        else:
+            out = self._unpaired(policy, reference, batch, counts)
+        if policy.statistics is not None:
+            out.metrics.update(token_metrics(policy, batch, paired=self.paired))
+        if policy.aux_loss is not None and self.router is not None:
+            share = self.router.coef * policy.aux_loss.float()
+            if counts is not None:
+                share = share / counts.micro_batches
+            out.loss = out.loss + share
+            out.metrics["aux_loss"] = policy.aux_loss.detach().float()
+        return out
 
     # ------------------------------------------------------------------------------ pairs
     def _paired(self, policy: ForwardLogps, reference: ReferenceLogps,
-                batch: PreferenceBatch) -> ObjectiveOutput:
+                batch: PreferenceBatch, counts: StepCounts | None) -> ObjectiveOutput:
         if batch.num_pairs < 1:
             raise ValueError(f"loss.method {self.method!r} needs pair batches")
         b = batch.num_pairs
         chosen, rejected = split_pairs(policy.sequence, b)
-        stats = self._pair_stats(policy, reference, b)
+        stats = self._pair_stats(policy, reference, b, counts)
         if self.dpo is not None:
             ref_c = ref_r = None
             if self.uses_reference:
@@ -86,9 +115,10 @@ class Objective:
         sums = torch.stack([
             items, out.losses.detach().sum(), (margin > 0).sum(), margin.sum(),
             out.chosen_rewards.sum(), out.rejected_rewards.sum(), items, items]).double()
-        return ObjectiveOutput(out.loss, metrics, sums)
+        return ObjectiveOutput(_step_share(out.loss, out.losses, counts), metrics, sums)
 
-    def _pair_stats(self, policy: ForwardLogps, reference: ReferenceLogps, b: int) -> PairStats:
+    def _pair_stats(self, policy: ForwardLogps, reference: ReferenceLogps, b: int,
+                    counts: StepCounts | None = None) -> PairStats:
         """The statistics of the pairs beside their log-probs: token counts and logit sums, and
         the LD-DPO tails and WPO sums when the options ask for them."""
         chosen, rejected = split_pairs(policy.sequence, b)
@@ -105,11 +135,12 @@ class Objective:
         return PairStats(
             chosen_num_tokens=chosen.num_tokens, rejected_num_tokens=rejected.num_tokens,
             chosen_logits_sum=chosen.logits_sum, rejected_logits_sum=rejected.logits_sum,
-            vocab_size=self.vocab_size if chosen.logits_sum is not None else None, **extra)
+            vocab_size=self.vocab_size if chosen.logits_sum is not None else None,
+            chosen_tokens_per_pair=None if counts is None else counts.tokens_per_pair(), **extra)
 
     # ------------------------------------------------------------------------------- KTO
     def _unpaired(self, policy: ForwardLogps, reference: ReferenceLogps,
-                  batch: PreferenceBatch) -> ObjectiveOutput:
+                  batch: PreferenceBatch, counts: StepCounts | None) -> ObjectiveOutput:
         if batch.num_examples < 1 or batch.desirable is None:
             raise ValueError("loss.method 'kto' needs unpaired batches (collate_unpaired)")
         n = batch.num_examples
@@ -135,7 +166,30 @@ class Objective:
             rewards.new_full((), float(n)), out.losses.detach().sum(),
             correct.sum(), (rewards * (2 * d - 1)).sum(), (rewards * d).sum(),
             (rewards * (1 - d)).sum(), d.sum(), (1 - d).sum()]).double()
-        return ObjectiveOutput(out.loss, metrics, sums)
+        return ObjectiveOutput(_step_share(out.loss, out.losses, counts), metrics, sums)
+
+
+def _step_share(mean: Tensor, losses: Tensor, counts: StepCounts | None) -> Tensor:
+    """The loss to backpropagate: the batch's ``mean`` alone, or with the step's ``counts`` its
+    per-item ``losses`` summed and scaled so that the step's accumulated gradient is that of
+    its mean over every item of every micro-batch and rank."""
+    if counts is None:
+        return mean
+    return losses.sum() * counts.loss_scale().to(losses.dtype)
+
+
+def token_metrics(policy: ForwardLogps, batch: PreferenceBatch, *, paired: bool
+                  ) -> dict[str, Tensor]:
+    """TRL's per-token metrics from the head's statistics (device scalars): ``entropy``, the
+    mean over the completion tokens of the loss's sequences (KTO: not the KL ones), and
+    ``mean_token_accuracy``, how often the label is the top-1 token on the chosen completions
+    (KTO: the examples')."""
+    stats, seq = policy.statistics, batch.target_sequence
+    scope = seq < (2 * batch.num_pairs if paired else batch.num_examples)
+    chosen = seq < batch.num_pairs if paired else scope
+    entropy = (stats.entropy.float() * scope).sum() / scope.sum().clamp(min=1)
+    accuracy = (stats.is_top1 & chosen).sum() / chosen.sum().clamp(min=1)
+    return {"entropy": entropy, "mean_token_accuracy": accuracy.float()}
 
 
 def _log_ratio_kl(policy: ForwardLogps, reference: ReferenceLogps) -> Tensor:

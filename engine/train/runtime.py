@@ -50,6 +50,12 @@ class Runtime:
             torch.distributed.all_reduce(tensor, op=reduce_op)
         return tensor
 
+    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
+        """The mean over the ranks of a detached copy of ``tensor`` (itself in one process)."""
+        if self.world_size == 1:
+            return tensor
+        return self.all_reduce_(tensor.detach().clone()) / self.world_size
+
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)

@@ -22,7 +22,8 @@ class TorchBackend:
         opt = cfg.optimization
         if opt.precision == "fp16":
             raise ValueError("optimization.precision 'fp16' needs DeepSpeed (loss scaling)")
-        self.module = module.to(device)
+        # a bitsandbytes-quantized base was placed on its device when it was loaded
+        self.module = module if getattr(module, "is_quantized", False) else module.to(device)
         self.device = device
         self.accumulation = opt.gradient_accumulation_steps
         self.max_grad_norm = opt.max_grad_norm
@@ -48,7 +49,10 @@ class TorchBackend:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def backward(self, loss: Tensor) -> None:
-        (loss / self.accumulation).backward()
+        """Accumulate the gradient of ``loss``: the micro-batch's share of the step's loss (the
+        objective normalizes by the step's item count, :mod:`.step_weighting`), not divided
+        again by the accumulation steps."""
+        loss.backward()
 
     def step(self, *, nonfinite: Tensor | None = None) -> StepOutcome:
         """Clip, update, advance the schedule. The update is skipped when the gradient norm is

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import merge, save_tiny_llama
+from trainer_helpers import merge, save_tiny_llama, trainable_gradients
 
 from fastpo.engine.train import Callback, train
 from fastpo.engine.train.checkpoint import validate_checkpoint
@@ -62,17 +62,7 @@ class FirstGradients(Callback):
     def on_before_optimizer_step(self, trainer) -> None:
         if trainer.pos.step != 0:
             return
-        grads = {}
-        for name, param in trainer.backend.module.named_parameters():
-            if not param.requires_grad:
-                continue
-            if trainer.rt.deepspeed:
-                from deepspeed.utils import safe_get_full_grad
-
-                grad = safe_get_full_grad(param)
-            else:
-                grad = param.grad
-            grads[name] = grad.detach().float().cpu().clone()
+        grads = trainable_gradients(trainer)
         if trainer.rt.is_main:
             torch.save(grads, self.path)
 

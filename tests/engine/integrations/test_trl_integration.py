@@ -260,15 +260,11 @@ def test_bad_inputs(base_model, tokenizer, tmp_path):
 
 
 def test_unsupported_heads_are_named_in_a_warning(base_model, tokenizer, tmp_path):
-    """A head the fused op cannot take (here a non-Linear module, as a quantized head is) and an
-    MoE model with router logits: each patch says which path the model takes and why."""
+    """A head the fused op cannot take (here a non-Linear module, as a quantized head is): the
+    patch says which path the model takes and why."""
     trainer = _dpo_trainer(base_model, tokenizer, tmp_path, "warn-head")
     trainer.model.get_output_embeddings = lambda: torch.nn.Identity()
     with pytest.warns(RuntimeWarning, match=r"Identity, not a plain torch.nn.Linear.*logits"):
-        fastpo_trl.patch_model(trainer.model)
-    trainer = _dpo_trainer(base_model, tokenizer, tmp_path, "warn-moe")
-    trainer.model.config.output_router_logits = True
-    with pytest.warns(RuntimeWarning, match="MoE router logits.*TRL's own fused head"):
         fastpo_trl.patch_model(trainer.model)
 
 

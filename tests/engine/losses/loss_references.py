@@ -54,8 +54,8 @@ def ref_dpo(t, pc, pr, rc, rr, nc, nr, *, beta=BETA, eps=0.0, tau=0.05, fdiv="re
     if t == "aot_unpaired":
         c, r = sorted(rho_c), sorted(rho_r)
         return [smoothed(beta * (c[i] - r[i]), eps) for i in range(n)]
-    if t == "sft":
-        return [-sum(pc) / max(1, sum(nc))] * n
+    if t == "sft":  # per pair −π_c[i] / n̄ (n̄ the mean chosen length): mean = NLL per token
+        return [-pc[i] * n / max(1, sum(nc)) for i in range(n)]
     out = []
     for i in range(n):
         sc, sr = f_score(rho_c[i], fdiv, a), f_score(rho_r[i], fdiv, a)
@@ -96,7 +96,7 @@ def ref_dpo(t, pc, pr, rc, rr, nc, nr, *, beta=BETA, eps=0.0, tau=0.05, fdiv="re
 
 def ref_cpo(t, pc, pr, nc, nr, *, beta=BETA, eps=0.0, cpo_alpha=1.0, gamma=0.5, alpha=0.0):
     n = len(pc)
-    nll = -sum(pc) / max(1, sum(nc))
+    mean_len = max(1, sum(nc)) / n  # the NLL per pair: −π_c[i] / mean_len (mean: per token)
     out = []
     for i in range(n):
         c, r = pc[i], pr[i]
@@ -112,7 +112,7 @@ def ref_cpo(t, pc, pr, nc, nr, *, beta=BETA, eps=0.0, cpo_alpha=1.0, gamma=0.5, 
             v = (c - r - 1 / (2 * beta)) ** 2
         else:
             v = smoothed(beta * (c - r) - gamma, eps)
-        out.append(v + (0.0 if t == "alphapo" else cpo_alpha) * nll)
+        out.append(v + (0.0 if t == "alphapo" else cpo_alpha) * (-pc[i] / mean_len))
     return out
 
 

@@ -135,8 +135,10 @@ def test_orpo_matches_reference():
         c, r = batch["pc"][i] / batch["nc"][i], batch["pr"][i] / batch["nr"][i]
         lo = (c - math.log(-math.expm1(c))) - (r - math.log(-math.expm1(r)))
         log_odds.append(lo)
-        losses.append(nll - 0.2 * logsig(lo))
+        # the NLL per pair, −π_c[i] / (mean chosen length): its mean is the NLL per token
+        losses.append(-batch["pc"][i] * 7 / sum(batch["nc"]) - 0.2 * logsig(lo))
     torch.testing.assert_close(out.losses, torch.tensor(losses, dtype=torch.float64))
+    torch.testing.assert_close(out.metrics["nll_loss"], torch.tensor(nll, dtype=torch.float64))
     torch.testing.assert_close(
         out.metrics["log_odds_chosen"], torch.tensor(sum(log_odds) / 7, dtype=torch.float64)
     )

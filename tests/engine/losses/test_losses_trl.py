@@ -260,8 +260,11 @@ def test_orpo_odds_ratio_matches_trl():
         sums[0], sums[1], chosen_num_tokens=counts[0], rejected_num_tokens=counts[1], beta=0.25
     )
     nll = -sums[0].sum() / counts[0].sum()
-    # TRL: loss = nll − mean(β · log σ(L)); its per-pair term is β · log σ(L)
-    torch.testing.assert_close(out.losses, nll - trl_losses)
+    # TRL: loss = nll − mean(β · log σ(L)); its per-pair term is β · log σ(L), ours adds the
+    # pair's share of the NLL, −π_c / (mean chosen length)
+    pair_nll = -sums[0] * B / counts[0].sum()
+    torch.testing.assert_close(out.losses, pair_nll - trl_losses)
+    torch.testing.assert_close(out.loss, nll - trl_losses.mean())
     torch.testing.assert_close(out.metrics["log_odds_ratio"], trl_ratio)
     torch.testing.assert_close(out.metrics["log_odds_chosen"], trl_log_odds)
 
