@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import decode_utf8
-from .formats import DataFormatError, is_paired, normalize_record
+from .formats import DataFormatError, normalize_record, record_kind
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -149,16 +149,15 @@ def load_preference_records(source: str | Path | Sequence[Mapping[str, Any]] | A
     missing or wrongly typed fields and unknown roles raise with the row and the field.
     """
     records = PreferenceRecords(source=str(source) if isinstance(source, (str, Path)) else None)
-    first_kind: tuple[str, bool] | None = None
+    first_kind: tuple[str, str] | None = None
     for where, row in _source_rows(source, split):
         record = normalize_record(row, where)
         records.origins.append(where)
         if first_kind is None:
-            first_kind = (where, is_paired(record))
-        elif is_paired(record) != first_kind[1]:
-            kinds = ("unpaired", "paired") if first_kind[1] else ("paired", "unpaired")
-            raise DataFormatError(f"{where}: {kinds[0]} record in data whose first record "
-                                  f"({first_kind[0]}) is {kinds[1]}")
+            first_kind = (where, record_kind(record))
+        elif record_kind(record) != first_kind[1]:
+            raise DataFormatError(f"{where}: {record_kind(record)} record in data whose first "
+                                  f"record ({first_kind[0]}) is {first_kind[1]}")
         records.append(record)
     if not records:
         name = f" {source}" if isinstance(source, (str, Path)) else ""

@@ -23,7 +23,7 @@ from ..data.dataset import (
     split_train_eval,
     tokenize_pairs,
 )
-from ..data.formats import is_paired
+from ..data.formats import record_kind
 from ..model.reference import (
     AdapterDisabledReference,
     FrozenReference,
@@ -36,21 +36,30 @@ from ..model.reference_cache import (
     reference_cache_key,
 )
 from .config import TrainConfig
+from .config_base import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
 def _tokenize(cfg: TrainConfig, source: Any, tokenizer: Any, what: str) -> TokenizedDataset:
     records = load_preference_records(source)
-    paired = is_paired(records[0])
+    kind = record_kind(records[0])
+    paired = kind == "paired"
     kto = cfg.loss.method == "kto"
-    if not paired and not kto:
+    if kind == "unpaired" and not kto:
         raise ValueError(f"{what} data {source} is unpaired (prompt/completion/label): it needs "
                          f"loss.method 'kto', not {cfg.loss.method!r}")
+    if kind == "ranked":
+        try:
+            cfg.ranked.check_loss(cfg.loss)
+        except ConfigError as exc:
+            raise ValueError(f"{what} data {source} is ranked: {exc}") from None
     data = cfg.data
     dataset = tokenize_pairs(records, tokenizer, max_length=data.max_length,
                              max_prompt_length=data.max_prompt_length,
                              truncation_mode=data.truncation_mode, unpaired=kto and paired)
+    if kind == "ranked":  # the pair rule travels with the dataset; items with no pair go
+        dataset = dataset.with_pair_rule(cfg.ranked.pairs, cfg.ranked.margin)
     dataset.stats.log(logger)
     if len(dataset) == 0:
         raise ValueError(f"{what} data {source}: no usable item after tokenization "

@@ -155,7 +155,7 @@ class Trainer:
                 self.backend = TorchBackend(policy, cfg, total_steps=self.total_steps,
                                             device=rt.device)
             self.reference.attach(self.backend.module)  # the (possibly DeepSpeed-cast) policy
-        self.objective = Objective(cfg.loss, vocab_size=self.vocab_size,
+        self.objective = Objective(cfg.loss, vocab_size=self.vocab_size, ranked=cfg.ranked,
                                    all_reduce_mean=self._all_reduce_mean)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.output_dir / "checkpoints",
                                       keep_last=cfg.checkpoint.keep_last, rank=rt.rank,
