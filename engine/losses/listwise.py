@@ -65,7 +65,7 @@ def plackett_luce_loss(policy_logps: Tensor, ref_logps: Tensor | None, order: Te
     """DPO's Plackett–Luce ranking loss over the items of ``order`` (see the module docstring);
     ``ref_logps`` None is reference-free (``r = β·log π``)."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-        raise OptionError(f"beta must be a positive number, got {beta!r}")
+        raise OptionError("beta", f"beta must be a positive number, got {beta!r}")
     like = check_logps("policy_logps", policy_logps)
     if ref_logps is not None:
         check_logps("ref_logps", ref_logps, like=like)
