@@ -9,7 +9,8 @@ from typing import Any
 from benchmarks.harness import Result
 
 # The implementation every other one is compared with, per workload family.
-BASELINES = {"logits": "torch", "hidden": "naive", "dpo_step": "trl", "dpo_lora_real": "trl"}
+BASELINES = {"logits": "torch", "hidden": "naive", "dpo_step": "trl", "dpo_lora_real": "trl",
+             "ranked_step": "pairs_padded"}
 # Parameters that describe an implementation's setting, not the workload (not part of the group).
 IMPL_PARAMS = ("compiled",)
 
