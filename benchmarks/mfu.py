@@ -50,6 +50,38 @@ def step_model_flops(*, tokens: int, attention_pairs: int, scored: int, config: 
                                   vocab=config.vocab_size)
 
 
+def batch_mfu_figures(batch: Any, *, config: Any, device: str, dtype: torch.dtype
+                      ) -> dict[str, float]:
+    """``model_flops`` of a DPO step on ``batch`` (a ``PreferenceBatch``: its real tokens, the
+    attention its sequences need — its segment plan's pairs, or each sequence's causal
+    triangle — and its scored tokens) and the GEMM rate measured here."""
+    from fastpo.engine.data.segments import attention_pairs
+
+    plan = batch.attention_plan
+    if plan is not None:
+        pairs = attention_pairs(plan)
+    else:
+        lengths = torch.bincount(batch.sequence_ids[batch.sequence_ids >= 0].cpu())
+        pairs = int((lengths * (lengths + 1) // 2).sum())
+    flops = step_model_flops(tokens=batch.num_tokens, attention_pairs=pairs,
+                             scored=int(batch.target_index.numel()), config=config)
+    return {"model_flops": flops, "gemm_flops_per_s": gemm_rate(device, dtype)}
+
+
+def mfu_column(rows: list[dict[str, Any]]) -> list[str]:
+    """A markdown table of each row's MFU (rows without the figures are left out)."""
+    lines = ["| impl | model GFLOP per step | GEMM GFLOP/s measured | MFU |",
+             "|---|---:|---:|---:|"]
+    for row in rows:
+        util = mfu(row)
+        if util is None:
+            continue
+        x = row["extra"]
+        lines.append(f"| {row['impl']} | {x['model_flops'] / 1e9:,.1f} | "
+                     f"{x['gemm_flops_per_s'] / 1e9:,.1f} | {100 * util:.1f} % |")
+    return lines if len(lines) > 2 else []
+
+
 def mfu(row: dict[str, Any]) -> float | None:
     """A result row's model-FLOP utilization (its ``extra`` holds ``model_flops`` and
     ``gemm_flops_per_s``), or None."""

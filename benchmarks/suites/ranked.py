@@ -1,10 +1,10 @@
 """Ranked-data suite: one DPO step on items of K completions, K-way rows against expanded pairs.
 
-Synthetic ranked items (random token ids, a random score per completion) with prompt and
-completion lengths drawn around realistic means (prompts ~160 ± 96 tokens, completions
-~120 ± 80 tokens); K = 2, 4, 8; every ordered pair with a score gap (``pairs: all``, C(K, 2) per
-item) trained with sigmoid DPO, β = 0.1, AdamW. Every implementation computes the same loss (the
-``check`` column) on the same items:
+Synthetic ranked items (random token ids, a random score per completion) with prompt and completion
+lengths drawn around realistic chat means (prompts 128 ± 60 %, completions 96 ± 67 % tokens); K =
+2, 4, 8 (3, 2 and 1 items per step); every ordered pair with a score gap (``pairs: all``, C(K, 2)
+per item) trained with sigmoid DPO, β = 0.1, AdamW. Every implementation computes the same loss
+(the ``check`` column) on the same items:
 
     pairs_padded   the pairs expanded into a pair dataset, padded rows (2 sequences per pair)
     pairs_shared   the expanded pairs as [prompt | chosen | rejected] rows (prompt once per pair)
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from benchmarks.harness import CaseSpec, SkipCase, Workload
-from benchmarks.mfu import gemm_rate, mfu, step_model_flops
+from benchmarks.mfu import batch_mfu_figures, mfu
 from benchmarks.suites.e2e import BETA, _optimizer, layout_figures, make_models
 
 IMPLS = ("pairs_padded", "pairs_shared", "kway_padded", "kway_rows", "kway_packed")
@@ -40,7 +40,7 @@ NOTES = {"pairs_padded": "expanded pairs, padded rows",
          "kway_padded": "one padded row per completion",
          "kway_rows": "K-way rows [prompt | c1 | … | cK]",
          "kway_packed": "K-way rows packed into one row"}
-ITEMS = {2: 6, 4: 2, 8: 1}  # items per step: C(K, 2) · items pairs = 6, 12, 28
+ITEMS = {2: 3, 4: 2, 8: 1}  # items per step: C(K, 2) · items pairs = 3, 12, 28
 
 
 def cases(device: str, size: str) -> list[CaseSpec]:
@@ -50,11 +50,11 @@ def cases(device: str, size: str) -> list[CaseSpec]:
         reps, warmup = 2, 1
     else:
         layers = 1 if size == "quick" else 2
-        lengths = {"Lp": 160, "Lc": 120}
+        lengths = {"Lp": 128, "Lc": 96}
         ks = (4,) if size == "quick" else (2, 4, 8)
         grid = [{"model": "smollm2-135m", "layers": layers, "V": 49152, "K": k, "I": ITEMS[k],
                  **lengths} for k in ks]
-        reps, warmup = 3, 1
+        reps, warmup = 2, 1
     dtype = "bf16" if device == "cuda" else "fp32"
     return [CaseSpec(suite="ranked", family="ranked_step", impl=impl,
                      params={**params, "dtype": dtype}, device=device, warmup=warmup, reps=reps)
@@ -129,23 +129,13 @@ def build(spec: CaseSpec) -> Workload:
     figures = layout_figures([(batch.attention_plan, *batch.input_ids.shape)],
                              [tuple(padded.input_ids.shape)], config=policy.config,
                              scored=scored, device=device)
-    from fastpo.engine.data.segments import attention_pairs
-
-    real_pairs = (attention_pairs(batch.attention_plan) if batch.attention_plan is not None
-                  else sum(n * (n + 1) // 2 for n in _sequence_lengths(batch)))
+    figures.update(batch_mfu_figures(batch, config=policy.config, device=device,
+                                     dtype=next(policy.parameters()).dtype))
     figures.update(
-        model_flops=step_model_flops(tokens=batch.num_tokens, attention_pairs=real_pairs,
-                                     scored=scored, config=policy.config),
-        gemm_flops_per_s=gemm_rate(device, next(policy.parameters()).dtype),
         sequences=batch.num_sequences, tokens_computed=int(batch.input_ids.numel()),
         real_tokens=batch.num_tokens, pairs=len(pairs))
     tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     return Workload(step, tokens=tokens, extra=figures, notes=NOTES[spec.impl])
-
-
-def _sequence_lengths(batch) -> list[int]:
-    """Real tokens of each padded row."""
-    return (batch.sequence_ids >= 0).sum(1).tolist()
 
 
 def summary(group: list[dict[str, Any]]) -> list[str]:

@@ -12,7 +12,8 @@ in: the pair rule (``pairs``) only picks indices into the per-sequence results
 
 Pair rules (a pair ``(i, j)`` needs ``score_i − score_j > margin``):
 
-- ``best_worst``: the best against the worst completion (ties: the first in the data);
+- ``best_worst``: the best against the worst completion (ties: the first of each in the data,
+  as online DPO's ``best_worst``);
 - ``all``: every such ordered pair;
 - ``adjacent``: neighbours in the ranking (sorted by score, ties in data order).
 """
@@ -53,8 +54,8 @@ def ranked_pairs(scores: Sequence[float], *, rule: str = "all", margin: float = 
     if rule not in PAIR_RULES:
         raise ValueError(f"pairs must be one of {', '.join(PAIR_RULES)}, got {rule!r}")
     order = ranking(scores)
-    if rule == "best_worst":
-        candidates = [(order[0], order[-1])]
+    if rule == "best_worst":  # ties: the first best and the first worst in the data
+        candidates = [(order[0], min(range(len(scores)), key=lambda k: (scores[k], k)))]
     elif rule == "adjacent":
         candidates = list(itertools.pairwise(order))
     else:

@@ -113,5 +113,7 @@ def test_pair_rules():
     assert len(all_pairs) == 9 and (2, 3) not in all_pairs and (3, 2) not in all_pairs
     assert ranked_pairs(scores, rule="all", margin=0.45) == [(0, 4), (0, 1)]
     assert ranked_pairs([1.0, 1.0], rule="best_worst") == []
+    # ties: the first best against the first worst (as online DPO's best_worst)
+    assert ranked_pairs([0.0, 2.0, 0.0, 2.0], rule="best_worst") == [(1, 0)]
     with pytest.raises(ValueError, match="pairs must be one of best_worst, all, adjacent"):
         ranked_pairs(scores, rule="every")
