@@ -18,6 +18,10 @@ utilization: the step's model FLOPs (policy forward + backward and reference for
 real tokens) per second over a GEMM rate measured in the same process (:mod:`benchmarks.mfu`).
 :func:`summary` prints the FLOP ratios beside the measured speed-ups.
 
+The last group is an online round (``round=online``): 4 prompts of ~64 tokens, 4 sampled
+completions of ~48 tokens each, every pair above the margin — today's online path trains it as
+``pairs_shared`` rows, with ``online.kway_rows`` as ``kway_rows``.
+
 Model: SmolLM2-135M's shape (hidden 576, 9 / 3 heads, vocab 49152, tied embeddings) with 2
 layers in full runs (the layers scale every layout alike; the head and the attention are whole);
 a tiny Llama in ``--smoke``.
@@ -54,6 +58,9 @@ def cases(device: str, size: str) -> list[CaseSpec]:
         ks = (4,) if size == "quick" else (2, 4, 8)
         grid = [{"model": "smollm2-135m", "layers": layers, "V": 49152, "K": k, "I": ITEMS[k],
                  **lengths} for k in ks]
+        if size != "quick":  # an online round: 4 prompts × 4 samples, all_above_margin
+            grid.append({"model": "smollm2-135m", "layers": layers, "V": 49152, "K": 4, "I": 4,
+                         "Lp": 64, "Lc": 48, "round": "online"})
         reps, warmup = 2, 1
     dtype = "bf16" if device == "cuda" else "fp32"
     return [CaseSpec(suite="ranked", family="ranked_step", impl=impl,
