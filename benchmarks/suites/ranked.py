@@ -136,6 +136,8 @@ def build(spec: CaseSpec) -> Workload:
     figures = layout_figures([(batch.attention_plan, *batch.input_ids.shape)],
                              [tuple(padded.input_ids.shape)], config=policy.config,
                              scored=scored, device=device)
+    # the padded pairs score every completion once per pair: their head FLOPs are their own
+    figures["padded_forward_flops"] = step_flops(padded, policy.config, device)
     figures.update(batch_mfu_figures(batch, config=policy.config, device=device,
                                      dtype=next(policy.parameters()).dtype))
     figures.update(
@@ -143,6 +145,14 @@ def build(spec: CaseSpec) -> Workload:
         real_tokens=batch.num_tokens, pairs=len(pairs))
     tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     return Workload(step, tokens=tokens, extra=figures, notes=NOTES[spec.impl])
+
+
+def step_flops(batch: Any, config: Any, device: str) -> float:
+    """Forward FLOPs of decoder and head of ``batch`` as laid out (padding included), with its
+    own scored tokens."""
+    return layout_figures([(batch.attention_plan, *batch.input_ids.shape)],
+                          [tuple(batch.input_ids.shape)], config=config,
+                          scored=int(batch.target_index.numel()), device=device)["forward_flops"]
 
 
 def summary(group: list[dict[str, Any]]) -> list[str]:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -260,11 +261,11 @@ def precompute_reference_logps(reference: ModelReference, dataset: TokenizedData
             logger.info("reusing reference logps from %s", path)
             return cached
         n = len(dataset)
+        layout = dict(pad_token_id=pad_token_id, pairs_per_batch=pairs_per_batch,
+                      max_tokens_per_batch=max_tokens_per_batch, padding_free=padding_free,
+                      share_prompt=share_prompt)
         if dataset.is_ranked:
-            tensors = _ranked_logps(reference, dataset, pad_token_id=pad_token_id,
-                                    pairs_per_batch=pairs_per_batch,
-                                    max_tokens_per_batch=max_tokens_per_batch,
-                                    padding_free=padding_free, share_prompt=share_prompt)
+            tensors = _ranked_logps(dataset, _reference_batches(reference, dataset, **layout))
             _save_atomic(tensors, {"format": CACHE_FORMAT, "key": key, "items": str(n),
                                    "values_sha256": values_checksum(tensors)}, path)
             return CachedReference(path, key=key)
@@ -272,13 +273,8 @@ def precompute_reference_logps(reference: ModelReference, dataset: TokenizedData
         logps = {name: torch.zeros(n, dtype=torch.float32) for name in names}
         tails = {name: torch.zeros(n, dtype=torch.float32) for name in names}
         tokens = {name: torch.zeros(n, dtype=torch.long) for name in names}
-        batches = plan_batches(dataset, pairs_per_batch=pairs_per_batch,
-                               max_tokens_per_batch=max_tokens_per_batch, shuffle=False,
-                               padding_free=padding_free, share_prompt=share_prompt)
-        for step, indices in enumerate(batches):
-            batch = collate_batch(dataset, indices, pad_token_id=pad_token_id,
-                                  padding_free=padding_free, share_prompt=share_prompt)
-            out = reference.reference_logps(batch, with_tail_logps=dataset.paired)
+        for indices, out in _reference_batches(reference, dataset, tails=dataset.paired,
+                                               **layout):
             values, counts = out.sequence.logps.float().cpu(), out.sequence.num_tokens.cpu()
             idx = torch.tensor(indices)
             b = len(indices)
@@ -288,8 +284,6 @@ def precompute_reference_logps(reference: ModelReference, dataset: TokenizedData
                 tokens[name][idx] = counts[part]
                 if out.tail_logps is not None:
                     tails[name][idx] = out.tail_logps[part].float().cpu()
-            if step % 50 == 0:
-                logger.info("reference logps: batch %d/%d", step + 1, len(batches))
         if dataset.paired:
             tensors = {"chosen_logps": logps["chosen"], "rejected_logps": logps["rejected"],
                        "chosen_tokens": tokens["chosen"], "rejected_tokens": tokens["rejected"],
@@ -302,29 +296,36 @@ def precompute_reference_logps(reference: ModelReference, dataset: TokenizedData
         return CachedReference(path, key=key)
 
 
-def _ranked_logps(reference: ModelReference, dataset: TokenizedDataset, *, pad_token_id: int,
-                  pairs_per_batch: int | None, max_tokens_per_batch: int | None,
-                  padding_free: bool, share_prompt: bool) -> dict[str, Tensor]:
-    """The reference's logps of every completion of a ranked dataset (item-major, with the
-    items' offsets), in the job's layout (K-way rows when ``share_prompt``)."""
-    counts = [len(it.completions) for it in dataset.ranked]
-    offsets = [0]
-    for k in counts:
-        offsets.append(offsets[-1] + k)
-    logps = torch.zeros(offsets[-1], dtype=torch.float32)
-    tokens = torch.zeros(offsets[-1], dtype=torch.long)
+def _reference_batches(reference: ModelReference, dataset: TokenizedDataset, *,
+                       pad_token_id: int, pairs_per_batch: int | None,
+                       max_tokens_per_batch: int | None, padding_free: bool, share_prompt: bool,
+                       tails: bool = False) -> Iterator[tuple[list[int], ReferenceLogps]]:
+    """(dataset indices, the reference's results) of every batch of ``dataset`` in order, in
+    the job's layout; progress logged every 50 batches."""
     batches = plan_batches(dataset, pairs_per_batch=pairs_per_batch,
                            max_tokens_per_batch=max_tokens_per_batch, shuffle=False,
                            padding_free=padding_free, share_prompt=share_prompt)
     for step, indices in enumerate(batches):
         batch = collate_batch(dataset, indices, pad_token_id=pad_token_id,
                               padding_free=padding_free, share_prompt=share_prompt)
-        out = reference.reference_logps(batch)
+        yield indices, reference.reference_logps(batch, with_tail_logps=tails)
+        if step % 50 == 0:
+            logger.info("reference logps: batch %d/%d", step + 1, len(batches))
+
+
+def _ranked_logps(dataset: TokenizedDataset,
+                  results: Iterator[tuple[list[int], ReferenceLogps]]) -> dict[str, Tensor]:
+    """The reference's logps of every completion of a ranked dataset (item-major, with the
+    items' offsets) from its batches' ``results`` (K-way rows when the job shares prompts)."""
+    offsets = [0]
+    for it in dataset.ranked:
+        offsets.append(offsets[-1] + len(it.completions))
+    logps = torch.zeros(offsets[-1], dtype=torch.float32)
+    tokens = torch.zeros(offsets[-1], dtype=torch.long)
+    for indices, out in results:
         flat = torch.tensor([k for i in indices for k in range(offsets[i], offsets[i + 1])])
         logps[flat] = out.sequence.logps.float().cpu()
         tokens[flat] = out.sequence.num_tokens.cpu()
-        if step % 50 == 0:
-            logger.info("reference logps: batch %d/%d", step + 1, len(batches))
     return {"completion_logps": logps, "completion_tokens": tokens,
             "offsets": torch.tensor(offsets, dtype=torch.long)}
 

@@ -9,7 +9,8 @@ import contextlib
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_shared_prompt import tiny_llama as shared_tiny_llama
+from transformers import LlamaForCausalLM
 
 from fastpo.engine.data.batch import collate_ranked
 from fastpo.engine.data.ranked import TokenizedRanked
@@ -33,12 +34,8 @@ def make_items(vocab: int, shapes=SHAPES, seed: int = 3) -> list[TokenizedRanked
             for p, sizes in shapes]
 
 
-def tiny_llama(attn: str, vocab: int = 97) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         initializer_range=0.2, attn_implementation=attn)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).float()
+def tiny_llama(attn: str) -> LlamaForCausalLM:
+    return shared_tiny_llama(attn, vocab=97)
 
 
 def run(model, batch, fused: bool):

@@ -180,3 +180,30 @@ def test_ranked_config_refuses_what_cannot_work(tiny_dir, ranked_file, tmp_path)
         run(job(tiny_dir, ranked_file, tmp_path, loss={"ld_alpha": 0.5}))
     with pytest.raises(ValueError, match="Input should be 'best_worst', 'all' or 'adjacent'"):
         config_from_dict(job(tiny_dir, ranked_file, tmp_path, ranked={"pairs": "every"}))
+
+
+def test_layout_estimate_costs_ranked_items_as_kway_rows():
+    """data.layout auto on ranked items: the padded / packed layouts hold one sequence per
+    completion (never the expanded pairs), the shared ones one K-way row per item."""
+    from fastpo.engine.data import attention_cost as C
+    from fastpo.engine.train import layout as Lay
+
+    # 2 items: prompt 300, K = 4 completions of 40 tokens (long prompts: K-way rows pay)
+    ranked = [TokenizedRanked([1] * 300, [[2] * 40] * 4, [3.0, 2.0, 1.0, 0.0])] * 2
+    data = TokenizedDataset([], [], DataStats(), {"ranked": True}, ranked)
+    cpu = C.device_costs("cpu")
+    padded = Lay.batch_cost(data, [0, 1], "padded", with_kl=False, attention="segments",
+                            device=cpu)
+    shared = Lay.batch_cost(data, [0, 1], "shared", with_kl=False, attention="segments",
+                            device=cpu)
+    packed = Lay.batch_cost(data, [0, 1], "shared_packed", with_kl=False,
+                            attention="segments", device=cpu)
+    assert padded.tokens == 8 * 340  # one row per completion, 8 rows
+    assert shared.tokens == 2 * 460 and packed.tokens == 920  # one K-way row per item
+    choice, costs = Lay.choose_layout(data, ["padded", "packed", "shared", "shared_packed"],
+                                      dims=C.ModelDims(), pairs_per_batch=2,
+                                      max_tokens_per_batch=None, with_kl=False,
+                                      attention="segments")
+    assert choice in ("shared", "shared_packed")
+    by_name = {c.layout: c for c in costs}
+    assert by_name[choice].cost < 0.5 * by_name["padded"].cost
