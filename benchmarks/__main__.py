@@ -1,6 +1,7 @@
 """Benchmark entry point.
 
-    python -m benchmarks run --suite kernels|e2e|e2e-real|all --device cpu|cuda [--quick | --smoke]
+    python -m benchmarks run --suite kernels|e2e|e2e-real|ranked|all --device cpu|cuda
+                             [--quick | --smoke]
                              [--reps N] [--threads N] [--only TEXT] [--profile] [--out DIR]
     python -m benchmarks report DIR/results.json     markdown tables (for RESULTS.md)
     python -m benchmarks plot DIR/results.json       PNG plots of time and memory
@@ -44,8 +45,9 @@ from benchmarks.harness import (
 )
 
 SUITES = ("kernels", "e2e")
-# not in "all": minutes of real training (python -m benchmarks run --suite e2e-real [--quick])
-EXTRA_SUITES = {"e2e-real": "e2e_real"}
+# not in "all": minutes of real training (--suite e2e-real) and the ranked-data suite
+# (--suite ranked: K-way rows against expanded pairs)
+EXTRA_SUITES = {"e2e-real": "e2e_real", "ranked": "ranked"}
 TOOLS = {"compile-report": "benchmarks.compile_report", "gpu": "benchmarks.gpu",
          "bundle": "benchmarks.bundle"}
 

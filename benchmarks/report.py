@@ -10,7 +10,7 @@ from benchmarks.harness import Result
 
 # The implementation every other one is compared with, per workload family.
 BASELINES = {"copy": "copy", "logits": "torch", "hidden": "naive", "dpo_step": "trl",
-             "dpo_lora_real": "trl"}
+             "dpo_lora_real": "trl", "ranked_step": "pairs_padded"}
 # Parameters that describe an implementation's setting, not the workload (not part of the group).
 IMPL_PARAMS = ("compiled",)
 

@@ -11,7 +11,9 @@ loss (sigmoid DPO, β = 0.1) and the same optimizer (AdamW, lr 1e-6):
     fastpo_shared  the same with each pair as one [prompt | chosen | rejected] row, so the prompt
                    runs once per pair (``collate_pairs(..., share_prompt=True)``)
 
-Each fastpo row also carries the FLOPs its layout needs next to the padded rows of the same pairs
+Every row carries its model-FLOP utilization (the step's model FLOPs per second over a GEMM rate
+measured in the same process, :mod:`benchmarks.mfu`). Each fastpo row also carries the FLOPs its
+layout needs next to the padded rows of the same pairs
 (``layout_figures``), and :func:`summary` prints, per layout row, those ratios beside the measured
 speed-up over the padded row (the issue's target: a packed or shared-prompt row's speed-up over
 padded rows at least its attention-FLOP saving, within 20 %).
@@ -36,6 +38,7 @@ from typing import Any
 import torch
 
 from benchmarks.harness import CaseSpec, SkipCase, Workload
+from benchmarks.mfu import batch_mfu_figures, mfu_column
 
 IMPLS = ("trl", "trl+fastpo", "fastpo", "fastpo_packed", "fastpo_shared")
 LAYOUTS = {"padded": "padded batch", "packed": "packed batch",
@@ -195,7 +198,15 @@ def _trl_workload(spec: CaseSpec, *, patched: bool) -> Workload:
         return trl_step(trainer, model, optimizer, batch)
 
     note = "TRL DPOTrainer.compute_loss, fp32, no gradient checkpointing"
-    return Workload(step, tokens=_tokens(pairs), notes=note + (", patched" if patched else ""))
+    # model FLOPs of the same pairs as concatenated sequences (what TRL runs)
+    from fastpo.engine.data.batch import collate_pairs
+    from fastpo.engine.data.dataset import TokenizedPair
+
+    figures = batch_mfu_figures(
+        collate_pairs([TokenizedPair(p, c, r) for p, c, r in pairs], pad_token_id=0),
+        config=policy.config, device=device, dtype=next(policy.parameters()).dtype)
+    return Workload(step, tokens=_tokens(pairs), extra=figures,
+                    notes=note + (", patched" if patched else ""))
 
 
 # --------------------------------------------------------------------------- fastpo engine
@@ -239,6 +250,8 @@ def _fastpo_workload(spec: CaseSpec, *, layout: str) -> Workload:
     figures = layout_figures([(batch.attention_plan, *shape)],
                              [tuple(padded.input_ids.shape)], config=policy.config,
                              scored=int(batch.target_index.numel()), device=device)
+    figures.update(batch_mfu_figures(batch, config=policy.config, device=device,
+                                     dtype=next(policy.parameters()).dtype))
     return Workload(step, tokens=_tokens(pairs), extra=figures,
                     notes=f"fastpo engine, {LAYOUTS[layout]}")
 
@@ -281,8 +294,14 @@ def summary(group: list[dict[str, Any]], padded_impl: str = "fastpo") -> list[st
     base = next((r for r in group if r["impl"] == padded_impl and r["status"] == "ok"), None)
     rows = [r for r in group if r["status"] == "ok" and (r.get("extra") or {}).get(
         "attention_pairs")]
+    utilization = mfu_column(group)
+    if utilization:
+        utilization = ["Model-FLOP utilization: the step's model FLOPs (policy forward + backward "
+                       "and reference forward over the real tokens) per second over a GEMM rate "
+                       "measured in the same process (`benchmarks/mfu.py`):", "", *utilization,
+                       ""]
     if base is None or not base.get("tokens_per_s") or not rows:
-        return []
+        return utilization
     lines = [f"Layouts against `{padded_impl}` (padded rows of the same pairs); FLOP ratios = "
              "padded FLOPs / the row's, from the batch lengths (attention: Σ over pieces of "
              "queries × keys vs rows × padded length²; step: forward FLOPs of decoder and head); "
@@ -302,7 +321,7 @@ def summary(group: list[dict[str, Any]], padded_impl: str = "fastpo") -> list[st
         lines.append(f"| {row['impl']} | {x['attention']} | {100 * x['attention_share']:.1f} % "
                      f"| {attn:.2f} | {step:.2f} | {speed:.2f} | {verdict(speed >= 0.8 * attn)} "
                      f"| {verdict(speed >= 0.8 * step)} | {verdict(speed >= 1.0)} |")
-    return [*lines, ""]
+    return [*lines, "", *utilization]
 
 
 def build(spec: CaseSpec) -> Workload:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .dataset import TokenizedDataset, TokenizedExample, TokenizedPair
+from .kway import kway_rows
 from .preference_batch import (
     PreferenceBatch,
     SequenceRows,
@@ -37,6 +38,7 @@ from .preference_batch import (
     empty_rows,
     row_layout,
 )
+from .ranked import TokenizedRanked, ranked_groups
 from .sampler import length_grouped_order, shuffle_batches
 from .segments import packed_plan
 from .shared_prompt import shared_prompt_rows
@@ -153,6 +155,38 @@ def collate_pairs(pairs: Sequence[TokenizedPair], *, pad_token_id: int,
                            target_tail=tail, shared_prompt=shared)
 
 
+def collate_ranked(items: Sequence[TokenizedRanked], *, pad_token_id: int, pairs: str = "all",
+                   margin: float = 0.0, padding_free: bool = False, share_prompt: bool = False,
+                   pad_to_multiple_of: int | None = None, indices: Sequence[int] | None = None,
+                   ignore_index: int = -100) -> PreferenceBatch:
+    """One batch of ranked items (:mod:`.ranked`): their ``ΣK`` completions as sequences
+    (item-major) and the pairs of ``pairs``/``margin`` as indices into them. ``share_prompt``:
+    one K-way row ``[prompt | c₁ | … | c_K]`` per item (:mod:`.kway`; with ``padding_free`` all
+    in one row), else one ``prompt + c_k`` sequence per completion (padded or packed)."""
+    if not items or not all(isinstance(it, TokenizedRanked) for it in items):
+        raise TypeError("collate_ranked needs a non-empty list of TokenizedRanked")
+    index = _indices(indices, len(items))
+    groups = ranked_groups(items, pairs=pairs, margin=margin, indices=indices)
+    if share_prompt:
+        numbering, start = [], 0
+        for it in items:
+            numbering.append(range(start, start + len(it.completions)))
+            start += len(it.completions)
+        rows, shared = kway_rows([it.prompt_ids for it in items],
+                                 [it.completions for it in items], numbering,
+                                 pad_token_id=pad_token_id, padding_free=padding_free,
+                                 pad_to_multiple_of=pad_to_multiple_of, ignore_index=ignore_index)
+    else:
+        rows = sequence_rows([it.prompt_ids for it in items for _ in it.completions],
+                             [c for it in items for c in it.completions],
+                             pad_token_id=pad_token_id, padding_free=padding_free,
+                             pad_to_multiple_of=pad_to_multiple_of, ignore_index=ignore_index)
+        shared = None
+    return PreferenceBatch(**rows._asdict(), indices=index,
+                           num_pairs=int(groups.pair_chosen.numel()), shared_prompt=shared,
+                           ranked=groups)
+
+
 def collate_unpaired(examples: Sequence[TokenizedExample], *, pad_token_id: int,
                      padding_free: bool = False, pad_to_multiple_of: int | None = None,
                      with_kl: bool = True, kl_completions: Sequence[Sequence[int]] | None = None,
@@ -206,7 +240,8 @@ def collate_batch(dataset: TokenizedDataset, indices: Sequence[int], *, pad_toke
                   share_prompt: bool = False) -> PreferenceBatch:
     """Collate dataset items by index (pairs, or KTO examples with dataset-level KL partners).
 
-    ``share_prompt`` applies to pairs (see :func:`collate_pairs`); unpaired data ignores it.
+    ``share_prompt`` applies to pairs (see :func:`collate_pairs`) and ranked items (K-way rows,
+    :func:`collate_ranked`, with the dataset's pair rule); unpaired data ignores it.
     """
     if not indices:
         raise ValueError("cannot collate an empty batch")
@@ -215,6 +250,13 @@ def collate_batch(dataset: TokenizedDataset, indices: Sequence[int], *, pad_toke
         if not 0 <= i < n:
             raise IndexError(f"index {i} out of range for a dataset of {n} items")
     items = [dataset[i] for i in indices]
+    if dataset.is_ranked:  # the pair rule travels with the dataset (with_pair_rule)
+        return collate_ranked(items, pad_token_id=pad_token_id,
+                              pairs=dataset.settings.get("pairs", "all"),
+                              margin=dataset.settings.get("pair_margin", 0.0),
+                              padding_free=padding_free, share_prompt=share_prompt,
+                              pad_to_multiple_of=pad_to_multiple_of, indices=indices,
+                              ignore_index=ignore_index)
     if dataset.paired:
         return collate_pairs(items, pad_token_id=pad_token_id, padding_free=padding_free,
                              pad_to_multiple_of=pad_to_multiple_of, indices=indices,
@@ -231,6 +273,15 @@ def _item_shapes(dataset: TokenizedDataset, with_kl: bool, share_prompt: bool = 
                  ) -> list[tuple[int, int, int]]:
     """(real tokens, longest row segment, rows) of each item as it will be collated."""
     shapes = []
+    if dataset.is_ranked:
+        for it in dataset.ranked:
+            p, sizes = len(it.prompt_ids), [len(c) for c in it.completions]
+            if share_prompt:  # one K-way row
+                n = p + sum(sizes)
+                shapes.append((n, n, 1))
+            else:
+                shapes.append((len(sizes) * p + sum(sizes), p + max(sizes), len(sizes)))
+        return shapes
     if dataset.paired:
         for p in dataset.pairs:
             if share_prompt:

@@ -34,7 +34,9 @@ from .formats import (
     is_paired,
     normalize_record,
     pairs_to_unpaired,
+    record_kind,
 )
+from .ranked import TokenizedRanked, has_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ DROP_REASONS = {
     "empty_prompt": "empty prompt",
     "too_long": "cannot fit max_length",
     "identical_after_truncation": "chosen identical to rejected after truncation",
+    "tied": "every completion scored the same",
+    "no_pairs": "no score gap above the pair margin",
 }
 
 
@@ -101,34 +105,57 @@ class DataStats:
 
 @dataclass
 class TokenizedDataset:
-    """Tokenized pairs (``.pairs``) or unpaired examples (``.examples``), stats, settings."""
+    """Tokenized pairs (``.pairs``), unpaired examples (``.examples``) or ranked items
+    (``.ranked``: K completions with scores, trained on as pairs picked by index), stats,
+    settings (for ranked items also the pair rule: ``pairs``, ``pair_margin``)."""
 
     pairs: list[TokenizedPair]
     examples: list[TokenizedExample]
     stats: DataStats
     settings: dict[str, Any]
+    ranked: list[TokenizedRanked] = field(default_factory=list)
 
     @property
     def paired(self) -> bool:
-        if self.pairs or self.examples:
-            return bool(self.pairs)
+        """Pairs or ranked items (a pairwise loss applies), not KTO examples."""
+        if self.pairs or self.examples or self.ranked:
+            return not self.examples
         return bool(self.settings.get("paired", True))
 
     @property
-    def items(self) -> list[TokenizedPair] | list[TokenizedExample]:
-        return self.pairs if self.paired else self.examples
+    def is_ranked(self) -> bool:
+        return bool(self.ranked) or bool(self.settings.get("ranked", False))
+
+    @property
+    def items(self) -> list[TokenizedPair] | list[TokenizedExample] | list[TokenizedRanked]:
+        return self.ranked if self.is_ranked else self.pairs if self.paired else self.examples
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> TokenizedPair | TokenizedExample:
+    def __getitem__(self, index: int) -> TokenizedPair | TokenizedExample | TokenizedRanked:
         return self.items[index]
 
     def subset(self, indices: Sequence[int]) -> TokenizedDataset:
         items = self.items
         chosen = [items[i] for i in indices]
+        if self.is_ranked:
+            return replace(self, pairs=[], examples=[], ranked=chosen)
         return replace(self, pairs=chosen if self.paired else [],
                        examples=[] if self.paired else chosen)
+
+    def with_pair_rule(self, rule: str, margin: float = 0.0) -> TokenizedDataset:
+        """Ranked items: the dataset whose batches take pairs by ``rule`` and ``margin``
+        (:mod:`.ranked`), without the items that give no pair (counted in the stats)."""
+        if not self.is_ranked:
+            raise ValueError("a pair rule applies to ranked data (completions with scores)")
+        kept = [it for it in self.ranked if has_pairs(it, rule=rule, margin=margin)]
+        stats = replace(self.stats, dropped=Counter(self.stats.dropped))
+        if len(kept) < len(self.ranked):
+            stats.dropped["no_pairs"] += len(self.ranked) - len(kept)
+            stats.kept = len(kept)
+        return replace(self, ranked=kept, stats=stats,
+                       settings={**self.settings, "pairs": rule, "pair_margin": margin})
 
     def fingerprint(self) -> str:
         """sha256 of every token id, label and the tokenization settings (not the tokenizer's
@@ -137,9 +164,14 @@ class TokenizedDataset:
         settings = {k: v for k, v in self.settings.items() if k != "tokenizer"}
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
         for item in self.items:
-            for part in (item.prompt_ids, *(
-                    (item.chosen_ids, item.rejected_ids) if isinstance(item, TokenizedPair)
-                    else (item.completion_ids, [int(item.label)]))):
+            if isinstance(item, TokenizedRanked):
+                parts = (*item.completions, [len(item.completions)])
+                digest.update(json.dumps(item.scores).encode())
+            elif isinstance(item, TokenizedPair):
+                parts = (item.chosen_ids, item.rejected_ids)
+            else:
+                parts = (item.completion_ids, [int(item.label)])
+            for part in (item.prompt_ids, *parts):
                 digest.update(len(part).to_bytes(4, "little"))
                 digest.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in part))
         return digest.hexdigest()
@@ -153,7 +185,9 @@ def _with_origins(records: Sequence[Mapping[str, Any]], unpaired: bool
     if len(origins) != len(records):
         origins = [f"records[{i}]" for i in range(len(records))]
     canonical = [normalize_record(r, where) for r, where in zip(records, origins)]
-    fields = [("chosen", "rejected") if is_paired(r) else ("completion",) for r in canonical]
+    fields = [tuple(f"completions[{k}]" for k in range(len(r["completions"])))
+              if record_kind(r) == "ranked" else ("chosen", "rejected") if is_paired(r)
+              else ("completion",) for r in canonical]
     if unpaired:
         converted = pairs_to_unpaired(canonical)
         origins = [where for where, f in zip(origins, fields) for _ in f]
@@ -250,16 +284,19 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
     labels: list[list[str]] = []  # "<row>: field 'x'" of each text, for the tokenizer's errors
     template_kwargs = dict(chat_template_kwargs or {})
     for i, record in enumerate(_progress(records, source, enabled=progress)):
-        keys = ("chosen", "rejected") if is_paired(record) else ("completion",)
-        if len(keys) == 2 and record["chosen"] == record["rejected"]:
+        values = _completions(record)
+        if len(values) == 2 and "chosen" in record and values[0] == values[1]:
             stats.dropped["identical"] += 1
             continue
-        if any(is_empty_completion(record[k]) for k in keys):
+        if "scores" in record and len(set(record["scores"])) == 1:
+            stats.dropped["tied"] += 1
+            continue
+        if any(is_empty_completion(v) for v in values):
             stats.dropped["empty_completion"] += 1
             continue
         prompt = record["prompt"]
         if isinstance(prompt, str):
-            texts = [prompt] + [record[k] for k in keys]
+            texts = [prompt, *values]
         else:
             if getattr(tokenizer, "chat_template", None) is None:
                 raise ValueError("conversational data needs a tokenizer with a chat template")
@@ -268,9 +305,8 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
             prompt_text = render_chat(tokenizer, prompt, generation_prompt=True,
                                       template_kwargs=kwargs)
             texts = [prompt_text] + [
-                render_completion(tokenizer, prompt, record[k], prompt_text, eos, origins[i],
-                                  kwargs)
-                for k in keys]
+                render_completion(tokenizer, prompt, v, prompt_text, eos, origins[i], kwargs)
+                for v in values]
         kept.append((record, texts))
         labels.append([f"{origins[i]}: field '{name}'" for name in ("prompt", *fields[i])])
 
@@ -291,6 +327,7 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
     # 3. EOS, limits
     pairs: list[TokenizedPair] = []
     examples: list[TokenizedExample] = []
+    ranked: list[TokenizedRanked] = []
     for (record, texts), prompt in zip(kept, prompt_ids):
         completions = [next(completion_ids) for _ in texts[1:]]
         completions = [c if c and c[-1] == eos_id else [*c, eos_id] for c in completions]
@@ -303,20 +340,23 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
         if fitted is None:
             continue
         prompt, completions = fitted
-        if is_paired(record):
+        if record_kind(record) == "ranked":
+            ranked.append(TokenizedRanked(prompt, completions, list(record["scores"])))
+        elif is_paired(record):
             if completions[0] == completions[1]:
                 stats.dropped["identical_after_truncation"] += 1
                 continue
             pairs.append(TokenizedPair(prompt, completions[0], completions[1]))
         else:
             examples.append(TokenizedExample(prompt, completions[0], bool(record["label"])))
-    stats.kept = len(pairs) + len(examples)
+    stats.kept = len(pairs) + len(examples) + len(ranked)
     if not stats.kept:
         raise DataFormatError(f"{source}: no usable preference rows are left: "
                               f"{stats.summary()}")
     check_unpaired_balance(examples, source=source, stats=stats)
     settings = {
-        "paired": bool(pairs),
+        "paired": bool(pairs) or bool(ranked),
+        "ranked": bool(ranked),
         "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
         "vocab_size": len(tokenizer),
         "eos_token_id": eos_id,
@@ -327,7 +367,16 @@ def tokenize_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Any, *,
     }
     if template_kwargs:
         settings["chat_template_kwargs"] = template_kwargs
-    return TokenizedDataset(pairs, examples, stats, settings)
+    return TokenizedDataset(pairs, examples, stats, settings, ranked)
+
+
+def _completions(record: Mapping[str, Any]) -> list[Any]:
+    """The completions of a canonical record, in order (chosen/rejected, the one unpaired
+    completion, or a ranked item's K)."""
+    kind = record_kind(record)
+    if kind == "ranked":
+        return list(record["completions"])
+    return [record["chosen"], record["rejected"]] if kind == "paired" else [record["completion"]]
 
 
 def _progress(records: Sequence[dict[str, Any]], source: str, *, enabled: bool

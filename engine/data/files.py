@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import decode_utf8
 from .bad_rows import BadRowPolicy, BadRowTally
 from .columns import map_columns, mapping_note
-from .formats import DataFormatError, is_paired, normalize_record
+from .formats import DataFormatError, normalize_record, record_kind
 
 FILE_TYPES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
 
@@ -210,7 +210,7 @@ def load_preference_records(source: str | Path | Sequence[Mapping[str, Any]] | A
     """
     records = PreferenceRecords(source=str(source) if isinstance(source, (str, Path)) else None)
     tally = BadRowTally(bad_rows or BadRowPolicy(), records.source or "records")
-    first_kind: tuple[str, bool] | None = None
+    first_kind: tuple[str, str] | None = None
     total = 0
     for where, row in _source_rows(source, split):
         total += 1
@@ -225,15 +225,14 @@ def load_preference_records(source: str | Path | Sequence[Mapping[str, Any]] | A
                     raise
                 raise DataFormatError(f"{exc}{mapping_note(str(exc), columns, columns_setting)}"
                                       ) from None
-            if first_kind is not None and is_paired(record) != first_kind[1]:
-                kinds = ("unpaired", "paired") if first_kind[1] else ("paired", "unpaired")
-                raise DataFormatError(f"{where}: {kinds[0]} record in data whose first record "
-                                      f"({first_kind[0]}) is {kinds[1]}")
+            if first_kind is not None and record_kind(record) != first_kind[1]:
+                raise DataFormatError(f"{where}: {record_kind(record)} record in data whose "
+                                      f"first record ({first_kind[0]}) is {first_kind[1]}")
         except DataFormatError as exc:
             tally.bad(where, exc)
             continue
         if first_kind is None:
-            first_kind = (where, is_paired(record))
+            first_kind = (where, record_kind(record))
         records.origins.append(where)
         records.append(record)
     tally.finish(total)

@@ -4,6 +4,8 @@ Every accepted row becomes one of two canonical forms:
 
     paired:    {"prompt": P, "chosen": C, "rejected": R}           (DPO, IPO, SimPO, ORPO, ...)
     unpaired:  {"prompt": P, "completion": C, "label": bool}       (KTO)
+    ranked:    {"prompt": P, "completions": [C₁, …, C_K], "scores": [s₁, …, s_K]}
+               (K ≥ 2 completions of one prompt, higher score better; :mod:`.ranked`)
 
 where ``P``, ``C``, ``R`` are all strings ("standard") or all lists of ``{"role", "content"}``
 messages ("conversational", rendered later with the tokenizer's chat template). Accepted inputs:
@@ -14,6 +16,11 @@ messages ("conversational", rendered later with the tokenizer's chat template). 
     prompt / completion / label           KTO's unpaired form
     messages / label                      unpaired conversation: the last turn is the completion
     messages / chosen / rejected          the conversation so far is the prompt
+    prompt / completions / scores|ranks   ranked: strings, message lists or one assistant message
+                                          each; ranks 1 = best (a score of −rank)
+    prompt|messages / completions         ranked, each completion an object with its text
+                                          (``text``/``content``/``completion``/``messages``) and
+                                          its ``score`` or ``rank``
 
 Two optional fields go with any of them: ``system`` (a system prompt, put first in the prompt's
 messages) and ``tools`` (a list of tool schemas, or that list as a JSON string, handed to the
@@ -46,7 +53,10 @@ FORMATS = (
     "prompt/completion/label (unpaired)",
     "messages/label (unpaired)",
     "messages/chosen/rejected",
+    "prompt/completions/scores or ranks (ranked)",
 )
+RANK_KEYS = ("score", "rank")
+TEXT_KEYS = ("text", "content", "completion", "messages")
 
 Messages = list[dict[str, str]]
 
@@ -174,6 +184,9 @@ def _as_conversation(record: dict[str, Any], system: str | None) -> dict[str, An
         if isinstance(out.get(key), str):
             out[key] = [{"role": "user" if key == "prompt" else "assistant",
                          "content": out[key]}]
+    if "completions" in out:  # ranked: each string completion one assistant turn
+        out["completions"] = [[{"role": "assistant", "content": c}] if isinstance(c, str) else c
+                              for c in out["completions"]]
     if system and not (out["prompt"] and out["prompt"][0]["role"] == "system"):
         out["prompt"] = [{"role": "system", "content": system}, *out["prompt"]]
     return out
@@ -199,6 +212,9 @@ def normalize_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 def _normalize_fields(row: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The canonical form of the prompt / completion / label fields of one row."""
+
+    if _present(row, "completions"):
+        return _ranked(row, where)
 
     if _present(row, "conversations"):
         prompt = _messages(row["conversations"], where, "conversations", sharegpt=True)
@@ -248,8 +264,88 @@ def _normalize_fields(row: Mapping[str, Any], where: str) -> dict[str, Any]:
                           f"{'; '.join(FORMATS)}")
 
 
+def _score(value: Any, where: str, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or value in (float("inf"), float("-inf")):
+        raise DataFormatError(f"{where}: field '{field}' must be a finite number, got "
+                              f"{type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _ranked_completion(value: Any, where: str, field: str) -> str | Messages:
+    """One ranked completion: a string, a message list, or one assistant message object."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and "role" in value:
+        value = [value]
+    messages = _messages(value, where, field)
+    _check_completion(messages, where, field)
+    return messages
+
+
+def _ranked(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``prompt`` (or ``messages``: the conversation before the completions) with a list of
+    ``completions`` and their ``scores`` or ``ranks`` (beside them, or inside each completion
+    object): the canonical ranked record, scores higher-better (a rank r gives −r)."""
+    completions = row["completions"]
+    if isinstance(completions, (str, bytes, Mapping)) or not isinstance(completions, Sequence):
+        raise DataFormatError(f"{where}: field 'completions' must be a list, got "
+                              f"{type(completions).__name__}")
+    if len(completions) < 2:
+        raise DataFormatError(f"{where}: field 'completions' needs at least 2 completions, got "
+                              f"{len(completions)}")
+    if _present(row, "prompt"):
+        prompt = _text_or_messages(row, "prompt", where)
+    elif _present(row, "messages"):
+        prompt = _messages(row["messages"], where, "messages")
+    else:
+        raise DataFormatError(f"{where}: missing field 'prompt' (or 'messages') of a ranked row")
+    given = [key for key in ("scores", "ranks") if _present(row, key)]
+    if len(given) > 1:
+        raise DataFormatError(f"{where}: give 'scores' or 'ranks', not both")
+    texts: list[str | Messages] = []
+    scores: list[float] = []
+    for k, item in enumerate(completions):
+        name = f"completions[{k}]"
+        if isinstance(item, Mapping) and "role" not in item:
+            text_key = next((key for key in TEXT_KEYS if _present(item, key)), None)
+            if text_key is None:
+                raise DataFormatError(f"{where}: field '{name}' has none of "
+                                      f"{', '.join(TEXT_KEYS)}")
+            texts.append(_ranked_completion(item[text_key], where, f"{name}.{text_key}"))
+            keys = [key for key in RANK_KEYS if _present(item, key)]
+            if given or len(keys) != 1:
+                raise DataFormatError(f"{where}: field '{name}' needs exactly one of 'score' or "
+                                      "'rank' (and then no 'scores'/'ranks' list beside it)")
+            value = _score(item[keys[0]], where, f"{name}.{keys[0]}")
+            scores.append(-value if keys[0] == "rank" else value)
+        else:
+            texts.append(_ranked_completion(item, where, name))
+    if len(scores) != len(texts):
+        if scores or not given:
+            raise DataFormatError(f"{where}: every completion needs a score or a rank: give a "
+                                  "'scores' or 'ranks' list, or 'score'/'rank' in each completion")
+        values = row[given[0]]
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) \
+                or len(values) != len(texts):
+            raise DataFormatError(f"{where}: field '{given[0]}' must be a list of "
+                                  f"{len(texts)} numbers (one per completion)")
+        sign = -1.0 if given[0] == "ranks" else 1.0
+        scores = [sign * _score(v, where, f"{given[0]}[{k}]") for k, v in enumerate(values)]
+    _same_kind({"prompt": prompt, **{f"completions[{k}]": t for k, t in enumerate(texts)}},
+               where)
+    return {"prompt": prompt, "completions": texts, "scores": scores}
+
+
+def record_kind(record: Mapping[str, Any]) -> str:
+    """``paired``, ``unpaired`` or ``ranked``: the kind of a canonical record."""
+    return "ranked" if "completions" in record else "paired" if "chosen" in record \
+        else "unpaired"
+
+
 def is_paired(record: Mapping[str, Any]) -> bool:
-    """Whether a canonical record is a preference pair (else an unpaired KTO example)."""
+    """Whether a canonical record is a preference pair (else an unpaired KTO example or a
+    ranked item)."""
     return "chosen" in record
 
 
@@ -257,6 +353,9 @@ def pairs_to_unpaired(records: Sequence[Mapping[str, Any]]) -> list[dict[str, An
     """KTO form of paired data: each pair gives a desirable and an undesirable example."""
     out: list[dict[str, Any]] = []
     for record in records:
+        if record_kind(record) == "ranked":
+            raise DataFormatError("ranked records (completions with scores) cannot become KTO "
+                                  "examples: KTO needs desirable/undesirable labels")
         if not is_paired(record):
             out.append(dict(record))
             continue

@@ -1,7 +1,9 @@
 """The batch type: the tensors of one micro-batch and the host-side bookkeeping of its sequences.
 
 Built by the collate functions (:mod:`.batch` for padded and packed rows, :mod:`.shared_prompt`
-for ``[prompt | chosen | rejected]`` rows), read by the forward pass and the losses.
+for ``[prompt | chosen | rejected]`` rows, :mod:`.ranked` for ranked items, in K-way rows
+``[prompt | c₁ | … | c_K]`` or one sequence per completion), read by the forward pass and the
+losses.
 """
 
 from __future__ import annotations
@@ -29,6 +31,34 @@ class SharedPromptRows:
     segment_ids: Tensor  # [R, L] int64
     branch_ids: Tensor  # [R, L] int64
     prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class RankedGroups:
+    """What a batch of ranked items adds (:mod:`.ranked`): its K completions per item are
+    sequences ``offsets[i]..offsets[i+1]−1`` (item-major), and the training signal is read off
+    the per-sequence results by index, never by expanding rows:
+
+    - ``pair_chosen`` / ``pair_rejected`` ``[P]``: the sequences of the pairs the pair rule chose
+      (``PreferenceBatch.num_pairs`` = P), ``pair_item`` ``[P]`` the item of each;
+    - ``order`` ``[I, K_max]``: each item's sequences from best to worst score, -1 past its K
+      (the Plackett–Luce ranking; ties kept in the data's order);
+    - ``strict_*`` ``[Q]``: every pair of an item with a strictly higher score, for the
+      full-ranking accuracy (an item is ranked right when its implicit rewards order all of them).
+
+    ``dataset_indices`` and ``counts`` are the host copies a reference cache reads (no sync)."""
+
+    pair_chosen: Tensor  # [P] int64
+    pair_rejected: Tensor  # [P] int64
+    pair_item: Tensor  # [P] int64
+    order: Tensor  # [I, K_max] int64, -1 = no completion
+    strict_better: Tensor  # [Q] int64
+    strict_worse: Tensor  # [Q] int64
+    strict_item: Tensor  # [Q] int64
+    scores: Tensor  # [S] float64
+    num_items: int
+    counts: tuple[int, ...]  # K of each item
+    dataset_indices: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +93,7 @@ class PreferenceBatch:
     desirable: Tensor | None = None  # [num_examples] bool
     kl_from_dataset: bool = False  # KL partners chosen at dataset level (cacheable)
     shared_prompt: SharedPromptRows | None = None
+    ranked: RankedGroups | None = None  # ranked items: K completions each, pairs by index
 
     @property
     def num_sequence_tokens(self) -> int:
@@ -94,7 +125,7 @@ def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     """``value`` with ``fn`` applied to every tensor field, also inside its typed parts."""
     if isinstance(value, Tensor):
         return fn(value)
-    if isinstance(value, (PreferenceBatch, SharedPromptRows)):
+    if isinstance(value, (PreferenceBatch, SharedPromptRows, RankedGroups)):
         return dataclasses.replace(value, **{
             f.name: _map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value)})
     return value

@@ -4,9 +4,10 @@ Built on the host at collate time (:mod:`.batch`, :mod:`.shared_prompt`) and car
 batch; the model's segment attention (:mod:`fastpo.engine.model.attention`) runs one attention
 call per piece, or one dense-masked call over the rows where that is cheaper
 (:mod:`.attention_cost`). A piece is CAUSAL (a sequence, or a ``[prompt | chosen]`` run:
-self-attention over its own tokens), BRANCH (a shared-prompt pair's rejected completion: queries
-over the first ``prompt`` keys of the preceding causal piece, then causal over its own) or PAD (no
-attention).
+self-attention over its own tokens), BRANCH (a completion after the first of a shared-prompt row:
+queries over the first ``prompt`` keys of the nearest preceding causal piece, then causal over its
+own; a K-way row ``[prompt | c₁ | … | c_K]`` is one causal piece ``[prompt | c₁]`` and K − 1
+branches) or PAD (no attention).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ CAUSAL, BRANCH, PAD = 0, 1, 2
 @dataclass(frozen=True)
 class Piece:
     """One run of a row: ``kind`` CAUSAL (self-attention), BRANCH (queries over the first
-    ``prompt`` keys of the previous piece, then causal over their own) or PAD; ``length`` tokens."""
+    ``prompt`` keys of the nearest preceding CAUSAL piece, then causal over their own) or PAD;
+    ``length`` tokens."""
 
     kind: int
     length: int
@@ -45,14 +47,26 @@ class SegmentPlan:
                 raise ValueError(f"segment plan row {r}: pieces cover "
                                  f"{sum(p.length for p in pieces)} tokens of {self.width}")
             for i, p in enumerate(pieces):
-                if p.kind == BRANCH and (i == 0 or pieces[i - 1].kind != CAUSAL
-                                         or not 0 < p.prompt <= pieces[i - 1].length):
+                if p.kind != BRANCH:
+                    continue
+                j = branch_source(pieces, i)
+                if j < 0 or not 0 < p.prompt <= pieces[j].length:
                     raise ValueError(f"segment plan row {r}: branch piece {i} needs a preceding "
-                                     f"causal piece of at least {p.prompt} tokens")
+                                     f"causal piece of at least {p.prompt} tokens (only branch "
+                                     "pieces between them)")
 
     @property
     def num_pieces(self) -> int:
         return sum(p.kind != PAD for row in self.rows for p in row)
+
+
+def branch_source(pieces: Sequence[Piece], i: int) -> int:
+    """The index of the causal piece whose prompt branch piece ``i`` attends to: the nearest
+    preceding CAUSAL piece with only BRANCH pieces in between, or -1 when there is none."""
+    j = i - 1
+    while j >= 0 and pieces[j].kind == BRANCH:
+        j -= 1
+    return j if j >= 0 and pieces[j].kind == CAUSAL else -1
 
 
 def packed_plan(lengths: Sequence[int], width: int) -> SegmentPlan:
@@ -63,16 +77,16 @@ def packed_plan(lengths: Sequence[int], width: int) -> SegmentPlan:
     return SegmentPlan(width, (tuple(pieces),))
 
 
-def shared_prompt_plan(rows: Sequence[Sequence[tuple[int, int, int]]], width: int
-                       ) -> SegmentPlan:
-    """Rows of ``(prompt, chosen, rejected)`` pairs laid out ``[p | c | r]`` one after the
-    other, then padding up to ``width``."""
+def shared_prompt_plan(rows: Sequence[Sequence[tuple[int, ...]]], width: int) -> SegmentPlan:
+    """Rows of ``(prompt, completion₁, …, completion_K)`` items (K ≥ 2; a pair is ``(p, c, r)``)
+    laid out ``[p | c₁ | … | c_K]`` one after the other, then padding up to ``width``."""
     planned = []
-    for pairs in rows:
+    for items in rows:
         pieces = []
-        for p, c, r in pairs:
-            pieces += [Piece(CAUSAL, p + c), Piece(BRANCH, r, prompt=p)]
-        used = sum(p + c + r for p, c, r in pairs)
+        for p, first, *rest in items:
+            pieces.append(Piece(CAUSAL, p + first))
+            pieces += [Piece(BRANCH, n, prompt=p) for n in rest]
+        used = sum(sum(item) for item in items)
         if width > used:
             pieces.append(Piece(PAD, width - used))
         planned.append(tuple(pieces))

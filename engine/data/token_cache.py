@@ -31,10 +31,11 @@ import numpy as np
 from .assets import build_once
 from .dataset import DataStats, TokenizedDataset, TokenizedExample, TokenizedPair
 from .formats import DataFormatError
+from .ranked import TokenizedRanked
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: ranked items; meta.json names the kind
 TOKENS_FILE = "tokens.safetensors"
 META_FILE = "meta.json"
 
@@ -93,21 +94,35 @@ def _unflat(values: np.ndarray, offsets: np.ndarray) -> list[list[int]]:
     return [flat[a:b] for a, b in itertools.pairwise(ends)]
 
 
+def _fields(kind: str) -> tuple[str, ...]:
+    return {"paired": ("prompt_ids", "chosen_ids", "rejected_ids"),
+            "unpaired": ("prompt_ids", "completion_ids"),
+            "ranked": ("prompt_ids",)}[kind]
+
+
+def _kind(dataset: TokenizedDataset) -> str:
+    return "ranked" if dataset.is_ranked else "paired" if dataset.paired else "unpaired"
+
+
 def save_tokenized(dataset: TokenizedDataset, folder: Path) -> None:
     """Write ``dataset`` into ``folder`` (safetensors + JSON)."""
     from safetensors.numpy import save_file
 
-    items = dataset.items
-    fields = ("prompt_ids", "chosen_ids", "rejected_ids") if dataset.paired \
-        else ("prompt_ids", "completion_ids")
+    items, kind = dataset.items, _kind(dataset)
     tensors: dict[str, np.ndarray] = {}
-    for name in fields:
+    for name in _fields(kind):
         tensors[name], tensors[f"{name}.offsets"] = _flat([getattr(i, name) for i in items])
-    if not dataset.paired:
+    if kind == "unpaired":
         tensors["labels"] = np.array([bool(i.label) for i in items], dtype=np.uint8)
+    if kind == "ranked":  # every completion in item order; K of each item; their scores
+        tensors["completions"], tensors["completions.offsets"] = _flat(
+            [c for i in items for c in i.completions])
+        tensors["completions.per_item"] = np.array([len(i.completions) for i in items],
+                                                   dtype=np.int64)
+        tensors["scores"] = np.array([x for i in items for x in i.scores], dtype=np.float64)
     save_file(tensors, str(folder / TOKENS_FILE))
     stats = dataset.stats
-    meta = {"format": CACHE_FORMAT, "paired": dataset.paired, "items": len(items),
+    meta = {"format": CACHE_FORMAT, "kind": kind, "items": len(items),
             "settings": dataset.settings,
             "stats": {"rows": stats.rows, "kept": stats.kept,
                       "truncated_prompt": stats.truncated_prompt,
@@ -124,21 +139,31 @@ def load_tokenized(folder: Path) -> TokenizedDataset:
     try:
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
         tensors = load_file(str(folder / TOKENS_FILE))
-        paired = bool(meta["paired"])
-        fields = ("prompt_ids", "chosen_ids", "rejected_ids") if paired \
-            else ("prompt_ids", "completion_ids")
-        columns = [_unflat(tensors[name], tensors[f"{name}.offsets"]) for name in fields]
+        kind = meta["kind"]
+        columns = [_unflat(tensors[name], tensors[f"{name}.offsets"]) for name in _fields(kind)]
         if meta.get("format") != CACHE_FORMAT or any(len(c) != meta["items"] for c in columns):
             raise ValueError("format or item count does not match meta.json")
+        if kind == "ranked":
+            per_item = tensors["completions.per_item"].tolist()
+            flat = _unflat(tensors["completions"], tensors["completions.offsets"])
+            scores = tensors["scores"].tolist()
+            if (len(per_item) != meta["items"] or sum(per_item) != len(flat)
+                    or len(flat) != len(scores)):
+                raise ValueError("ranked completions do not match meta.json")
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise DataFormatError(f"tokenization cache {folder}: unreadable ({exc})") from None
     s = meta["stats"]
     stats = DataStats(rows=s["rows"], kept=s["kept"], truncated_prompt=s["truncated_prompt"],
                       truncated_completion=s["truncated_completion"],
                       dropped=Counter(s["dropped"]))
-    if paired:
+    if kind == "paired":
         pairs = [TokenizedPair(p, c, r) for p, c, r in zip(*columns)]
         return TokenizedDataset(pairs, [], stats, meta["settings"])
+    if kind == "ranked":
+        ends = np.cumsum([0, *per_item]).tolist()
+        ranked = [TokenizedRanked(p, flat[a:b], scores[a:b])
+                  for p, a, b in zip(columns[0], ends, ends[1:])]
+        return TokenizedDataset([], [], stats, meta["settings"], ranked)
     labels = tensors["labels"].tolist()
     examples = [TokenizedExample(p, c, bool(label)) for p, c, label in zip(*columns, labels)]
     return TokenizedDataset([], examples, stats, meta["settings"])

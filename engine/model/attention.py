@@ -7,9 +7,10 @@ collate time: :class:`~fastpo.engine.data.segments.SegmentPlan`) and SDPA runs o
 
 - a sequence of ``n`` tokens (packed rows) or a ``[prompt | chosen]`` run: causal self-attention
   over its own tokens;
-- the rejected completion of a shared-prompt pair (``r`` tokens after a ``[prompt | chosen]`` run
-  whose first ``p`` tokens are the prompt): queries over the keys ``[prompt | rejected]``, the
-  prompt fully visible and the rejected part causal;
+- the rejected completion of a shared-prompt pair, or completion ``k ≥ 2`` of a K-way row
+  ``[prompt | c₁ | … | c_K]`` (``r`` tokens after the ``[prompt | c₁]`` run whose first ``p``
+  tokens are the prompt, and the branches between): queries over the keys ``[prompt | c_k]``, the
+  prompt fully visible and the completion causal;
 - padding: no attention (its output is zero and never scored).
 
 A call has a fixed cost, and a piece's call on CPU splits only its heads over the threads, so
@@ -45,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.attention_cost import AttentionMode, choose_attention
-from ..data.segments import BRANCH, PAD, SegmentPlan
+from ..data.segments import BRANCH, CAUSAL, PAD, SegmentPlan
 
 PLAN_KWARG = "fastpo_segments"
 
@@ -65,13 +66,15 @@ def dense_mask(plan: SegmentPlan, device: torch.device) -> Tensor:
     own, extra_start, extra_stop = [], [], []  # per piece, repeated over its tokens below
     lengths = []
     for pieces in plan.rows:
-        start = prev = 0
+        start = source = 0  # source: the start of the last causal piece (a branch's prompt)
         for p in pieces:
             own.append(start if p.kind != PAD else -1)
-            extra_start.append(prev if p.kind == BRANCH else 0)
-            extra_stop.append(prev + p.prompt if p.kind == BRANCH else 0)
+            extra_start.append(source if p.kind == BRANCH else 0)
+            extra_stop.append(source + p.prompt if p.kind == BRANCH else 0)
             lengths.append(p.length)
-            prev, start = start, start + p.length
+            if p.kind == CAUSAL:
+                source = start
+            start += p.length
     n = torch.tensor(lengths, device=device)
     rows, width = len(plan.rows), plan.width
 
@@ -143,15 +146,18 @@ def segment_attention(query: Tensor, key: Tensor, value: Tensor, plan: SegmentPl
         sizes = [p.length for p in pieces]
         qs, ks, vs = (t.split(sizes, dim=1) for t in (q_row, k_row, v_row))
         outs = []
+        source = -1  # the last causal piece: the prompt of the branches after it
         for i, p in enumerate(pieces):
+            if p.kind == CAUSAL:
+                source = i
             if p.kind == PAD:
                 outs.append(query.new_zeros(p.length, heads, dim))
                 continue
             q, k, v = qs[i][None], ks[i][None], vs[i][None]
             mask, causal = None, True
             if p.kind == BRANCH:
-                k = torch.cat([ks[i - 1][None, :, : p.prompt], k], dim=2)
-                v = torch.cat([vs[i - 1][None, :, : p.prompt], v], dim=2)
+                k = torch.cat([ks[source][None, :, : p.prompt], k], dim=2)
+                v = torch.cat([vs[source][None, :, : p.prompt], v], dim=2)
                 mask = masks.get((p.prompt, p.length))
                 if mask is None:
                     mask = masks[(p.prompt, p.length)] = _branch_mask(p.prompt, p.length,

@@ -262,6 +262,26 @@ def split_pairs(seq_logps: SequenceLogps, num_pairs: int) -> tuple[SequenceLogps
     return _slice(seq_logps, 0, num_pairs), _slice(seq_logps, num_pairs, 2 * num_pairs)
 
 
+def pair_logps(seq_logps: SequenceLogps, batch: PreferenceBatch
+               ) -> tuple[SequenceLogps, SequenceLogps]:
+    """``(chosen, rejected)`` of the pairs of a pair batch (:func:`split_pairs`) or of a ranked
+    batch (its per-completion results gathered by the pair indices: a completion in several
+    pairs is computed once)."""
+    groups = batch.ranked
+    if groups is None:
+        return split_pairs(seq_logps, batch.num_pairs)
+    if seq_logps.logps.shape[0] != batch.num_sequences:
+        raise ValueError(f"{seq_logps.logps.shape[0]} results for a ranked batch of "
+                         f"{batch.num_sequences} completions")
+    return _take(seq_logps, groups.pair_chosen), _take(seq_logps, groups.pair_rejected)
+
+
+def _take(s: SequenceLogps, index: Tensor) -> SequenceLogps:
+    index = index.to(s.logps.device)
+    return SequenceLogps(s.logps[index], s.num_tokens[index.to(s.num_tokens.device)],
+                         None if s.logits_sum is None else s.logits_sum[index])
+
+
 def split_unpaired(seq_logps: SequenceLogps, num_examples: int
                    ) -> tuple[SequenceLogps, SequenceLogps | None]:
     """``(examples, kl)`` of an unpaired batch; ``kl`` is None when it has no KL sequences."""

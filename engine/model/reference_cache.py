@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ CACHE_FORMAT = "fastpo-reference-logps-v1"
 _PAIRED_TENSORS = {"chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens",
                    "chosen_tail", "rejected_tail"}
 _UNPAIRED_TENSORS = {"logps", "num_tokens", "kl_logps", "kl_tokens"}
+# ranked items: one value per completion (item i's at offsets[i]..offsets[i+1]-1), whatever the
+# pair rule, so that a completion in several pairs is stored and computed once
+_RANKED_TENSORS = {"completion_logps", "completion_tokens", "offsets"}
 
 
 def _adapter_names(model: nn.Module) -> set[str]:
@@ -159,15 +163,22 @@ class CachedReference(ReferenceStrategy):
                 f"reference-logps cache {self.path}: its values do not match the sha256 stored "
                 "with them (the file was edited or corrupted after it was written); delete it "
                 "(or pass overwrite=True to precompute_reference_logps) to recompute")
-        shapes = {tuple(t.shape) for t in self.tensors.values()}
-        if set(self.tensors) not in (_PAIRED_TENSORS, _UNPAIRED_TENSORS) or len(shapes) != 1 \
-                or len(shapes.pop()) != 1:
+        self.ranked = set(self.tensors) == _RANKED_TENSORS
+        shapes = {tuple(t.shape) for k, t in self.tensors.items() if k != "offsets"}
+        if set(self.tensors) not in (_PAIRED_TENSORS, _UNPAIRED_TENSORS, _RANKED_TENSORS) \
+                or len(shapes) != 1 or len(shapes.pop()) != 1 or (self.ranked and (
+                    self.tensors["offsets"].dim() != 1
+                    or int(self.tensors["offsets"][-1]) != len(self.tensors["completion_logps"]))):
             raise ValueError(f"reference-logps cache {self.path}: unexpected tensors "
                              f"{ {k: tuple(t.shape) for k, t in self.tensors.items()} }")
         self.paired = "chosen_logps" in self.tensors
+        # host copy: a ranked batch's completions are found without reading the device
+        self.offsets = self.tensors["offsets"].tolist() if self.ranked else []
         self._copies: dict[torch.device, dict[str, Tensor]] = {}
 
     def __len__(self) -> int:
+        if self.ranked:
+            return len(self.offsets) - 1
         return int(next(iter(self.tensors.values())).shape[0])
 
     def reference_logps(self, batch: PreferenceBatch, *, with_tail_logps: bool = False
@@ -176,6 +187,22 @@ class CachedReference(ReferenceStrategy):
             raise ValueError("cached reference logps need batch.indices (use collate_batch)")
         idx = batch.indices
         t = self._on(idx.device)
+        if (batch.ranked is not None) != self.ranked:
+            raise ValueError(f"{self.path} holds {'ranked' if self.ranked else 'pair'} logps but "
+                             f"the batch is {'ranked' if batch.ranked is not None else 'not'}")
+        if batch.ranked is not None:
+            if with_tail_logps:
+                raise ValueError("tail logps exist for pair batches only")
+            items = batch.ranked.dataset_indices
+            if items is None:
+                raise ValueError("cached reference logps need the batch's dataset indices "
+                                 "(use collate_batch)")
+            flat = [k for i in items for k in range(self.offsets[i], self.offsets[i + 1])]
+            if len(flat) != batch.num_sequences:
+                raise ValueError(f"{self.path}: the cached items hold {len(flat)} completions, "
+                                 f"the batch {batch.num_sequences}")
+            logps = t["completion_logps"][torch.tensor(flat).to(idx.device)]
+            return ReferenceLogps(SequenceLogps(logps, batch.completion_tokens, None), None)
         if batch.num_pairs:
             if not self.paired:
                 raise ValueError(f"{self.path} holds unpaired logps but the batch is paired")
@@ -234,17 +261,20 @@ def precompute_reference_logps(reference: ModelReference, dataset: TokenizedData
             logger.info("reusing reference logps from %s", path)
             return cached
         n = len(dataset)
+        layout = dict(pad_token_id=pad_token_id, pairs_per_batch=pairs_per_batch,
+                      max_tokens_per_batch=max_tokens_per_batch, padding_free=padding_free,
+                      share_prompt=share_prompt)
+        if dataset.is_ranked:
+            tensors = _ranked_logps(dataset, _reference_batches(reference, dataset, **layout))
+            _save_atomic(tensors, {"format": CACHE_FORMAT, "key": key, "items": str(n),
+                                   "values_sha256": values_checksum(tensors)}, path)
+            return CachedReference(path, key=key)
         names = (("chosen", "rejected") if dataset.paired else ("", "kl_"))
         logps = {name: torch.zeros(n, dtype=torch.float32) for name in names}
         tails = {name: torch.zeros(n, dtype=torch.float32) for name in names}
         tokens = {name: torch.zeros(n, dtype=torch.long) for name in names}
-        batches = plan_batches(dataset, pairs_per_batch=pairs_per_batch,
-                               max_tokens_per_batch=max_tokens_per_batch, shuffle=False,
-                               padding_free=padding_free, share_prompt=share_prompt)
-        for step, indices in enumerate(batches):
-            batch = collate_batch(dataset, indices, pad_token_id=pad_token_id,
-                                  padding_free=padding_free, share_prompt=share_prompt)
-            out = reference.reference_logps(batch, with_tail_logps=dataset.paired)
+        for indices, out in _reference_batches(reference, dataset, tails=dataset.paired,
+                                               **layout):
             values, counts = out.sequence.logps.float().cpu(), out.sequence.num_tokens.cpu()
             idx = torch.tensor(indices)
             b = len(indices)
@@ -254,8 +284,6 @@ def precompute_reference_logps(reference: ModelReference, dataset: TokenizedData
                 tokens[name][idx] = counts[part]
                 if out.tail_logps is not None:
                     tails[name][idx] = out.tail_logps[part].float().cpu()
-            if step % 50 == 0:
-                logger.info("reference logps: batch %d/%d", step + 1, len(batches))
         if dataset.paired:
             tensors = {"chosen_logps": logps["chosen"], "rejected_logps": logps["rejected"],
                        "chosen_tokens": tokens["chosen"], "rejected_tokens": tokens["rejected"],
@@ -266,6 +294,40 @@ def precompute_reference_logps(reference: ModelReference, dataset: TokenizedData
         _save_atomic(tensors, {"format": CACHE_FORMAT, "key": key, "items": str(n),
                                "values_sha256": values_checksum(tensors)}, path)
         return CachedReference(path, key=key)
+
+
+def _reference_batches(reference: ModelReference, dataset: TokenizedDataset, *,
+                       pad_token_id: int, pairs_per_batch: int | None,
+                       max_tokens_per_batch: int | None, padding_free: bool, share_prompt: bool,
+                       tails: bool = False) -> Iterator[tuple[list[int], ReferenceLogps]]:
+    """(dataset indices, the reference's results) of every batch of ``dataset`` in order, in
+    the job's layout; progress logged every 50 batches."""
+    batches = plan_batches(dataset, pairs_per_batch=pairs_per_batch,
+                           max_tokens_per_batch=max_tokens_per_batch, shuffle=False,
+                           padding_free=padding_free, share_prompt=share_prompt)
+    for step, indices in enumerate(batches):
+        batch = collate_batch(dataset, indices, pad_token_id=pad_token_id,
+                              padding_free=padding_free, share_prompt=share_prompt)
+        yield indices, reference.reference_logps(batch, with_tail_logps=tails)
+        if step % 50 == 0:
+            logger.info("reference logps: batch %d/%d", step + 1, len(batches))
+
+
+def _ranked_logps(dataset: TokenizedDataset,
+                  results: Iterator[tuple[list[int], ReferenceLogps]]) -> dict[str, Tensor]:
+    """The reference's logps of every completion of a ranked dataset (item-major, with the
+    items' offsets) from its batches' ``results`` (K-way rows when the job shares prompts)."""
+    offsets = [0]
+    for it in dataset.ranked:
+        offsets.append(offsets[-1] + len(it.completions))
+    logps = torch.zeros(offsets[-1], dtype=torch.float32)
+    tokens = torch.zeros(offsets[-1], dtype=torch.long)
+    for indices, out in results:
+        flat = torch.tensor([k for i in indices for k in range(offsets[i], offsets[i + 1])])
+        logps[flat] = out.sequence.logps.float().cpu()
+        tokens[flat] = out.sequence.num_tokens.cpu()
+    return {"completion_logps": logps, "completion_tokens": tokens,
+            "offsets": torch.tensor(offsets, dtype=torch.long)}
 
 
 class PrecomputedReference(ReferenceStrategy):

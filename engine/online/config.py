@@ -115,6 +115,13 @@ class OnlineConfig(_OnlineSection):
     steps_per_generation: int = Field(1, gt=0)  # optimizer steps trained on one round's pairs
     max_pairs_per_prompt: int | None = Field(None, gt=0)  # all_above_margin: keep the widest
     eval_samples_per_prompt: int = Field(2, ge=2)
+    # a round's K samples of a prompt as one K-way row [prompt | s1 | ... | sK], each sample
+    # run once however many pairs it is in; null: on when samples_per_prompt > 2 (and no
+    # max_pairs_per_prompt, which picks pairs a K-way row cannot single out)
+    kway_rows: bool | None = None
+    # generation calls a round may make to find a pair (a K-way row) per micro-batch; when a
+    # saturated scorer ties most prompts, the round then trains on what it has (and says so)
+    max_generation_attempts: int = Field(4, gt=0)
     scorer: ScorerConfig
 
     @model_validator(mode="after")
@@ -122,7 +129,17 @@ class OnlineConfig(_OnlineSection):
         if self.max_pairs_per_prompt is not None and self.pair_rule == "best_worst":
             raise ValueError("max_pairs_per_prompt applies to pair_rule 'all_above_margin' "
                              "(best_worst forms one pair per prompt)")
+        if self.kway_rows and self.max_pairs_per_prompt is not None:
+            raise ValueError("kway_rows trains every pair of a prompt's samples (each pair "
+                             "weighted equally); max_pairs_per_prompt needs pair rows "
+                             "(kway_rows: false)")
         return self
+
+    def uses_kway_rows(self) -> bool:
+        """Whether a round's samples are trained on as K-way rows (``kway_rows``, resolved)."""
+        if self.kway_rows is not None:
+            return self.kway_rows
+        return self.samples_per_prompt > 2 and self.max_pairs_per_prompt is None
 
 
 def online_problems(online: OnlineConfig | None, *, loss_method: str, reference_mode: str,

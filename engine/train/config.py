@@ -2,7 +2,8 @@
 
 Sections: ``model`` (policy, LoRA), ``reference`` (how the reference log-probs are obtained and
 whether the reference follows the policy), ``data``, ``loss`` (in ``loss_config``),
-``optimization``, ``deepspeed``, ``logging`` (progress, JSONL, TensorBoard, evaluation, early
+``ranked`` (in ``ranked_config``: ranked data's pair rule and loss), ``optimization``,
+``deepspeed``, ``logging`` (progress, JSONL, TensorBoard, evaluation, early
 stopping) and ``checkpoint``. Every section forbids unknown keys (``config_base.Section``).
 Cross-field rules that no single field can check (ZeRO-3 with a precomputed reference, LoRA with
 a separate reference ...) live in :meth:`TrainConfig._check_combinations`.
@@ -21,6 +22,7 @@ from pydantic import Field, JsonValue, field_validator, model_validator
 from ..online.config import OnlineConfig
 from .config_base import ConfigError, Section
 from .loss_config import LossConfig
+from .ranked_config import RankedConfig
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 DEFAULT_MICRO_BATCH = 4
@@ -320,11 +322,14 @@ class TrainConfig(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     online: OnlineConfig | None = None  # online DPO: pairs generated during training
+    ranked: RankedConfig = Field(default_factory=RankedConfig)  # ranked data: pairs, loss
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
         try:
             self.loss.check()
+            if self.ranked.loss == "plackett_luce":
+                self.ranked.check_loss(self.loss)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         problems = combination_problems(self)

@@ -24,7 +24,7 @@ from torch import nn
 from ..data.assets import cache_root
 from ..data.bad_rows import BadRowPolicy
 from ..data.dataset import TokenizedDataset, split_train_eval, tokenize_pairs
-from ..data.formats import is_paired
+from ..data.formats import record_kind
 from ..data.sources import (
     DataSource,
     default_mixture_size,
@@ -45,6 +45,7 @@ from ..model.reference_cache import (
     reference_cache_key,
 )
 from .config import TrainConfig
+from .config_base import ConfigError
 from .runtime import Runtime
 from .storage import check_room, storage_failure
 
@@ -61,8 +62,9 @@ def _tokenize(cfg: TrainConfig, source: DataSource, tokenizer: Any, *, local_ran
     def build() -> TokenizedDataset:
         records = load_source(source, bad_rows=BadRowPolicy(
             on_bad_row=data.on_bad_row, max_bad_fraction=data.max_bad_fraction))
-        paired = is_paired(records[0])
-        if not paired and not kto:
+        kind = record_kind(records[0])
+        paired = kind == "paired"
+        if kind == "unpaired" and not kto:
             raise ValueError(f"{source.setting} data {source.name} is unpaired "
                              "(prompt/completion/label): it needs loss.method 'kto', not "
                              f"{cfg.loss.method!r}")
@@ -96,6 +98,12 @@ def _tokenize(cfg: TrainConfig, source: DataSource, tokenizer: Any, *, local_ran
             dataset = cached_tokenization(entry, build)
         logger.info("%s: tokenized data %s (%s)", source.setting, entry,
                     "built" if local_rank == 0 else "read")
+    if dataset.is_ranked:  # the pair rule travels with the dataset; items with no pair go
+        try:
+            cfg.ranked.check_loss(cfg.loss)
+        except ConfigError as exc:
+            raise ValueError(f"{source.setting} data {source.name} is ranked: {exc}") from None
+        dataset = dataset.with_pair_rule(cfg.ranked.pairs, cfg.ranked.margin)
     dataset.stats.log(logger)
     return dataset
 

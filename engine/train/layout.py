@@ -5,8 +5,12 @@ Layouts (``data.layout``; the flags are ``(padding_free, share_prompt)``):
 - ``padded``: one row per sequence, right padding;
 - ``packed``: every sequence of a micro-batch in one row (``data.padding_free``);
 - ``shared``: one ``[prompt | chosen | rejected]`` row per pair, the prompt run once
-  (``data.share_prompt``; pairs only, not KTO; SDPA or eager attention);
+  (``data.share_prompt``; pairs only, not KTO; SDPA or eager attention) — for ranked data one
+  K-way row ``[prompt | c₁ | … | c_K]`` per item;
 - ``shared_packed``: those segments packed into one row.
+
+Ranked data is never expanded into pairs: the padded and packed layouts hold one sequence per
+completion, and the estimate costs exactly that.
 
 ``auto`` estimates the decoder's cost of one epoch in each valid layout from the items' lengths
 (the micro-batches ``plan_batches`` would form) and picks the cheapest. The estimate is
@@ -66,6 +70,9 @@ class LayoutCost:
 
 def _sequences(dataset: TokenizedDataset, i: int, with_kl: bool) -> list[int]:
     """The (prompt + completion) lengths of item ``i``'s sequences (concatenated layouts)."""
+    if dataset.is_ranked:  # one sequence per completion, however many pairs it is in
+        it = dataset.ranked[i]
+        return [len(it.prompt_ids) + len(c) for c in it.completions]
     if dataset.paired:
         p = dataset.pairs[i]
         return [len(p.prompt_ids) + len(p.chosen_ids), len(p.prompt_ids) + len(p.rejected_ids)]
@@ -75,6 +82,15 @@ def _sequences(dataset: TokenizedDataset, i: int, with_kl: bool) -> list[int]:
         partner = dataset.examples[kl_partner(i, len(dataset))]
         out.append(len(e.prompt_ids) + len(partner.completion_ids))
     return out
+
+
+def _shared_shape(dataset: TokenizedDataset, i: int) -> tuple[int, ...]:
+    """(prompt, completion₁, …) lengths of item ``i`` as one shared-prompt row."""
+    if dataset.is_ranked:
+        it = dataset.ranked[i]
+        return (len(it.prompt_ids), *(len(c) for c in it.completions))
+    p = dataset.pairs[i]
+    return (len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))
 
 
 def batch_cost(dataset: TokenizedDataset, indices: Sequence[int], layout: str, *,
@@ -88,10 +104,9 @@ def batch_cost(dataset: TokenizedDataset, indices: Sequence[int], layout: str, *
     packed, shared = LAYOUTS[layout]
     dims, device = dims or ModelDims(), device or device_costs("cpu")
     plan = None
-    if shared:
-        shapes = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))
-                  for p in (dataset.pairs[i] for i in indices)]
-        lengths = [p + c + r for p, c, r in shapes]
+    if shared:  # [prompt | chosen | rejected] rows, or K-way rows of ranked items
+        shapes = [_shared_shape(dataset, i) for i in indices]
+        lengths = [sum(shape) for shape in shapes]
         rows, width = (1, sum(lengths)) if packed else (len(lengths), max(lengths))
         plan = shared_prompt_plan([shapes] if packed else [[s] for s in shapes], width)
     else:

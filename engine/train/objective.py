@@ -20,12 +20,14 @@ from torch import Tensor
 
 from ..data.batch import PreferenceBatch
 from ..losses import PairStats, cpo_loss, kto_loss, orpo_loss, preference_loss
+from ..losses.listwise import plackett_luce_loss, ranking_metrics
 from ..losses.router import RouterSettings
 from ..losses.unpaired import kl_reference_point
-from ..model.forward import ForwardLogps, ForwardOptions, split_pairs, split_unpaired
+from ..model.forward import ForwardLogps, ForwardOptions, pair_logps, split_unpaired
 from ..model.reference import ReferenceLogps
 from .config import ModelConfig
 from .loss_config import LossConfig
+from .ranked_config import RankedConfig
 from .step_weighting import StepCounts
 
 # sums that evaluation accumulates over the held-out split (and across ranks)
@@ -41,14 +43,16 @@ class ObjectiveOutput:
 
 
 class Objective:
-    """``objective(policy, reference, batch)`` for the configured loss.
+    """``objective(policy, reference, batch)`` for the configured loss (``ranked``: the loss of
+    ranked batches, :mod:`.ranked_config`).
 
     ``with_tails`` / ``with_sum_sq``: whether the forward passes must give the LD-DPO tails and
     WPO's log Σp² sums (the trainer asks for them); ``paired``: pair batches (else KTO's)."""
 
     def __init__(self, cfg: LossConfig, *, vocab_size: int,
                  all_reduce_mean: Callable[[Tensor], Tensor] | None = None,
-                 router: RouterSettings | None = None) -> None:
+                 router: RouterSettings | None = None,
+                 ranked: RankedConfig | None = None) -> None:
         self.method = cfg.method
         self.router = router  # a MoE policy's router loss (its weight: router.coef), or None
         self.vocab_size = vocab_size
@@ -62,6 +66,8 @@ class Objective:
         self.kto = cfg.kto_options() if self.method == "kto" else None
         self.with_tails = self.dpo is not None and self.dpo.ld_alpha is not None
         self.with_sum_sq = self.dpo is not None and self.dpo.use_weighting
+        # ranked batches: Plackett–Luce over each item's ranking, else the pairs' mean loss
+        self.listwise = ranked is not None and ranked.loss == "plackett_luce"
 
     def forward_options(self, model: ModelConfig) -> ForwardOptions:
         """What the policy forward must give this objective (``model``: the config section)."""
@@ -95,12 +101,14 @@ class Objective:
         if batch.num_pairs < 1:
             raise ValueError(f"loss.method {self.method!r} needs pair batches")
         b = batch.num_pairs
-        chosen, rejected = split_pairs(policy.sequence, b)
-        stats = self._pair_stats(policy, reference, b, counts)
+        if batch.ranked is not None and self.listwise:
+            return self._listwise(policy, reference, batch, counts)
+        chosen, rejected = pair_logps(policy.sequence, batch)
+        stats = self._pair_stats(policy, reference, batch, counts)
         if self.dpo is not None:
             ref_c = ref_r = None
             if self.uses_reference:
-                ref_c, ref_r = (side.logps for side in split_pairs(reference.sequence, b))
+                ref_c, ref_r = (side.logps for side in pair_logps(reference.sequence, batch))
             out = preference_loss(chosen.logps, rejected.logps, ref_c, ref_r, options=self.dpo,
                                   stats=stats)
         elif self.cpo is not None:
@@ -110,6 +118,8 @@ class Objective:
         metrics = dict(out.metrics)
         if self.uses_reference:
             metrics["ref_kl"] = _log_ratio_kl(policy, reference)
+        if batch.ranked is not None and self.dpo is not None:
+            metrics.update(self._ranking_metrics(policy, reference, batch))
         margin = out.chosen_rewards - out.rejected_rewards
         items = margin.new_full((), float(b))  # a fill on the device, not a host copy
         sums = torch.stack([
@@ -117,12 +127,16 @@ class Objective:
             out.chosen_rewards.sum(), out.rejected_rewards.sum(), items, items]).double()
         return ObjectiveOutput(_step_share(out.loss, out.losses, counts), metrics, sums)
 
-    def _pair_stats(self, policy: ForwardLogps, reference: ReferenceLogps, b: int,
-                    counts: StepCounts | None = None) -> PairStats:
+    def _pair_stats(self, policy: ForwardLogps, reference: ReferenceLogps,
+                    batch: PreferenceBatch, counts: StepCounts | None = None) -> PairStats:
         """The statistics of the pairs beside their log-probs: token counts and logit sums, and
         the LD-DPO tails and WPO sums when the options ask for them."""
-        chosen, rejected = split_pairs(policy.sequence, b)
+        b = batch.num_pairs
+        chosen, rejected = pair_logps(policy.sequence, batch)
         extra: dict[str, Tensor | None] = {}
+        if self.with_tails and batch.ranked is not None:
+            raise ValueError("loss.ld_alpha (LD-DPO) needs pair rows; ranked items lay out no "
+                             "shared pair length")
         if self.with_tails:
             extra.update(policy_chosen_tail_logps=policy.tail_logps[:b],
                          policy_rejected_tail_logps=policy.tail_logps[b:])
@@ -130,13 +144,59 @@ class Objective:
                 extra.update(ref_chosen_tail_logps=reference.tail_logps[:b],
                              ref_rejected_tail_logps=reference.tail_logps[b:])
         if self.with_sum_sq:
-            extra.update(chosen_log_sum_sq_probs=policy.log_sum_sq_probs[:b],
-                         rejected_log_sum_sq_probs=policy.log_sum_sq_probs[b:])
+            sum_sq = policy.log_sum_sq_probs
+            if batch.ranked is not None:
+                extra.update(chosen_log_sum_sq_probs=sum_sq[batch.ranked.pair_chosen],
+                             rejected_log_sum_sq_probs=sum_sq[batch.ranked.pair_rejected])
+            else:
+                extra.update(chosen_log_sum_sq_probs=sum_sq[:b],
+                             rejected_log_sum_sq_probs=sum_sq[b:])
         return PairStats(
             chosen_num_tokens=chosen.num_tokens, rejected_num_tokens=rejected.num_tokens,
             chosen_logits_sum=chosen.logits_sum, rejected_logits_sum=rejected.logits_sum,
             vocab_size=self.vocab_size if chosen.logits_sum is not None else None,
             chosen_tokens_per_pair=None if counts is None else counts.tokens_per_pair(), **extra)
+
+    # ---------------------------------------------------------------------------- ranked
+    def _rewards(self, policy: ForwardLogps, reference: ReferenceLogps) -> Tensor:
+        """β·(log π − log π_ref) of every sequence (detached; no reference: β·log π)."""
+        ratio = policy.sequence.logps.detach().double()
+        if self.uses_reference:
+            ratio = ratio - reference.sequence.logps.double()
+        return self.dpo.beta * ratio
+
+    def _ranking_metrics(self, policy: ForwardLogps, reference: ReferenceLogps,
+                         batch: PreferenceBatch) -> dict[str, Tensor]:
+        g = batch.ranked
+        return ranking_metrics(self._rewards(policy, reference), g.strict_better, g.strict_worse,
+                               g.strict_item, g.num_items)
+
+    def _listwise(self, policy: ForwardLogps, reference: ReferenceLogps,
+                  batch: PreferenceBatch, counts: StepCounts | None) -> ObjectiveOutput:
+        """DPO's Plackett–Luce loss over each ranked item (mean over items)."""
+        if self.dpo is None:
+            raise ValueError("ranked.loss 'plackett_luce' needs loss.method 'dpo'")
+        g = batch.ranked
+        ref = reference.sequence.logps if self.uses_reference else None
+        out = plackett_luce_loss(policy.sequence.logps, ref, g.order, beta=self.dpo.beta)
+        rewards = out.rewards
+        chosen, rejected = rewards[g.pair_chosen], rewards[g.pair_rejected]
+        margin = chosen - rejected
+        metrics = {**out.metrics, **self._ranking_metrics(policy, reference, batch),
+                   "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+                   "rewards/accuracies": (margin > 0).to(margin.dtype).mean(),
+                   "rewards/margins": margin.mean()}
+        if self.uses_reference:
+            metrics["ref_kl"] = _log_ratio_kl(policy, reference)
+        # evaluation sums over items: "correct" is a right full ranking
+        items = rewards.new_full((), float(g.num_items))
+        right = metrics["rewards/ranking_accuracy"] * items
+        pairs = rewards.new_full((), float(batch.num_pairs))
+        sums = torch.stack([
+            items, out.losses.detach().sum(), right, margin.sum() * items / pairs,
+            chosen.sum() * items / pairs, rejected.sum() * items / pairs, items,
+            items]).double()
+        return ObjectiveOutput(_step_share(out.loss, out.losses, counts), metrics, sums)
 
     # ------------------------------------------------------------------------------- KTO
     def _unpaired(self, policy: ForwardLogps, reference: ReferenceLogps,

@@ -24,6 +24,11 @@ Per generation round, repeated on each step trained on it (:func:`round_metrics`
   that were neither "1" nor "2"), and with both ``online/scorer_no_decision_fraction``; a
   scorer without counters (a reward model, a function) adds none.
 
+- ``online/saturated_fraction``: samples that scored the round's best score (a scorer the
+  policy has learned to max out: most samples at the top, most prompts tied);
+  ``online/generation_attempts`` (generation calls the round made) and ``online/short_round``
+  (1 when it trained on fewer pairs than micro-batches after ``online.max_generation_attempts``).
+
 The step that generates a round also gets ``online/generation_seconds`` (generation and
 scoring), which the trainer keeps out of its training ``tokens_per_s``.
 """
@@ -93,3 +98,11 @@ def round_metrics(selections: Sequence[PairSelection], completions: Sequence[Seq
     out.update(_summary("online/completion_length", [float(n) for n in lengths]))
     out.update(scorer_metrics(scorer_counts(scorer_stats)))
     return out
+
+
+def saturation_metrics(scores: Sequence[float], *, attempts: int, short: bool
+                       ) -> dict[str, float]:
+    """How saturated a round's scores are (see the module docstring)."""
+    top = max(scores) if scores else 0.0
+    return {"online/saturated_fraction": sum(1 for s in scores if s == top) / max(len(scores), 1),
+            "online/generation_attempts": float(attempts), "online/short_round": float(short)}

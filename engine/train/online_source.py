@@ -10,14 +10,21 @@ Every ``online.steps_per_generation`` optimizer steps a generation round runs:
 3. the scorer's ``[P, K]`` scores, then ``form_pairs`` (best vs worst, or every pair above the
    margin; tied prompts are skipped and counted);
 4. the pairs become the offline path's ``TokenizedPair`` items, collated by the same code in
-   the job's layout (shared-prompt rows by default: the prompt is shared by construction).
+   the job's layout (shared-prompt rows by default: the prompt is shared by construction) — or,
+   with ``online.kway_rows`` (the default when ``samples_per_prompt`` > 2), each prompt that gave
+   a pair becomes one K-way item of all its samples (``engine/online/kway.py``): one row
+   ``[prompt | s₁ | … | s_K]``, every sample through the policy and the reference once, the
+   same pairs picked by index and the same loss.
 
-A round must give at least ``steps_per_generation × gradient_accumulation_steps`` pairs (one per
-micro-batch); while any rank has fewer, every rank generates from further prompts (the ranks
-agree on the host, so ZeRO-3's collective gathers stay in step); a whole pass over the prompts
-without enough pairs is an error. The pairs are spread evenly over the round's micro-batches,
-at most ``optimization.micro_batch_size`` pairs each: the widest-margin pairs are kept and the
-rest counted as ``online/pairs_unused``.
+A round must give at least ``steps_per_generation × gradient_accumulation_steps`` pairs (K-way
+items) — one per micro-batch; while any rank has fewer, every rank generates from further
+prompts (the ranks agree on the host, so ZeRO-3's collective gathers stay in step), at most
+``online.max_generation_attempts`` generation calls per round: a saturated scorer (most prompts
+tied) then trains on the pairs the round has, repeated over its micro-batches, and logs
+``online/short_round`` (no pair at all stops the run, naming the reason). The pairs are spread
+evenly over the round's micro-batches, at most ``optimization.micro_batch_size`` pairs (K-way
+items) each: the widest-margin pairs (widest score ranges) are kept and the rest counted as
+``online/pairs_unused``.
 
 Resume is exact: the prompt stream's position is in ``trainer_state.json``, and each rank's
 sampling generator and the pairs of a round still in training are in ``source/rank*.json``.
@@ -42,20 +49,21 @@ from torch import nn
 
 from ..data.batch import PreferenceBatch
 from ..data.dataset import TokenizedDataset, TokenizedPair
+from ..data.ranked import TokenizedRanked
 from ..online.generation import SamplingOptions, decode, gathered_for_generation, generate
+from ..online.kway import ranked_items, ranked_round_dataset
 from ..online.pairs import PairSelection, form_pairs, pairs_dataset, pairs_to_items
 from ..online.prompts import PromptRecord, render_prompt_ids
 from ..online.scoring import Scorer
 from .batch_source import SourceExhausted, collate_to_device
 from .config import ConfigError, TrainConfig
 from .integrity import CheckpointError, write_hashed
-from .online_metrics import round_metrics, score_stats, scorer_counts
+from .online_metrics import round_metrics, saturation_metrics, score_stats, scorer_counts
 from .online_prompts import PromptStream
 
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "fastpo-online-source-v1"
-ATTEMPTS = 4  # generation calls a round may take to find a pair per micro-batch
 
 
 def sampling_generator(seed: int, rank: int, what: str) -> torch.Generator:
@@ -112,6 +120,7 @@ class OnlineSource:
         self.total_steps = opt.max_steps or (
             opt.num_epochs * self.stream.rounds_per_pass * on.steps_per_generation)
         self.generator = sampling_generator(cfg.seed, runtime.rank, "train")
+        self.kway = on.uses_kway_rows()
         self._prompt_ids: dict[int, list[int]] = {}
         self.round: dict[str, Any] | None = None  # the pairs of the round in training
         self.step_in_round = 0
@@ -146,16 +155,19 @@ class OnlineSource:
         return completions, scores, seconds
 
     def _generate_round(self) -> dict[str, Any]:
-        """Generate, score and pair until every rank has a pair per micro-batch."""
+        """Generate, score and pair until every rank has a pair (a K-way item) per micro-batch,
+        or ``max_generation_attempts`` calls were made."""
         start = time.perf_counter()
-        items: list[TokenizedPair] = []
+        items: list[TokenizedPair] | list[TokenizedRanked] = []
         chosen: list[float] = []
         rejected: list[float] = []
+        pair_item: list[int] = []  # K-way rows: the item of each pair
         selections: list[PairSelection] = []
         completions: list[list[int]] = []
         sample_scores: list[float] = []
         scorer_stats: list[dict[str, int]] = []  # the scorer's counters of each call
         generate_seconds = 0.0
+        attempts = self.online.max_generation_attempts
         while True:
             rows = self.stream.next_rows()
             prompt_ids = [self.prompt_ids(r) for r in rows]
@@ -169,15 +181,23 @@ class OnlineSource:
             selections.append(selection)
             completions.extend(c for samples in sampled for c in samples)
             sample_scores.extend(scores.reshape(-1).tolist())  # host scores (the scorer's)
-            if selection.pairs:
+            if selection.pairs and self.kway:
+                new, found = ranked_items(selection, scores, prompt_ids, sampled,
+                                          rule=self.online.pair_rule, margin=self.online.margin)
+                chosen.extend(c for c, _, _ in found)
+                rejected.extend(r for _, r, _ in found)
+                pair_item.extend(len(items) + i for _, _, i in found)
+                items.extend(new)
+            elif selection.pairs:
                 items.extend(pairs_to_items(selection, prompt_ids, sampled))
                 chosen.extend(selection.chosen_scores)
                 rejected.extend(selection.rejected_scores)
-            if self.agree(len(items) >= self.micro_batches) or len(selections) == ATTEMPTS:
+            if self.agree(len(items) >= self.micro_batches) or len(selections) == attempts:
                 break
-            logger.warning("online: %d prompts gave %d pairs for %d micro-batches (ties: %d); "
+            logger.warning("online: %d prompts gave %d %s for %d micro-batches (ties: %d); "
                            "sampling more prompts", sum(s.num_prompts for s in selections),
-                           len(items), self.micro_batches, sum(s.tied for s in selections))
+                           len(items), "K-way items" if self.kway else "pairs",
+                           self.micro_batches, sum(s.tied for s in selections))
         if not self.agree(bool(items)):
             seen = sum(s.num_prompts for s in selections)
             raise SourceExhausted(
@@ -186,14 +206,44 @@ class OnlineSource:
                 "the policy has converged on the scorer, or the scorer cannot tell samples apart "
                 "(check it, raise online.samples_per_prompt or lower online.margin)"
                 + _counts_text(self.scorer, scorer_counts(scorer_stats)))
-        kept, unused = self._keep(chosen, rejected)
+        short = len(items) < self.micro_batches
+        if short:
+            logger.warning("online: the round has %d %s for %d micro-batches after %d generation "
+                           "calls (online.max_generation_attempts; tie fraction %.2f): training "
+                           "on them, repeated", len(items),
+                           "K-way items" if self.kway else "pairs", self.micro_batches,
+                           len(selections), sum(s.tied for s in selections)
+                           / max(sum(s.num_prompts for s in selections), 1))
+        if self.kway:
+            kept, unused = self._keep_items(items, pair_item)
+            keep = set(kept)
+            index = {old: new for new, old in enumerate(kept)}
+            members = [n for n, i in enumerate(pair_item) if i in keep]
+            pairs = len(pair_item)
+        else:
+            kept, unused = self._keep(chosen, rejected)
+            members, index, pairs = kept, {}, len(items)
         metrics = round_metrics(selections, completions, sample_scores,
                                 eos_token_id=self.tokenizer.eos_token_id,
-                                generate_seconds=generate_seconds, pairs=len(items),
+                                generate_seconds=generate_seconds, pairs=pairs,
                                 unused=unused, scorer_stats=scorer_stats)
-        return {"items": [items[i] for i in kept], "chosen": [chosen[i] for i in kept],
-                "rejected": [rejected[i] for i in kept], "metrics": metrics,
-                "seconds": time.perf_counter() - start}
+        metrics.update(saturation_metrics(sample_scores, attempts=len(selections), short=short))
+        return {"items": [items[i] for i in kept], "chosen": [chosen[n] for n in members],
+                "rejected": [rejected[n] for n in members],
+                "pair_item": [index[pair_item[n]] for n in members] if self.kway else None,
+                "metrics": metrics, "seconds": time.perf_counter() - start}
+
+    def _keep_items(self, items: list[TokenizedRanked], pair_item: list[int]
+                    ) -> tuple[list[int], int]:
+        """K-way items trained on (the widest score ranges when over the cap, in generation
+        order) and how many of the round's pairs are left unused."""
+        limit = None if self.cap is None else self.cap * self.micro_batches
+        if limit is None or len(items) <= limit:
+            return list(range(len(items))), 0
+        spread = [max(it.scores) - min(it.scores) for it in items]
+        kept = sorted(sorted(range(len(items)), key=lambda i: -spread[i])[:limit])
+        keep = set(kept)
+        return kept, sum(1 for i in pair_item if i not in keep)
 
     def _per_prompt_cap(self, selection: PairSelection) -> PairSelection:
         """``max_pairs_per_prompt``: the first (widest) pairs of each prompt."""
@@ -239,7 +289,12 @@ class OnlineSource:
         if generated:
             self.round = self._generate_round()
         self._generated_now = generated
-        dataset: TokenizedDataset = pairs_dataset(self.round["items"], tokenizer=self.tokenizer)
+        if self.round["pair_item"] is not None:
+            dataset: TokenizedDataset = ranked_round_dataset(
+                self.round["items"], rule=self.online.pair_rule, margin=self.online.margin,
+                tokenizer=self.tokenizer)
+        else:
+            dataset = pairs_dataset(self.round["items"], tokenizer=self.tokenizer)
         ga = self.cfg.optimization.gradient_accumulation_steps
         groups = self._groups()[self.step_in_round * ga:(self.step_in_round + 1) * ga]
         self._step_groups = groups
@@ -251,6 +306,9 @@ class OnlineSource:
     def end_step(self) -> dict[str, Any]:
         round_ = self.round
         members = [i for group in self._step_groups for i in group]
+        if round_["pair_item"] is not None:  # K-way items: the pairs of the step's items
+            mine = set(members)
+            members = [n for n, i in enumerate(round_["pair_item"]) if i in mine]
         record: dict[str, Any] = {"epoch": self.stream.epoch}
         record.update(score_stats([round_["chosen"][i] for i in members],
                                   [round_["rejected"][i] for i in members]))
@@ -294,12 +352,14 @@ class OnlineSource:
     def save_rank_state(self, folder: Path, rank: int) -> None:
         """This rank's sampling generator and the pairs of the round in training (JSON)."""
         round_ = self.round if self.step_in_round else None
+        kway = round_ is not None and round_["pair_item"] is not None
         data = {"format": STATE_FORMAT, "generator": _generator_state(self.generator),
                 "round": None if round_ is None else {
-                    "items": [[p.prompt_ids, p.chosen_ids, p.rejected_ids]
-                              for p in round_["items"]],
+                    "items": [[it.prompt_ids, it.completions, it.scores] if kway
+                              else [it.prompt_ids, it.chosen_ids, it.rejected_ids]
+                              for it in round_["items"]],
                     "chosen": round_["chosen"], "rejected": round_["rejected"],
-                    "metrics": round_["metrics"]}}
+                    "pair_item": round_["pair_item"], "metrics": round_["metrics"]}}
         (folder / "source").mkdir(exist_ok=True)
         with write_hashed(folder / "source" / f"rank{rank:05d}.json") as f:
             f.write(json.dumps(data).encode("utf-8"))
@@ -312,11 +372,16 @@ class OnlineSource:
                 raise ValueError(f"not a {STATE_FORMAT} state")
             _set_generator_state(self.generator, data["generator"])
             saved = data["round"]
+            kway = saved is not None and saved.get("pair_item") is not None
             self.round = None if saved is None else {
-                "items": [TokenizedPair(*[[int(t) for t in part] for part in item])
+                "items": [TokenizedRanked([int(t) for t in item[0]],
+                                          [[int(t) for t in c] for c in item[1]],
+                                          [float(v) for v in item[2]]) if kway
+                          else TokenizedPair(*[[int(t) for t in part] for part in item])
                           for item in saved["items"]],
                 "chosen": [float(v) for v in saved["chosen"]],
                 "rejected": [float(v) for v in saved["rejected"]],
+                "pair_item": [int(i) for i in saved["pair_item"]] if kway else None,
                 "metrics": {str(k): float(v) for k, v in saved["metrics"].items()},
                 "seconds": 0.0}
         except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError,

@@ -47,20 +47,26 @@ class StepCounts:
         return self.chosen_tokens.clamp(min=1.0) / self.items.clamp(min=1.0)
 
 
-def _local_counts(batch: PreferenceBatch) -> tuple[int, Tensor]:
+def _local_counts(batch: PreferenceBatch, *, listwise: bool) -> tuple[int, Tensor]:
+    if batch.ranked is not None:  # K-way rows: the rule's pairs, or the items (listwise loss)
+        chosen = batch.completion_tokens[batch.ranked.pair_chosen].sum()
+        return (batch.ranked.num_items if listwise else batch.num_pairs), chosen
     if batch.num_pairs:
         return batch.num_pairs, batch.completion_tokens[:batch.num_pairs].sum()
     return batch.num_examples, batch.completion_tokens[:batch.num_examples].sum()
 
 
-def step_counts(batches: Sequence[PreferenceBatch], *, runtime: Runtime) -> StepCounts:
+def step_counts(batches: Sequence[PreferenceBatch], *, runtime: Runtime,
+                listwise: bool = False) -> StepCounts:
     """The step's :class:`StepCounts`: this rank's counts (the item count is host knowledge,
     the token counts a device sum), then summed over the ranks (one all-reduce of a device
-    tensor, no host synchronization; nothing in one process)."""
+    tensor, no host synchronization; nothing in one process). ``listwise``: ranked items are
+    the unit (a Plackett–Luce loss per item), else pairs."""
     if not batches:
         raise ValueError("an optimizer step needs at least one micro-batch")
-    items = sum(_local_counts(b)[0] for b in batches)
-    tokens = torch.stack([_local_counts(b)[1] for b in batches]).sum().float()
+    local = [_local_counts(b, listwise=listwise) for b in batches]
+    items = sum(n for n, _ in local)
+    tokens = torch.stack([t for _, t in local]).sum().float()
     packed = torch.stack([tokens.new_full((), float(items)), tokens])  # a fill, no host copy
     packed = runtime.all_reduce_(packed)
     return StepCounts(items=packed[0], chosen_tokens=packed[1], world_size=runtime.world_size,

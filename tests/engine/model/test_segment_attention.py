@@ -21,16 +21,18 @@ def dense_allowed(plan: S.SegmentPlan) -> torch.Tensor:
     """``[R, L, L]`` bool: what each query may see, spelled out from the plan."""
     allowed = torch.zeros(len(plan.rows), plan.width, plan.width, dtype=torch.bool)
     for r, pieces in enumerate(plan.rows):
-        start = prev = 0
+        start = source = 0  # source: the last causal piece, whose prompt a branch sees
         for p in pieces:
             stop = start + p.length
+            if p.kind == S.CAUSAL:
+                source = start
             for q in range(start, stop):
                 if p.kind == S.CAUSAL:
                     allowed[r, q, start: q + 1] = True
                 elif p.kind == S.BRANCH:
-                    allowed[r, q, prev: prev + p.prompt] = True
+                    allowed[r, q, source: source + p.prompt] = True
                     allowed[r, q, start: q + 1] = True
-            prev, start = start, stop
+            start = stop
     return allowed
 
 
@@ -53,6 +55,11 @@ PLANS = {
     "packed": lambda: S.packed_plan([5, 1, 9, 3], 21),  # a one-token sequence, tail padding
     "shared-rows": lambda: S.shared_prompt_plan([[(4, 3, 6)], [(1, 1, 1)], [(7, 2, 3)]], 13),
     "shared-one-row": lambda: S.shared_prompt_plan([[(4, 3, 6), (1, 1, 1), (7, 2, 3)]], 29),
+    # K-way rows [p | c1 | ... | cK]: K = 4, 2, 3 (one-token parts), then one packed row
+    "kway-rows": lambda: S.shared_prompt_plan([[(4, 3, 6, 2, 5)], [(1, 1, 1)], [(3, 1, 2, 4)]],
+                                              20),
+    "kway-one-row": lambda: S.shared_prompt_plan([[(4, 3, 6, 2, 5), (2, 1, 1, 1), (3, 5, 2)]],
+                                                 42),
 }
 
 
@@ -164,6 +171,13 @@ def test_cost_and_plan_checks():
         S.SegmentPlan(9, ((S.Piece(S.CAUSAL, 7),),))
     with pytest.raises(ValueError, match="branch piece 0 needs a preceding causal piece"):
         S.SegmentPlan(3, ((S.Piece(S.BRANCH, 3, prompt=1),),))
+    # K-way: branches after branches see the causal piece's prompt; a padding piece cuts that
+    kway = S.shared_prompt_plan([[(2, 3, 4, 5)]], 14)
+    assert [p.kind for p in kway.rows[0]] == [S.CAUSAL, S.BRANCH, S.BRANCH]
+    assert S.attention_pairs(kway) == int(dense_allowed(kway).sum()) == 15 + 18 + 25
+    with pytest.raises(ValueError, match="branch piece 2 needs a preceding causal piece"):
+        S.SegmentPlan(6, ((S.Piece(S.CAUSAL, 3), S.Piece(S.PAD, 1),
+                           S.Piece(S.BRANCH, 2, prompt=1)),))
     q = torch.zeros(1, 2, 9, 4)
     with pytest.raises(ValueError, match=r"a \[1, 9\] batch for a plan of \[1, 15\]"):
         A.segment_attention(q, q, q, plan)

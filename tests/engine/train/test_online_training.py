@@ -114,19 +114,22 @@ def test_online_steps_train_on_generated_pairs_and_log_their_metrics(
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # the pairs reached the update
 
 
+@pytest.mark.parametrize("kway", [False, True], ids=["pair-rows", "kway-rows"])
 def test_generated_pairs_feed_the_same_forward_as_offline_pairs(tiny_dir, prompts_file,
-                                                                rewards_module, tmp_path):
+                                                                rewards_module, tmp_path, kway):
     """The logps of step 1 (LoRA B = 0: the policy is the base model) are those of the base
-    model's plain forward over the same generated pairs, collated in another layout."""
+    model's plain forward over the same generated pairs, collated in another layout; with
+    K-way rows (3 samples per prompt in one row) the pairs are picked from them by index."""
     from transformers import AutoModelForCausalLM
 
     from fastpo.engine.data.batch import collate_batch
-    from fastpo.engine.model.forward import forward_logps
+    from fastpo.engine.model.forward import forward_logps, pair_logps
+    from fastpo.engine.online.kway import ranked_round_dataset
     from fastpo.engine.online.pairs import pairs_dataset
 
     data = online_job(tiny_dir, prompts_file, tmp_path,
                       optimization={"max_steps": 1, "micro_batch_size": 4},
-                      online={"steps_per_generation": 1})
+                      online={"steps_per_generation": 1, "kway_rows": kway})
     captured = {}
 
     class Capture(Callback):
@@ -136,16 +139,21 @@ def test_generated_pairs_feed_the_same_forward_as_offline_pairs(tiny_dir, prompt
 
     result = run(data, callbacks=[Capture()])
     items = captured["items"]
-    assert captured["layout"] == "shared" and len(items) == 4  # one pair per prompt
-    assert all(p.chosen_ids != p.rejected_ids for p in items)
+    assert captured["layout"] == "shared" and len(items) == 4  # one pair (row) per prompt
     base = AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()
-    dataset = pairs_dataset(items)
+    if kway:
+        assert all(len(it.completions) == 3 for it in items)
+        dataset = ranked_round_dataset(items, rule="best_worst", margin=0.0)
+    else:
+        assert all(p.chosen_ids != p.rejected_ids for p in items)
+        dataset = pairs_dataset(items)
     batch = collate_batch(dataset, list(range(len(items))), pad_token_id=0, share_prompt=False)
     with torch.no_grad():
-        logps = forward_logps(base, batch, use_fused_linear=False).sequence.logps
+        chosen, rejected = pair_logps(
+            forward_logps(base, batch, use_fused_linear=False).sequence, batch)
     record = result.history[0]
-    assert record["logps/chosen"] == pytest.approx(logps[:4].mean().item(), rel=1e-4)
-    assert record["logps/rejected"] == pytest.approx(logps[4:].mean().item(), rel=1e-4)
+    assert record["logps/chosen"] == pytest.approx(chosen.logps.mean().item(), rel=1e-4)
+    assert record["logps/rejected"] == pytest.approx(rejected.logps.mean().item(), rel=1e-4)
     assert record["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference
 
 
