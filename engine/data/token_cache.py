@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from .assets import build_once
-from .dataset import DataStats, TokenizedDataset, TokenizedExample, TokenizedPair
 from .formats import DataFormatError
 from .ranked import TokenizedRanked
+from .tokenized import DataStats, TokenizedDataset, TokenizedExample, TokenizedPair
 
 logger = logging.getLogger(__name__)
 
