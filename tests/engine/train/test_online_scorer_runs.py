@@ -108,8 +108,9 @@ def test_a_reward_model_scores_the_pairs_of_a_training_run_and_is_never_trained(
     from safetensors import safe_open
     from transformers import LlamaForSequenceClassification
 
+    # pair rows (kway_rows off), so that each item is a (chosen, rejected) pair to re-score
     data = with_scorer(online_job(tiny_dir, prompts_file, tmp_path,
-                                  checkpoint={"every_steps": 3}),
+                                  checkpoint={"every_steps": 3}, online={"kway_rows": False}),
                        reward_model=str(reward_model_dir))
     grab, records = train_completed(data, tmp_path, 3)
     trainer = grab.trainer
