@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.encoding import encode_texts, render_chat
-from ..data.files import _source_rows
+from ..data.files import UnreadableRow, _source_rows
 from ..data.formats import DataFormatError, Messages, _messages
 
 __all__ = ["PromptRecord", "load_prompts", "prompt_text", "render_prompt_ids"]
@@ -95,6 +95,8 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
         raise FileNotFoundError(f"prompts file {path}: no such file or folder")
     records: list[PromptRecord] = []
     for where, row in _source_rows(path, None):
+        if isinstance(row, UnreadableRow):  # malformed JSON: its own error, file and line
+            raise row.error
         records.append(PromptRecord(_prompt(row, where), _answer(row, where), len(records),
                                     where))
     if not records:
