@@ -56,16 +56,19 @@ def _logits_case(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, labels
 
 
+def _scored_sums(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The float64 reference: per row, the sum of log p(label) over the scored labels."""
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(labels != IGNORE, picked, torch.zeros_like(picked)).sum(-1)
+
+
 def _from_logits(backend: str, gen: torch.Generator) -> None:
     logits, labels = _logits_case(gen)
     leaf = logits.detach().clone().requires_grad_()
     view = torch.cat([leaf, torch.zeros(4, 9, 13)], -1)[..., :51]  # a strided input
     out = fastpo.sequence_logps(view, labels, shift=True)
     ref_leaf = logits.detach().double().requires_grad_()
-    logp = torch.log_softmax(ref_leaf, -1)[:, :-1]
-    target = labels[:, 1:]
-    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    ref = torch.where(target != IGNORE, picked, torch.zeros_like(picked)).sum(-1)
+    ref = _scored_sums(torch.log_softmax(ref_leaf, -1)[:, :-1], labels[:, 1:])
     close(f"[{backend}] sequence_logps forward", out.logps, ref.detach())
     upstream = torch.randn(4, generator=gen)
     out.logps.backward(upstream)
@@ -83,9 +86,7 @@ def _linear(backend: str, gen: torch.Generator) -> None:
     out = fastpo.linear_sequence_logps(hidden, weight, labels)
     h64 = hidden.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
-    logp = torch.log_softmax(h64 @ w64.T, -1)
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    ref = torch.where(labels != IGNORE, picked, torch.zeros_like(picked)).sum(-1)
+    ref = _scored_sums(torch.log_softmax(h64 @ w64.T, -1), labels)
     close(f"[{backend}] linear_sequence_logps forward", out.logps, ref.detach())
     upstream = torch.randn(2, generator=gen)
     out.logps.backward(upstream)

@@ -139,8 +139,12 @@ def main() -> None:
     if sorted(steps) != [1, 2] or not all(r.get("online/pairs", 0) > 0 and
                                            math.isfinite(r["loss"]) for r in steps.values()):
         fail(f"the online run did not train 2 steps on generated pairs: {list(steps.values())}")
-    print(f"train install: ok (fastpo-train offline {STEPS} steps, resumed 2 -> {STEPS} with the "
-          f"same losses, online 2 steps on {steps[1]['online/pairs']} scored pairs per step)")
+    import transformers
+
+    print(f"train install: ok (torch {torch.__version__}, transformers "
+          f"{transformers.__version__}: fastpo-train offline {STEPS} steps, resumed 2 -> {STEPS} "
+          f"with the same losses, online 2 steps on {steps[1]['online/pairs']:.0f} scored pairs "
+          "per step)")
 
 
 if __name__ == "__main__":

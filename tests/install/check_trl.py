@@ -75,8 +75,10 @@ def main() -> None:
     counts = path_counts(patched)
     if counts["policy"].get("linear", 0) != STEPS:
         fail(f"fastpo's fused linear op did not compute the policy's log-probs: {counts}")
-    print(f"trl install: ok (TRL {trl.__version__}: patched DPOTrainer losses {fast} = TRL's "
-          f"{stock}; fastpo paths {counts})")
+    import transformers
+
+    print(f"trl install: ok (TRL {trl.__version__}, transformers {transformers.__version__}: "
+          f"patched DPOTrainer losses {fast} = TRL's {stock}; fastpo paths {counts})")
 
 
 if __name__ == "__main__":

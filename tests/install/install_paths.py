@@ -1,6 +1,7 @@
 """Every install path of fastpo, from the built wheel, each in a fresh venv: ``make test-install``.
 
     python tests/install/install_paths.py [--paths kernels,train,trl,liger] [--jobs 2] [--keep]
+                                          [--with REQUIREMENT ...]
 
 Builds the wheel once (from the tracked files, with the native CPU kernel, as ``pip install``
 from a source checkout builds it), then per path: a new venv, torch pinned by
@@ -16,7 +17,9 @@ from that venv's asset cache (``fastpo.engine.data.assets``; nothing is download
     liger     pip install 'fastpo[liger]'    check_liger.py: the fused linear loss modules
                                              against Liger's
 
-Exit status 0 when every path passes; each path's output is printed when it fails.
+``--with`` adds requirements to every path's install, e.g. ``--with transformers==5.17.0
+--paths train,trl`` proves an older transformers. Exit status 0 when every path passes; each
+path's output is printed when it fails.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def assets() -> list[str]:
     return [str(default_tokenizer_dir()), str(demo_preference_data())]
 
 
-def check(path: InstallPath, wheel: Path, work: Path, args: list[str]
+def check(path: InstallPath, wheel: Path, work: Path, args: list[str], extra: list[str]
           ) -> tuple[bool, str, str, dict[str, float]]:
     """Install ``path`` into a fresh venv and run its check: (passed, its summary line, its
     whole output, seconds of each stage)."""
@@ -70,7 +73,7 @@ def check(path: InstallPath, wheel: Path, work: Path, args: list[str]
     folder.mkdir()
     requirement = f"{wheel}[{path.extra}]" if path.extra else str(wheel)
     try:
-        python = fresh_venv(folder / "venv", [requirement])
+        python = fresh_venv(folder / "venv", [requirement, *extra])
     except RuntimeError as exc:
         return False, "", str(exc), {"install": time.perf_counter() - start}
     installed = time.perf_counter()
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, of {', '.join(PATHS)}")
     parser.add_argument("--jobs", type=int, default=2, help="paths installed and run at once")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--with", dest="extra", action="append", default=[],
+                        metavar="REQUIREMENT", help="also install this into every venv")
     opts = parser.parse_args(argv)
     names = [n for n in opts.paths.split(",") if n]
     unknown = sorted(set(names) - set(PATHS))
@@ -102,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         args = assets() if any(PATHS[n].needs_assets for n in names) else []
         wheel = build_wheel(work / "dist", native=True)
         built = time.perf_counter() - start
-        print(f"install paths: built {wheel.name} in {built:.0f} s", flush=True)
+        print(f"install paths: built {wheel.name} in {built:.0f} s"
+              + (f"; every venv also gets {opts.extra}" if opts.extra else ""), flush=True)
         with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-            futures = {n: pool.submit(check, PATHS[n], wheel, work, args) for n in names}
+            futures = {n: pool.submit(check, PATHS[n], wheel, work, args, opts.extra)
+                       for n in names}
             results = {n: f.result() for n, f in futures.items()}
     finally:
         if opts.keep:

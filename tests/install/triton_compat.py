@@ -30,6 +30,9 @@ TEST_REQUIREMENTS = ["pytest>=8", "pytest-timeout"]
 
 
 def installed_version(python: Path, package: str) -> str | None:
+    """``package``'s version in the venv of ``python`` (None: no such venv or package)."""
+    if not python.is_file():
+        return None
     proc = subprocess.run([str(python), "-c", "import importlib.metadata as m, sys; "
                            "print(m.version(sys.argv[1]))", package],
                           capture_output=True, text=True, env=clean_env(), check=False)
