@@ -1,6 +1,9 @@
 # fastpo set-up and jobs. `make train` and `make test` each do all set-up on a fresh machine:
 # fastpo with the `train` (trainer), `dev` (tests, TRL, Liger) and `assets` (default model) extras;
-# a plain `pip install .` is the kernels-only install (torch, triton, numpy), see .ci/run.
+# a plain `pip install .` is the kernels-only install (torch, triton, numpy). `make test-install`
+# installs the built wheel each way a user can (plain, [train], [trl], [liger]), each in a fresh
+# venv, and checks it from outside the checkout; `make test-triton-compat` runs the kernel tests
+# under the oldest supported Triton (TRITON=3.6.0, the GPU image's). Both run in .ci/run.
 # torch stays pinned through constraints.txt on every install line; our package and deepspeed are
 # built with --no-build-isolation so that no build environment fetches a torch of its own.
 PYTHON ?= python3
@@ -9,8 +12,10 @@ PIP := $(VENV)/bin/python -m pip
 CONSTRAINTS := -c constraints.txt
 STAMP := $(VENV)/.fastpo-installed
 ARGS ?=
+TRITON ?= 3.6.0
 
-.PHONY: install train test lint bench-quick gpu-rehearsal clean
+.PHONY: install train test test-install test-triton-compat lint bench-quick gpu-rehearsal \
+	clean
 
 $(STAMP): setup.py pyproject.toml constraints.txt $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +33,12 @@ train: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests $(ARGS)
 
+test-install: $(STAMP)
+	$(VENV)/bin/python tests/install/install_paths.py $(ARGS)
+
+test-triton-compat: $(STAMP)
+	$(VENV)/bin/python tests/install/triton_compat.py --triton $(TRITON) $(ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
@@ -41,4 +52,4 @@ gpu-rehearsal: $(STAMP)
 	BUNDLE_PYTHON=$(VENV)/bin/python PYTHON=$(PYTHON) .ci/gpu_rehearsal
 
 clean:
-	rm -rf $(VENV) build *.egg-info kernels/_C*.so
+	rm -rf $(VENV) .venv-triton-* build *.egg-info kernels/_C*.so

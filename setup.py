@@ -92,8 +92,20 @@ def native_extensions() -> tuple[list, dict]:
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
+# The floors: the oldest releases fastpo is known to work with, each for a stated reason.
+# torch 2.8: the GPU GEMM design accumulates half-precision operands into fp32 with
+# ``torch.mm`` / ``torch.addmm(..., out_dtype=torch.float32, out=...)``, which 2.8 introduced
+# (the other APIs are older: ``torch.library.custom_op`` with ``register_fake`` and
+# ``register_autograd`` 2.4, ``torch.serialization.safe_globals`` 2.5).
+# triton 3.6: the oldest Triton the kernels are proven on: the interpreter suite and the sm_80 /
+# sm_90 compile gates pass under it (``make test-triton-compat``, in CI) as under the pinned one.
+# The CUDA wheels of torch 2.8 / 2.9 pin triton 3.4 / 3.5, so on a GPU this means torch 2.10+.
+# transformers 5.17 (the GPU image's): the oldest the trainer and patch_trainer are proven on
+# (``make test-install ARGS="--paths train,trl --with transformers==5.17.0"``); older untested.
+REQUIRES = ["torch>=2.8", "triton>=3.6", "numpy"]
+TRANSFORMERS = "transformers>=5.17"
 TRAIN = [
-    "transformers>=4.46",
+    TRANSFORMERS,
     "peft>=0.13",
     "deepspeed>=0.15",
     "datasets>=3.0",
@@ -123,7 +135,7 @@ def _from_dev(name: str) -> list[str]:
 
 extras_require = {
     "train": TRAIN,
-    "trl": [*_from_dev("trl"), "transformers>=4.46"],
+    "trl": [*_from_dev("trl"), TRANSFORMERS],
     "liger": _from_dev("liger-kernel"),
     "qlora": _from_dev("bitsandbytes"),
     "bench": ["matplotlib", "psutil"],
@@ -154,7 +166,7 @@ setup(
     package_data=PACKAGE_DATA,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    install_requires=REQUIRES,
     extras_require=extras_require,
     entry_points={"console_scripts": ["fastpo-train=fastpo.engine.train.cli:main"]},
 )

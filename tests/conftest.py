@@ -9,12 +9,35 @@ Llama with that tokenizer's vocabulary (as a module and as a model folder), and 
 preference pairs (all of them, and 16 as a pairs file).
 """
 
+import importlib.machinery
+import importlib.util
 import json
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+
+
+def _checkout_off_sys_path() -> None:
+    """Take the checkout off ``sys.path`` (``python -m pytest`` run from it puts it there) and
+    import its ``benchmarks`` package (not part of the wheel) from its folder instead. On the
+    path, the checkout's ``kernels/`` and ``engine/`` folders would import as top-level packages
+    (``kernels`` is also the hub package transformers imports), and every ``fastpo`` module the
+    tests see must be the installed one, as a user gets it. ``pytest.ini`` puts ``tests/`` (the
+    helper modules) on the path; ``benchmarks``' submodules load through its own path."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != root]
+    spec = importlib.machinery.PathFinder.find_spec("benchmarks", [str(root)])
+    assert spec is not None and spec.loader is not None, f"no benchmarks/ package in {root}"
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks"] = module
+    spec.loader.exec_module(module)
+
+
+_checkout_off_sys_path()
 
 
 @pytest.fixture(scope="session")

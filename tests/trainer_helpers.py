@@ -1,4 +1,5 @@
-"""Helpers shared by the trainer tests (plain process and 2-rank): job dicts and a tiny model."""
+"""Helpers shared by the trainer tests (plain process and 2-rank): job dicts, a tiny model and
+a tiny judge saved as model folders."""
 
 from __future__ import annotations
 
@@ -61,6 +62,42 @@ def write_forms(folder: Path, rows: list[dict]) -> dict[str, Path]:
         w.write_table(table)
     datasets.Dataset.from_list(rows).save_to_disk(str(paths["folder"]))
     return paths
+
+
+def save_position_judge(path, tokenizer, multiples):
+    """A tiny Llama judge whose next-token logits after any chat question are the same.
+
+    Its attention and MLP outputs are zero (``o_proj``, ``down_proj``), so the hidden state at
+    the last position is the embedding of the last token, which the chat template's generation
+    prompt fixes (``"<|im_start|>assistant\\n"``); the untied head is zero but for the rows of
+    the tokens in ``multiples`` (``{"1": 100.0}``: that multiple of that embedding). So the
+    answer and its probabilities do not depend on the question: a judge of position only
+    (``{"1": 100.0}`` answers "1" greedily, whatever it is asked)."""
+    from transformers import LlamaForCausalLM
+
+    from fastpo.engine.data.assets import tiny_llama_config
+
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    last = tokenizer(prompt, add_special_tokens=False)["input_ids"][-1]
+    config = tiny_llama_config(len(tokenizer), initializer_range=0.1,
+                               pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id,
+                               bos_token_id=tokenizer.bos_token_id)
+    assert not config.tie_word_embeddings
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for text, multiple in multiples.items():
+            (token,) = tokenizer(text, add_special_tokens=False)["input_ids"]
+            model.lm_head.weight[token] = multiple * model.model.embed_tokens.weight[last]
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
 
 
 def job(tiny_dir, pairs_file, out, **sections) -> dict:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from sync_counter import SyncCounter
 from test_linear_logprobs import BF16_RTOL, IGNORE, leaf, needs_interpreter, reference
 
 from fastpo.kernels import linear_logprobs_cost as cost
 from fastpo.kernels import linear_logprobs_loss_fused as lf
 from fastpo.kernels import use_cpu_backend
 from fastpo.kernels.linear_logprobs_loss_fused import loss_fused_linear, sequence_token_counts
-from tests.engine.train.test_host_syncs import SyncCounter
 
 ROWS = ["torch", pytest.param("triton", marks=needs_interpreter)]
 BETA, ALPHA = 0.3, 0.5

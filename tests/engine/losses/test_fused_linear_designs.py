@@ -14,13 +14,13 @@ from collections import Counter
 
 import pytest
 import torch
+from sync_counter import SyncCounter
 from test_liger_parity import GRAD_ULPS, KTO_LABELS, B, V, assert_same, make_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastpo.engine.losses import fused_linear as fl
 from fastpo.engine.losses import fused_linear_paths
 from fastpo.kernels import linear_logprobs_cost, linear_logprobs_loss_fused
-from tests.engine.train.test_host_syncs import SyncCounter
 
 BF16_RTOL = 2.0**-7  # the gradient is cast once to the input dtype
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from trainer_helpers import save_position_judge
 
 from fastpo.engine.online.judge import JudgeScorer, judge_question, parse_judge_answer
 from fastpo.engine.online.pairs import form_pairs
@@ -253,42 +254,6 @@ def test_judge_template_and_loading_errors(tmp_path):
 
 
 # ------------------------------------------------------------- judge, decision "probability"
-def save_position_judge(path, tokenizer, multiples):
-    """A tiny Llama judge whose next-token logits after any chat question are the same.
-
-    Its attention and MLP outputs are zero (``o_proj``, ``down_proj``), so the hidden state at
-    the last position is the embedding of the last token, which the chat template's generation
-    prompt fixes (``"<|im_start|>assistant\\n"``); the untied head is zero but for the rows of
-    the tokens in ``multiples`` (``{"1": 100.0}``: that multiple of that embedding). So the
-    answer and its probabilities do not depend on the question: a judge of position only
-    (``{"1": 100.0}`` answers "1" greedily, whatever it is asked)."""
-    from transformers import LlamaForCausalLM
-
-    from fastpo.engine.data.assets import tiny_llama_config
-
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False,
-                                           add_generation_prompt=True)
-    last = tokenizer(prompt, add_special_tokens=False)["input_ids"][-1]
-    config = tiny_llama_config(len(tokenizer), initializer_range=0.1,
-                               pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id,
-                               bos_token_id=tokenizer.bos_token_id)
-    assert not config.tie_word_embeddings
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.lm_head.weight.zero_()
-        for text, multiple in multiples.items():
-            (token,) = tokenizer(text, add_special_tokens=False)["input_ids"]
-            model.lm_head.weight[token] = multiple * model.model.embed_tokens.weight[last]
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
-
-
 def two_token_preference(model, tokenizer, question):
     """P("1") / (P("1") + P("2")) of the judge's next token after ``question`` alone (one
     sequence, no padding), from a plain forward."""

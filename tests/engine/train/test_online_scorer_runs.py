@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from test_online_training import online_job, prompts_file  # noqa: F401 (prompts_file: fixture)
-from trainer_helpers import run
+from trainer_helpers import run, save_position_judge
 
 from fastpo.engine.online.judge import JudgeScorer, judge_question, parse_judge_answer
 from fastpo.engine.online.prompts import PromptRecord
@@ -23,7 +23,6 @@ from fastpo.engine.online.reward_model import RewardModelScorer
 from fastpo.engine.train import Callback
 from fastpo.engine.train.metrics_log import read_jsonl
 from fastpo.engine.train.online_metrics import round_metrics, scorer_counts, scorer_metrics
-from tests.engine.online.test_online_scorers import save_position_judge
 
 
 def lora_b_moved(module: torch.nn.Module) -> bool:
