@@ -74,13 +74,12 @@ def _tokenize(cfg: TrainConfig, source: DataSource, tokenizer: Any, *, local_ran
                               chat_template_kwargs=data.chat_template_kwargs,
                               progress=cfg.logging.progress != "none" and local_rank == 0)
 
-    if not data.cache:
+    if not data.cache or data.on_bad_row == "skip":  # skipped rows are logged on every start
         dataset = build()
     else:
         settings = {"max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
                     "truncation_mode": data.truncation_mode, "kto": kto,
-                    "chat_template_kwargs": data.chat_template_kwargs,
-                    "on_bad_row": data.on_bad_row, "max_bad_fraction": data.max_bad_fraction}
+                    "chat_template_kwargs": data.chat_template_kwargs}
         root = Path(data.cache_dir).expanduser() if data.cache_dir else \
             cache_root() / "tokenized"
         entry = root / tokenization_key(source.content_hash(), tokenizer, settings)

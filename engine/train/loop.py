@@ -164,6 +164,7 @@ class Trainer:
             self.reference.attach(self.backend.module)  # the (possibly DeepSpeed-cast) policy
         self.objective = Objective(cfg.loss, vocab_size=self.vocab_size, router=self.router,
                                    ranked=cfg.ranked, all_reduce_mean=self.rt.all_reduce_mean)
+        self.listwise = self.objective.listwise  # ranked items (not pairs) are the step's unit
         self.forward_options = self.objective.forward_options(cfg.model)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.output_dir / "checkpoints",
                                       keep_last=cfg.checkpoint.keep_last, rank=rt.rank,
@@ -207,7 +208,7 @@ class Trainer:
         self.backend.module.train()
         tokens = 0
         batches = list(self.source.step_batches())  # every pair of the step weighs the same
-        counts = step_counts(batches, runtime=self.rt, listwise=self.objective.listwise)
+        counts = step_counts(batches, runtime=self.rt, listwise=self.listwise)
         for batch in batches:
             out = self.forward(batch, counts=counts)  # logged × M: the step's mean over M, ranks
             self.step_metrics.add(out.loss.detach() * len(batches), out.metrics)

@@ -10,6 +10,7 @@ full-batch identity holds for it) and CPO's NLL term.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -40,10 +41,18 @@ def _job(tiny_dir, pairs_file, out, loss: dict, **sections) -> dict:
 
 
 def _trainer(data: dict):
+    """A Trainer of ``data`` in an output folder of its own (the folder's lock is held by the
+    Trainer: the tests build several side by side)."""
     from fastpo.engine.train import Trainer
     from fastpo.engine.train.config_loading import config_from_dict
 
+    data = json.loads(json.dumps(data))
+    out = Path(data["logging"]["output_dir"])
+    data["logging"]["output_dir"] = str(out.with_name(f"{out.name}-{next(_RUNS)}"))
     return Trainer(config_from_dict(data))
+
+
+_RUNS = itertools.count()
 
 
 def step_and_record(trainer, groups: list[list[int]]) -> dict[str, torch.Tensor]:
