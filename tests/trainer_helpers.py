@@ -133,6 +133,18 @@ _LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_A
 
 
 @contextlib.contextmanager
+def importable_module(folder: Path, name: str, source: str):
+    """``source`` written as module ``name`` in ``folder``, which is on ``sys.path`` inside the
+    block (a function scorer's ``module:function``)."""
+    (folder / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(folder))
+    try:
+        yield folder
+    finally:
+        sys.path.remove(str(folder))
+
+
+@contextlib.contextmanager
 def isolated_launch():
     """Inside: a job may set the launcher's variables and start a process group. After: the
     group is destroyed and the variables are as before, so neither leaks into later tests or the

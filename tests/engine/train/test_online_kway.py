@@ -5,11 +5,10 @@ is capped, the round trains on what it has and says so), and the saturation is l
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 
 import pytest
-from trainer_helpers import losses, merge, run
+from trainer_helpers import importable_module, losses, merge, run
 
 REWARDS = textwrap.dedent("""
     def length(prompts, completions):
@@ -22,11 +21,8 @@ REWARDS = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def rewards_module(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rewards")
-    (folder / "kway_rewards.py").write_text(REWARDS)
-    sys.path.insert(0, str(folder))
-    yield folder
-    sys.path.remove(str(folder))
+    with importable_module(tmp_path_factory.mktemp("rewards"), "kway_rewards", REWARDS) as folder:
+        yield folder
 
 
 @pytest.fixture(scope="module")

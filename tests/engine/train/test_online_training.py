@@ -10,12 +10,11 @@ import json
 import math
 import os
 import signal
-import sys
 import textwrap
 
 import pytest
 import torch
-from trainer_helpers import losses, merge, run, run_killed
+from trainer_helpers import importable_module, losses, merge, run, run_killed
 
 from fastpo.engine.train import Callback
 from fastpo.engine.train.config import ConfigError
@@ -35,11 +34,8 @@ REWARDS = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def rewards_module(tmp_path_factory):
     """A reward module on ``sys.path`` (and ``PYTHONPATH`` for child processes)."""
-    folder = tmp_path_factory.mktemp("rewards")
-    (folder / "o2_rewards.py").write_text(REWARDS)
-    sys.path.insert(0, str(folder))
-    yield folder
-    sys.path.remove(str(folder))
+    with importable_module(tmp_path_factory.mktemp("rewards"), "o2_rewards", REWARDS) as folder:
+        yield folder
 
 
 @pytest.fixture(scope="module")
